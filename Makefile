@@ -1,0 +1,60 @@
+# vtlab — one way to set up, one way to test.
+#   make lab    set up .venv and open the course in JupyterLab
+#   make test   set up .venv (and Debian's chromium) and run the whole test suite
+#   make bench  run the benchmarks
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Extra arguments for `jupyter lab`, e.g. JUPYTER_ARGS="--no-browser --port 8899".
+JUPYTER_ARGS ?=
+# JupyterLab refuses to start as root without --allow-root.
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: venv lab browser test bench clean distclean
+
+venv: $(STAMP)
+
+# Re-runs whenever the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e .
+	@touch $@
+
+lab: venv
+	$(VENV)/bin/jupyter lab $(ROOT_ARGS) $(JUPYTER_ARGS) notebooks/01_rings.ipynb
+
+# The browser test drives Debian's chromium through Playwright (never `playwright install`).
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+	  echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: $(CHROMIUM) missing; installing Debian's chromium"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update && apt-get install -y chromium \
+	    || { echo "browser: apt-get could not install chromium; the browser test needs $(CHROMIUM)" >&2; exit 1; }; \
+	else \
+	  echo "browser: WARNING: $(CHROMIUM) is missing and cannot be installed without root." >&2; \
+	  echo "browser: install it with:  sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	  echo "browser: the browser test cannot run until then." >&2; \
+	fi
+
+test: venv browser
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache tests/artifacts
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

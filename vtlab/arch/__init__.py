@@ -1,0 +1,160 @@
+"""The Intel SDM's VMX tables as Python data.
+
+Every number here is the architectural value from the Intel SDM (Vol. 3C
+chapters 24-31 and Appendices A-C) and matches Linux's
+``arch/x86/include/asm/vmx.h``, ``uapi/asm/vmx.h`` and ``msr-index.h``:
+
+* :mod:`.exit_reasons` - basic VM-exit reasons (Appendix C)
+* :mod:`.vmcs_fields` - VMCS field encodings and their decoder (Appendix B)
+* :mod:`.controls` - pin-based, processor-based, VM-exit and VM-entry controls
+* :mod:`.errors` - VM-instruction error numbers
+* :mod:`.msrs` - MSR numbers and CR0/CR4/EFER/RFLAGS/IA32_FEATURE_CONTROL bits
+* :mod:`.exceptions` - exception vectors and the interruption-information format
+* :mod:`.qualifications` - exit-qualification layouts
+"""
+from __future__ import annotations
+
+from .controls import (
+    CONTROL_CLASSES,
+    CONTROL_FIELD,
+    CONTROL_INFO,
+    DEFAULT1,
+    ENTRY_CONTROL_DEFAULT1,
+    EXIT_CONTROL_DEFAULT1,
+    PIN_BASED_DEFAULT1,
+    PROC_BASED2_DEFAULT1,
+    PROC_BASED_DEFAULT1,
+    ControlField,
+    ControlFlag,
+    ControlInfo,
+    EntryControl,
+    ExitControl,
+    PinBased,
+    ProcBased,
+    ProcBased2,
+    control_names,
+)
+from .errors import VM_INSTRUCTION_ERROR_DESCRIPTIONS, VmInstructionError
+from .exceptions import (
+    EXCEPTION_INFO,
+    INTR_INFO_DELIVER_CODE,
+    INTR_INFO_NMI_UNBLOCKING,
+    INTR_INFO_TYPE_MASK,
+    INTR_INFO_TYPE_SHIFT,
+    INTR_INFO_VALID,
+    INTR_INFO_VECTOR_MASK,
+    ExceptionInfo,
+    InterruptionType,
+    IntrInfo,
+    Vector,
+)
+from .exit_reasons import (
+    EXIT_CATEGORIES,
+    EXIT_REASON_BASIC_MASK,
+    EXIT_REASON_INFO,
+    VM_ENTRY_FAILURE_BIT,
+    ExitReason,
+    ExitReasonInfo,
+    basic_exit_reason,
+    is_entry_failure,
+)
+from .msrs import Cr0, Cr4, Efer, FeatureControl, Msr, Rflags
+from .qualifications import (
+    GPR_ORDER,
+    CrAccessQualification,
+    CrAccessType,
+    DrAccessDirection,
+    DrAccessQualification,
+    EptViolationQualification,
+    IoDirection,
+    IoQualification,
+    gpr_name,
+)
+from .vmcs_fields import (
+    FIELD_DESCRIPTIONS,
+    VMCS_MAX_INDEX,
+    AccessType,
+    FieldEncoding,
+    FieldType,
+    FieldWidth,
+    VmcsArea,
+    VmcsField,
+    decode_encoding,
+    field_area,
+    make_encoding,
+)
+
+__all__ = [
+    # exit_reasons
+    "ExitReason",
+    "ExitReasonInfo",
+    "EXIT_REASON_INFO",
+    "EXIT_CATEGORIES",
+    "VM_ENTRY_FAILURE_BIT",
+    "EXIT_REASON_BASIC_MASK",
+    "basic_exit_reason",
+    "is_entry_failure",
+    # vmcs_fields
+    "VmcsField",
+    "FieldType",
+    "FieldWidth",
+    "AccessType",
+    "FieldEncoding",
+    "decode_encoding",
+    "make_encoding",
+    "VmcsArea",
+    "field_area",
+    "FIELD_DESCRIPTIONS",
+    "VMCS_MAX_INDEX",
+    # controls
+    "PinBased",
+    "ProcBased",
+    "ProcBased2",
+    "ExitControl",
+    "EntryControl",
+    "ControlFlag",
+    "CONTROL_CLASSES",
+    "ControlInfo",
+    "CONTROL_INFO",
+    "CONTROL_FIELD",
+    "ControlField",
+    "PIN_BASED_DEFAULT1",
+    "PROC_BASED_DEFAULT1",
+    "PROC_BASED2_DEFAULT1",
+    "EXIT_CONTROL_DEFAULT1",
+    "ENTRY_CONTROL_DEFAULT1",
+    "DEFAULT1",
+    "control_names",
+    # errors
+    "VmInstructionError",
+    "VM_INSTRUCTION_ERROR_DESCRIPTIONS",
+    # msrs
+    "Msr",
+    "FeatureControl",
+    "Efer",
+    "Cr0",
+    "Cr4",
+    "Rflags",
+    # exceptions
+    "Vector",
+    "ExceptionInfo",
+    "EXCEPTION_INFO",
+    "InterruptionType",
+    "IntrInfo",
+    "INTR_INFO_VECTOR_MASK",
+    "INTR_INFO_TYPE_SHIFT",
+    "INTR_INFO_TYPE_MASK",
+    "INTR_INFO_DELIVER_CODE",
+    "INTR_INFO_NMI_UNBLOCKING",
+    "INTR_INFO_VALID",
+    # qualifications
+    "GPR_ORDER",
+    "gpr_name",
+    "IoDirection",
+    "IoQualification",
+    "CrAccessType",
+    "CrAccessQualification",
+    "DrAccessDirection",
+    "DrAccessQualification",
+    "EptViolationQualification",
+]

@@ -1,0 +1,168 @@
+"""The Virtual Machine Control Structure (SDM Vol. 3C, chapter 25).
+
+A VMCS lives in a 4-KByte region of physical memory.  Only two things in that region
+have an architectural format (SDM 25.2): bits 30:0 of the first dword are the **VMCS
+revision identifier** (bit 31 marks a shadow VMCS) and the second dword is the **VMX-
+abort indicator**.  Everything else is the processor's business, which is why software
+must use VMREAD and VMWRITE and address each field by its 32-bit *encoding*
+(Appendix B) rather than by an offset.  vtlab keeps the field data in this object,
+keyed by encoding, exactly to make that point.
+
+The *launch state* (clear / launched, SDM 25.1) decides whether VMLAUNCH or VMRESUME
+is the right instruction; VMCLEAR sets it back to clear.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Iterator
+
+from .arch.vmcs_fields import (AccessType, FieldEncoding, FieldType, VmcsField, VmcsArea,
+                               decode_encoding, field_area)
+from .arch.errors import VmInstructionError
+from .errors import VmcsError
+
+#: "Invalid" value of a VMCS pointer and of the VMCS link pointer (SDM 25.4.2, 26.1).
+INVALID_POINTER = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class LaunchState(str, enum.Enum):
+    """Launch state of a VMCS (SDM 25.1)."""
+
+    CLEAR = "clear"
+    LAUNCHED = "launched"
+
+
+def _field_name(encoding: int) -> str:
+    try:
+        return VmcsField(encoding & ~1).name + ("_HIGH" if encoding & 1 else "")
+    except ValueError:
+        return f"{encoding:#06x}"
+
+
+def lookup(encoding: int | str | VmcsField) -> FieldEncoding:
+    """Decode an encoding (int, member or name) that this processor supports.
+
+    Raises :class:`VmcsError` carrying VM-instruction error 12 ("VMREAD/VMWRITE from/to
+    unsupported VMCS component") for anything that is not a field of SDM Appendix B.
+    """
+    if isinstance(encoding, str):
+        try:
+            encoding = VmcsField[encoding.upper()]
+        except KeyError:
+            raise VmcsError(f"there is no VMCS field named {encoding!r}",
+                            VmInstructionError.UNSUPPORTED_VMCS_COMPONENT) from None
+    try:
+        enc = decode_encoding(int(encoding))
+    except ValueError as exc:
+        raise VmcsError(f"unsupported VMCS component {int(encoding):#x}: {exc} "
+                        "(VM-instruction error 12)", VmInstructionError.UNSUPPORTED_VMCS_COMPONENT) from None
+    if enc.field is None:
+        raise VmcsError(
+            f"unsupported VMCS component {int(encoding):#06x}: no field of SDM Appendix B has "
+            f"this encoding (index {enc.index}, {enc.type.name}, {enc.width.name}); "
+            "VM-instruction error 12", VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+    return enc
+
+
+class Vmcs:
+    """One VMCS region: revision identifier, abort indicator, launch state and fields.
+
+    Learners normally reach fields through VMREAD/VMWRITE (:class:`vtlab.vmx.VmxCpu`),
+    but a VMM written in Python may use ``vmcs[VmcsField.GUEST_RIP]`` as KVM uses its
+    ``vmcs_read64()`` helpers: same checks, errors raised instead of returned.
+    """
+
+    def __init__(self, address: int, revision_id: int):
+        self.address = address
+        self.revision_id = revision_id
+        self.abort_indicator = 0
+        self.launch_state = LaunchState.CLEAR
+        self._data: dict[int, int] = {}
+        #: Guest-state fields written by software since the last VM exit saved them:
+        #: the next VM entry reloads just these (and everything on the first entry).
+        self.dirty: set[int] = set()
+        self.full_load = True
+
+    # ----------------------------------------------------------------- access
+    def read(self, encoding: int | str | VmcsField) -> int:
+        """VMREAD semantics: the field's value (the high half for a HIGH encoding)."""
+        enc = lookup(encoding)
+        value = self._data.get(enc.full_encoding, 0)
+        return value >> 32 if enc.access_type is AccessType.HIGH else value
+
+    def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> None:
+        """VMWRITE semantics for software: read-only fields refuse (error 13).
+
+        A value wider than the field raises :class:`VmcsError`; with ``truncate=True``
+        the high bits are dropped as the VMWRITE instruction does (SDM 31.3, VMWRITE).
+        """
+        enc = lookup(encoding)
+        if enc.read_only:
+            raise VmcsError(
+                f"VMWRITE to read-only VMCS component {_field_name(enc.encoding)} "
+                f"({enc.encoding:#06x}, a VM-exit information field): VM-instruction error 13",
+                VmInstructionError.VMWRITE_READ_ONLY_VMCS_COMPONENT)
+        self._store(enc, value, truncate)
+
+    def _store(self, enc: FieldEncoding, value: int, truncate: bool) -> None:
+        bits = enc.access_bits
+        value = int(value)
+        if value < 0 or value >> bits:
+            if not truncate:
+                raise VmcsError(
+                    f"value {value:#x} does not fit the {bits}-bit field "
+                    f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
+            value &= (1 << bits) - 1
+        full = enc.full_encoding
+        if enc.access_type is AccessType.HIGH:
+            value = (self._data.get(full, 0) & 0xFFFF_FFFF) | (value << 32)
+        self._data[full] = value
+        if enc.type is FieldType.GUEST_STATE:
+            self.dirty.add(full)
+
+    def set_exit_info(self, field: VmcsField, value: int) -> None:
+        """The processor's own write of an exit-information field (SDM 28.2)."""
+        self._data[int(field)] = int(value)
+
+    def save_guest(self, field: VmcsField, value: int) -> None:
+        """The processor saving guest state on VM exit (SDM 28.3): not a software write."""
+        self._data[int(field)] = int(value)
+
+    __getitem__ = read
+
+    def __setitem__(self, encoding, value) -> None:
+        self.write(encoding, value)
+
+    def get(self, field: VmcsField) -> int:
+        """Fast internal read of a full field (no checks)."""
+        return self._data.get(int(field), 0)
+
+    # ------------------------------------------------------------- inspection
+    def fields(self, area: VmcsArea | None = None) -> Iterator[tuple[VmcsField, int]]:
+        """Every field (optionally of one area) with its current value."""
+        for f in VmcsField:
+            if area is None or field_area(f) is area:
+                yield f, self._data.get(int(f), 0)
+
+    def to_dataframe(self, nonzero: bool = False):
+        """All fields as a pandas DataFrame: area, encoding, width, read-only, value."""
+        import pandas as pd
+
+        rows = []
+        for f, value in self.fields():
+            if nonzero and not value:
+                continue
+            enc = decode_encoding(int(f))
+            rows.append({"field": f.name, "area": field_area(f).name, "encoding": f"{int(f):#06x}",
+                         "width": enc.width.name, "read_only": enc.read_only,
+                         "value": f"{value:#x}"})
+        return pd.DataFrame(rows)
+
+    def clear(self) -> None:
+        """What VMCLEAR does to the region (SDM 31.3): launch state := clear."""
+        self.launch_state = LaunchState.CLEAR
+        self.full_load = True
+
+    def __repr__(self) -> str:
+        return (f"<Vmcs at {self.address:#x} revision {self.revision_id:#x} "
+                f"launch state {self.launch_state.value}, {len(self._data)} fields set>")
