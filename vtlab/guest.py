@@ -331,7 +331,8 @@ class Guest:
         name = name.lower()
         if name in ("tr", "ldtr"):
             sel, base, limit, flags = self.uc.reg_read(_REGS[name])
-            ar = (flags >> 8) & 0xF0FF if sel & ~3 else 1 << 16
+            present = flags & 0x8000 and (name == "tr" or sel & ~3)
+            ar = (flags >> 8) & 0xF0FF if present else 1 << 16
             return Segment(sel, base, limit, ar)
         selector = self.uc.reg_read(_REGS[name])
         if not self.reg("cr0") & Cr0.PE:
@@ -384,7 +385,7 @@ class Guest:
             _descriptor(0, flat, 0xFA, 0xC),   # 0x20 ring-3 code, 32-bit
             _descriptor(0, flat, 0xF2, 0xC),   # 0x28 ring-3 data
             _descriptor(0, flat, 0xFA, 0xA),   # 0x30 ring-3 code, 64-bit
-            _descriptor(tss, _TSS_LIMIT, 0x89, 0x0),  # 0x38 available TSS
+            _descriptor(tss, _TSS_LIMIT, 0x8B, 0x0),  # 0x38 busy TSS (as after LTR)
             struct.pack("<Q", tss >> 32),      # upper half of a 64-bit TSS descriptor
         ])
         self.write(Layout.GDT, gdt)
@@ -425,6 +426,8 @@ class Guest:
             uc.msr_write(Msr.IA32_EFER, 0)
             for seg in _SEGMENTS:
                 uc.reg_write(_REGS[seg], 0)
+            # TR as the CPU leaves it at reset: base 0, limit FFFFH, present busy TSS (SDM 10.1.1)
+            uc.reg_write(X.UC_X86_REG_TR, (0, 0, 0xFFFF, 0x8B00))
             uc.reg_write(self._sp, Layout.STACK)
             uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
             self.mode = mode
@@ -443,7 +446,7 @@ class Guest:
         uc.reg_write(X.UC_X86_REG_CS, code)
         for seg in ("ss", "ds", "es", "fs", "gs"):
             uc.reg_write(_REGS[seg], Selector.KERNEL_DATA)
-        uc.reg_write(X.UC_X86_REG_TR, (Selector.TSS, Layout.TSS, _TSS_LIMIT, 0x8900))
+        uc.reg_write(X.UC_X86_REG_TR, (Selector.TSS, Layout.TSS, _TSS_LIMIT, 0x8B00))
         uc.reg_write(self._sp, Layout.STACK)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
         self.mode = mode
@@ -497,6 +500,8 @@ class Guest:
     def _on_hlt(self, uc, address, size, _user):
         # HLT is privileged: at CPL > 0 let the CPU raise #GP instead of stopping here.
         if self._stop is None and self.cpl == 0 and self.on_hlt(address):
+            if self._stop is None and not self.on_hlt_stops_itself:
+                self._stop = ("hlt", address)
             uc.emu_stop()
 
     def _on_io_check(self, uc, address, size, _user):
@@ -519,9 +524,11 @@ class Guest:
     def _on_out(self, uc, port, size, value, _user):
         self.io_write(port, size, value)
 
+    #: False for bare runs (the guest records the stop); the VMX monitor records its own.
+    on_hlt_stops_itself = False
+
     def on_hlt(self, address: int) -> bool:
         """Called before a HLT executes; return True to stop there (bare runs do)."""
-        self._stop = ("hlt", address)
         return True
 
     def _record_interrupt(self, vector: int) -> None:
@@ -604,6 +611,92 @@ class Guest:
             e = result.exception
             raise GuestFault(e.vector, e.error_code, e.rip, e.instruction)
         return result
+
+    # ---------------------------------------------------- event delivery
+    def _push(self, value: int, size: int) -> None:
+        sp = self.reg("rsp") - size
+        ss_base = self.segment("ss").base if self.reg("cr0") & Cr0.PE else self.reg("ss") << 4
+        self.write(ss_base + (sp & (0xFFFF if self.bits == 16 and not self.reg("cr0") & Cr0.PE else 0xFFFF_FFFF_FFFF_FFFF)),
+                   value.to_bytes(size, "little", signed=False))
+        self.set_reg("rsp", sp)
+
+    def deliver_interrupt(self, vector: int, error_code: int | None = None,
+                          return_rip: int | None = None) -> str | None:
+        """Deliver an interrupt or exception through the guest's IVT/IDT, as the CPU would.
+
+        Unicorn reports events but never vectors them (its UC_HOOK_INTR replaces the
+        delivery), so vtlab does what SDM Vol. 3A 6.12 (protected mode), 6.14 (IA-32e
+        mode) and Vol. 1 / 3A 20.1.4 (real mode) describe: push the return frame, switch
+        to the ring-0 stack from the TSS on a privilege change, load CS:RIP from the gate
+        and clear IF for interrupt gates.  Returns None on success, or why the gate
+        could not be used (the caller then raises #GP / #DF / triple fault).
+        """
+        rip = self.rip if return_rip is None else return_rip
+        flags = self.reg("eflags")
+        cr0 = self.reg("cr0")
+        if not cr0 & Cr0.PE:  # real mode: 4-byte IVT entries offset:segment
+            _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+            if vector * 4 + 3 > limit:
+                return f"vector {vector} is beyond the IVT limit {limit:#x}"
+            offset, segment = struct.unpack("<HH", self.read(base + vector * 4, 4))
+            self._push(flags & 0xFFFF, 2)
+            self._push(self.reg("cs"), 2)
+            self._push(rip & 0xFFFF, 2)
+            self.set_reg("eflags", flags & ~((1 << 9) | (1 << 8)))
+            self.uc.reg_write(X.UC_X86_REG_CS, segment)
+            self.rip = offset
+            return None
+        long_mode = bool(self.reg("efer") & Efer.LMA)
+        size = 16 if long_mode else 8
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * size + size - 1 > limit:
+            return f"vector {vector} is beyond the IDT limit {limit:#x}"
+        raw = self.read(base + vector * size, size)
+        lo = struct.unpack("<Q", raw[:8])[0]
+        gate_type, present = (lo >> 40) & 0xF, (lo >> 47) & 1
+        selector = (lo >> 16) & 0xFFFF
+        offset = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16)
+        if long_mode:
+            offset |= struct.unpack("<I", raw[8:12])[0] << 32
+        if not present or gate_type not in (0xE, 0xF):
+            return f"IDT entry {vector} is not a present interrupt or trap gate"
+        old_cs, old_ss, old_sp, cpl = self.reg("cs"), self.reg("ss"), self.reg("rsp"), self.cpl
+        target_dpl = selector & 3 if selector & ~3 == 0 else self.segment_dpl(selector)
+        word = 8 if long_mode else 4
+        if target_dpl < cpl:  # privilege change: stack from the TSS (SDM 6.12.1)
+            tss = self.segment("tr").base
+            new_sp = self.read_u64(tss + 4) if long_mode else self.read_u32(tss + 4)
+            new_ss = 0 if long_mode else self.read_u16(tss + 8)
+            self.load_segment("cs", selector)
+            if not long_mode:
+                self.load_segment("ss", new_ss)
+            else:
+                self.load_segment("ss", 0)
+            self.set_reg("rsp", new_sp & (~0xF if long_mode else ~0))
+            self._push(old_ss, word)
+            self._push(old_sp, word)
+        elif long_mode:
+            self.set_reg("rsp", old_sp & ~0xF)
+            self._push(old_ss, word)
+            self._push(old_sp, word)
+        self._push(flags, word)
+        self._push(old_cs, word)
+        self._push(rip, word)
+        if error_code is not None:
+            self._push(error_code, word)
+        if target_dpl == cpl:
+            self.load_segment("cs", selector)
+        new_flags = flags & ~((1 << 8) | (1 << 14) | (1 << 16) | (1 << 17))
+        if gate_type == 0xE:
+            new_flags &= ~(1 << 9)  # interrupt gate: IF := 0
+        self.set_reg("eflags", new_flags)
+        self.rip = offset
+        return None
+
+    def segment_dpl(self, selector: int) -> int:
+        """DPL of the GDT descriptor ``selector`` names."""
+        gdt_base = self.uc.reg_read(X.UC_X86_REG_GDTR)[1]
+        return (self._descriptor_at(gdt_base, selector) >> 45) & 3
 
     # ------------------------------------------------------------------ CPL 3
     def run_user(self, program: str | bytes, address: int = 0x2_0000,

@@ -82,11 +82,21 @@ class Vmcs:
         #: the next VM entry reloads just these (and everything on the first entry).
         self.dirty: set[int] = set()
         self.full_load = True
+        #: Bumped by every software write except GUEST_RIP; VM entry re-runs its checks
+        #: only when it changed (the checks are a pure function of the fields).
+        self.generation = 0
+        self.checked_generation = -1
+        #: Lazy guest-state save: after a VM exit the processor's registers are copied into
+        #: the guest-state fields only when software first looks at one of them.
+        self.on_access = None
+        self.lazy_fields: frozenset = frozenset()
 
     # ----------------------------------------------------------------- access
     def read(self, encoding: int | str | VmcsField) -> int:
         """VMREAD semantics: the field's value (the high half for a HIGH encoding)."""
         enc = lookup(encoding)
+        if self.on_access is not None and enc.full_encoding in self.lazy_fields:
+            self.on_access()
         value = self._data.get(enc.full_encoding, 0)
         return value >> 32 if enc.access_type is AccessType.HIGH else value
 
@@ -114,6 +124,10 @@ class Vmcs:
                     f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
             value &= (1 << bits) - 1
         full = enc.full_encoding
+        if self.on_access is not None and enc.type is FieldType.GUEST_STATE:
+            self.on_access()
+        if full != VmcsField.GUEST_RIP:
+            self.generation += 1
         if enc.access_type is AccessType.HIGH:
             value = (self._data.get(full, 0) & 0xFFFF_FFFF) | (value << 32)
         self._data[full] = value
@@ -135,11 +149,15 @@ class Vmcs:
 
     def get(self, field: VmcsField) -> int:
         """Fast internal read of a full field (no checks)."""
+        if self.on_access is not None and field in self.lazy_fields:
+            self.on_access()
         return self._data.get(int(field), 0)
 
     # ------------------------------------------------------------- inspection
     def fields(self, area: VmcsArea | None = None) -> Iterator[tuple[VmcsField, int]]:
         """Every field (optionally of one area) with its current value."""
+        if self.on_access is not None:
+            self.on_access()
         for f in VmcsField:
             if area is None or field_area(f) is area:
                 yield f, self._data.get(int(f), 0)

@@ -1,0 +1,885 @@
+"""VMX non-root operation: which guest instructions and events cause VM exits, and how.
+
+The guest runs natively in Unicorn.  A Python callback per instruction would make it
+hundreds of times slower, so vtlab does what a binary translator's front end does:
+when code is loaded it is decoded (Capstone) and a code hook is placed on exactly the
+*sensitive* instructions (CPUID, HLT, IN/OUT, RDMSR, MOV CR ...).  When one is about to
+execute, its rule below decides - from the VMCS controls, bitmaps and masks, as SDM
+Vol. 3C 26.1 ("Instructions That Cause VM Exits") prescribes - whether it exits.  If it
+does, emulation stops *before* the instruction, so the saved guest RIP points at it
+and VM_EXIT_INSTRUCTION_LEN tells the VMM how far to advance (SDM 28.2.5).
+
+Events arrive the same way: exceptions through Unicorn's interrupt hook (checked
+against the exception bitmap, SDM 26.2), guest-physical accesses that the EPT does not
+allow through Unicorn's memory hooks (EPT violations, SDM 29.3.3), external interrupts
+and NMIs from the VMM's virtual devices (pin-based controls, SDM 26.2).
+
+:class:`ExitMonitor` also moves guest state between the VMCS and the CPU on VM entry
+and VM exit (SDM 27.3.2 and 28.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import capstone
+import unicorn
+from unicorn import x86_const as X
+
+from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from .arch.exceptions import IntrInfo, InterruptionType, Vector, EXCEPTION_INFO
+from .arch.exit_reasons import EXIT_REASON_INFO, ExitReason
+from .arch.msrs import Cr0, Cr4, Efer, Msr
+from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType,
+                                  DrAccessQualification, EptViolationQualification, IoDirection,
+                                  IoQualification)
+from .arch.vmcs_fields import VmcsField as F
+from .asm import Instruction
+
+if TYPE_CHECKING:
+    from .guest import Guest, Program
+    from .vmcs import Vmcs
+    from .vmx import VmxCpu, VmxOutcome
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class VmExit:
+    """One VM exit (or VM-entry failure) with the exit-information fields it wrote."""
+
+    reason: ExitReason
+    qualification: int = 0
+    instruction_length: int = 0
+    guest_rip: int = 0
+    instruction: str = ""
+    guest_linear_address: int | None = None
+    guest_physical_address: int | None = None
+    intr_info: int = 0
+    intr_error_code: int | None = None
+    instruction_info: int = 0
+    entry_failure: bool = False
+    note: str = ""
+    guest_instructions: int = 0
+    cpl: int = 0
+    device: str | None = None
+
+    @property
+    def reason_number(self) -> int:
+        return int(self.reason)
+
+    @property
+    def exit_reason_field(self) -> int:
+        """The VM_EXIT_REASON field value: basic reason, bit 31 for entry failures."""
+        return int(self.reason) | (1 << 31 if self.entry_failure else 0)
+
+    @property
+    def category(self) -> str:
+        return EXIT_REASON_INFO[self.reason].category
+
+    def decoded(self) -> dict[str, object]:
+        """The qualification (and interruption information) split into named fields."""
+        q = self.qualification
+        if self.reason is ExitReason.IO_INSTRUCTION:
+            return IoQualification.decode(q).as_dict()
+        if self.reason is ExitReason.CR_ACCESS:
+            return CrAccessQualification.decode(q).as_dict()
+        if self.reason is ExitReason.DR_ACCESS:
+            return DrAccessQualification.decode(q).as_dict()
+        if self.reason is ExitReason.EPT_VIOLATION:
+            d = EptViolationQualification.decode(q).as_dict()
+            d["guest_physical_address"] = self.guest_physical_address
+            return d
+        if self.reason in (ExitReason.EXCEPTION_NMI, ExitReason.EXTERNAL_INTERRUPT):
+            d = IntrInfo.decode(self.intr_info).as_dict()
+            if self.intr_error_code is not None:
+                d["error_code"] = self.intr_error_code
+            return d
+        if self.reason is ExitReason.INVLPG:
+            return {"linear_address": q}
+        if self.reason is ExitReason.INVALID_STATE:
+            return {"entry_failure": True, "qualification": q, "why": self.note}
+        return {"qualification": q} if q else {}
+
+    def __str__(self) -> str:
+        what = f"{self.reason.name} ({int(self.reason)})"
+        if self.entry_failure:
+            what = f"VM-entry failure: {what}, bit 31 set"
+        at = f" at {self.guest_rip:#x}" + (f" '{self.instruction}'" if self.instruction else "")
+        q = f" qualification={self.qualification:#x}" if self.qualification else ""
+        n = f" length={self.instruction_length}" if self.instruction_length else ""
+        return what + at + q + n
+
+
+# ----------------------------------------------------------------------- exit rules
+# Each rule gets the monitor and the decoded instruction and returns a VmExit, None (no
+# exit: the CPU executes it), or the string "emulated" (vtlab carried it out itself,
+# e.g. a read of CR0 through the read shadow).  Privileged instructions at CPL > 0
+# raise #GP *before* any exit check (SDM 26.1.1), so their rules start with _ring0().
+
+Rule = Callable[["ExitMonitor", Instruction], "VmExit | None | str"]
+
+
+def _exit(m: "ExitMonitor", insn: Instruction, reason: ExitReason, qualification: int = 0, **kw) -> VmExit:
+    return VmExit(reason, qualification, insn.size, m.guest.rip, insn.text, **kw)
+
+
+def _ring0(m: "ExitMonitor") -> bool:
+    return m.guest.cpl == 0
+
+
+def unconditional(reason: ExitReason) -> Rule:
+    """CPUID, GETSEC, INVD, XSETBV and the VMX instructions always exit (SDM 26.1.2)."""
+    def rule(m, insn):
+        return _exit(m, insn, reason)
+    rule.__doc__ = f"{reason.name}: exits unconditionally"
+    return rule
+
+
+def when(control, reason: ExitReason, privileged: bool = True) -> Rule:
+    """Exits if a processor-based control (primary or secondary) is 1 (SDM 26.1.3)."""
+    def rule(m, insn):
+        if privileged and not _ring0(m):
+            return None
+        return _exit(m, insn, reason) if m.control_on(control) else None
+    rule.__doc__ = f"{reason.name}: exits if {control.name} is 1"
+    return rule
+
+
+def rule_hlt(m, insn):
+    """HLT exits if "HLT exiting" is 1; otherwise the guest halts inside non-root operation."""
+    if not _ring0(m):
+        return None
+    return _exit(m, insn, ExitReason.HLT) if m.proc & ProcBased.HLT_EXITING else None
+
+
+def rule_invlpg(m, insn):
+    """INVLPG exits if "INVLPG exiting" is 1; the qualification is the linear address."""
+    if not _ring0(m) or not m.proc & ProcBased.INVLPG_EXITING:
+        return None
+    return _exit(m, insn, ExitReason.INVLPG, m.effective_address(insn))
+
+
+def rule_rdtsc(m, insn):
+    """RDTSC exits if "RDTSC exiting" is 1 (after the CR4.TSD check at CPL > 0)."""
+    if m.guest.cpl > 0 and m.guest.reg("cr4") & Cr4.TSD:
+        return None
+    return _exit(m, insn, ExitReason.RDTSC) if m.proc & ProcBased.RDTSC_EXITING else None
+
+
+def rule_rdtscp(m, insn):
+    """RDTSCP: #UD unless "enable RDTSCP"; exits (reason 51) if RDTSC exiting is also 1."""
+    if not m.proc2 & ProcBased2.ENABLE_RDTSCP:
+        return m.raise_exception(Vector.UD, "RDTSCP with \"enable RDTSCP\" = 0 raises #UD")
+    return _exit(m, insn, ExitReason.RDTSCP) if m.proc & ProcBased.RDTSC_EXITING else None
+
+
+def _cr_operands(insn: Instruction) -> tuple[int, str, bool]:
+    """(CR number, general register, to_cr) of a MOV CR instruction."""
+    dst, src = [o.strip() for o in insn.op_str.split(",")]
+    to_cr = dst.startswith("cr")
+    cr = int((dst if to_cr else src)[2:])
+    return cr, (src if to_cr else dst), to_cr
+
+
+def _gpr_index(reg: str) -> int:
+    reg = reg.lower()
+    names32 = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
+    if reg in names32:
+        return names32[reg]
+    return GPR_ORDER.index(reg.rstrip("d")) if reg.rstrip("d") in GPR_ORDER else 0
+
+
+def rule_mov_cr(m, insn):
+    """MOV to/from CR0, CR3, CR4, CR8 (SDM 26.1.3, 26.3 on guest/host masks and read shadows)."""
+    if not _ring0(m):
+        return None
+    cr, reg, to_cr = _cr_operands(insn)
+    gpr = _gpr_index(reg)
+    qual = CrAccessQualification(cr, CrAccessType.MOV_TO_CR if to_cr else CrAccessType.MOV_FROM_CR, gpr).encode()
+    v = m.vmcs.get
+    if cr == 3:
+        if to_cr:
+            value = m.guest.reg(reg)
+            targets = [v(F[f"CR3_TARGET_VALUE{i}"]) for i in range(min(v(F.CR3_TARGET_COUNT), 4))]
+            if m.proc & ProcBased.CR3_LOAD_EXITING and value not in targets:
+                return _exit(m, insn, ExitReason.CR_ACCESS, qual)
+        elif m.proc & ProcBased.CR3_STORE_EXITING:
+            return _exit(m, insn, ExitReason.CR_ACCESS, qual)
+        return None
+    if cr == 8:
+        control = ProcBased.CR8_LOAD_EXITING if to_cr else ProcBased.CR8_STORE_EXITING
+        return _exit(m, insn, ExitReason.CR_ACCESS, qual) if m.proc & control else None
+    if cr in (0, 4):
+        mask, shadow = (v(F.CR0_GUEST_HOST_MASK), v(F.CR0_READ_SHADOW)) if cr == 0 else \
+                       (v(F.CR4_GUEST_HOST_MASK), v(F.CR4_READ_SHADOW))
+        actual = m.guest.reg(f"cr{cr}")
+        if to_cr:
+            value = m.guest.reg(reg)
+            if (value ^ shadow) & mask:
+                return _exit(m, insn, ExitReason.CR_ACCESS, qual)
+            if mask:  # bits the VMM owns keep their real value (SDM 26.3)
+                m.guest.set_reg(f"cr{cr}", (actual & mask) | (value & ~mask))
+                return "emulated"
+            return None
+        if mask:  # reads see the shadow for owned bits
+            m.guest.set_reg(reg, (actual & ~mask) | (shadow & mask))
+            return "emulated"
+    return None
+
+
+def rule_clts(m, insn):
+    """CLTS exits if CR0.TS is owned by the VMM (mask bit 3) and the shadow's TS is 1."""
+    if not _ring0(m):
+        return None
+    mask, shadow = m.vmcs.get(F.CR0_GUEST_HOST_MASK), m.vmcs.get(F.CR0_READ_SHADOW)
+    if mask & Cr0.TS and shadow & Cr0.TS:
+        return _exit(m, insn, ExitReason.CR_ACCESS, CrAccessQualification(0, CrAccessType.CLTS).encode())
+    return None
+
+
+def rule_lmsw(m, insn):
+    """LMSW exits if it would change an owned bit of CR0[3:0] away from the shadow (SDM 26.1.3)."""
+    if not _ring0(m):
+        return None
+    mask, shadow = m.vmcs.get(F.CR0_GUEST_HOST_MASK), m.vmcs.get(F.CR0_READ_SHADOW)
+    op = insn.op_str.strip()
+    memory = "[" in op
+    value = m.guest.read(m.effective_address(insn), 2) if memory else None
+    value = int.from_bytes(value, "little") if memory else m.guest.reg(op) & 0xFFFF
+    pe_set = mask & 1 and not shadow & 1 and value & 1
+    others = (value ^ shadow) & mask & 0xE
+    if pe_set or others:
+        q = CrAccessQualification(0, CrAccessType.LMSW, 0, memory, value & 0xFFFF).encode()
+        return _exit(m, insn, ExitReason.CR_ACCESS, q)
+    return None
+
+
+def rule_smsw(m, insn):
+    """SMSW never exits, but reads CR0[15:0] through the read shadow for owned bits."""
+    mask = m.vmcs.get(F.CR0_GUEST_HOST_MASK) & 0xFFFF
+    if not mask or "[" in insn.op_str:
+        return None
+    actual = m.guest.reg("cr0")
+    m.guest.set_reg(insn.op_str.strip(), ((actual & ~mask) | (m.vmcs.get(F.CR0_READ_SHADOW) & mask)) & 0xFFFF)
+    return "emulated"
+
+
+def rule_mov_dr(m, insn):
+    """MOV DR exits if "MOV-DR exiting" is 1 (SDM 26.1.3); qualification per Table 28-4."""
+    if not _ring0(m) or not m.proc & ProcBased.MOV_DR_EXITING:
+        return None
+    dst, src = [o.strip() for o in insn.op_str.split(",")]
+    to_dr = dst.startswith("dr")
+    dr = int((dst if to_dr else src)[2:])
+    reg = src if to_dr else dst
+    q = dr | (0 if to_dr else 1 << 4) | (_gpr_index(reg) << 8)
+    return _exit(m, insn, ExitReason.DR_ACCESS, q)
+
+
+_IO_SIZES = {"b": 1, "w": 2, "d": 4}
+
+
+def io_operands(m: "ExitMonitor", insn: Instruction) -> IoQualification:
+    """Decode IN/OUT/INS/OUTS into the I/O exit qualification (SDM Table 28-5)."""
+    mnem = insn.mnemonic.split()
+    base = mnem[-1]
+    rep = len(mnem) > 1 and mnem[0].startswith("rep")
+    if base in ("in", "out"):
+        ops = [o.strip() for o in insn.op_str.split(",")]
+        port_op, reg = (ops[1], ops[0]) if base == "in" else (ops[0], ops[1])
+        size = {"al": 1, "ax": 2, "eax": 4}[reg]
+        immediate = port_op != "dx"
+        port = int(port_op, 0) if immediate else m.guest.reg("dx")
+        string = False
+    else:
+        size, immediate, string = _IO_SIZES[base[-1]], False, True
+        port = m.guest.reg("dx")
+    direction = IoDirection.IN if base.startswith("in") else IoDirection.OUT
+    return IoQualification(port, size, direction, string, rep, immediate)
+
+
+def rule_io(m, insn):
+    """I/O instructions: unconditional I/O exiting, or the I/O bitmaps (SDM 26.1.3).
+
+    With "use I/O bitmaps" = 1, "unconditional I/O exiting" is ignored and the access
+    exits if the bit of *any* port it touches is 1 in bitmap A (ports 0000H-7FFFH) or B
+    (8000H-FFFFH); an access that wraps past FFFFH always exits.
+    """
+    if m.guest._stop is not None:  # the CPL/IOPL check already raised #GP
+        return None
+    q = io_operands(m, insn)
+    if m.proc & ProcBased.USE_IO_BITMAPS:
+        exits = False
+        for port in range(q.port, q.port + q.size):
+            if port > 0xFFFF:
+                exits = True
+                break
+            bitmap = m.vmcs.get(F.IO_BITMAP_A if port < 0x8000 else F.IO_BITMAP_B)
+            if m.cpu.memory.test_bit(bitmap, port & 0x7FFF):
+                exits = True
+                break
+    else:
+        exits = bool(m.proc & ProcBased.UNCOND_IO_EXITING)
+    if not exits:
+        return None
+    kw = {}
+    if q.string:
+        kw["guest_linear_address"] = m.guest.reg("rsi" if q.direction is IoDirection.OUT else "rdi")
+    return _exit(m, insn, ExitReason.IO_INSTRUCTION, q.encode(), **kw)
+
+
+def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
+    """Look ``msr`` up in the 4-KByte MSR bitmap (SDM 25.6.9).
+
+    Read bitmap for low MSRs (00000000H-00001FFFH) at offset 0, for high MSRs
+    (C0000000H-C0001FFFH) at 1024; the write bitmaps follow at 2048 and 3072.  MSRs in
+    neither range always exit.
+    """
+    if not m.proc & ProcBased.USE_MSR_BITMAPS:
+        return True
+    if msr <= 0x1FFF:
+        offset, bit = 0, msr
+    elif 0xC000_0000 <= msr <= 0xC000_1FFF:
+        offset, bit = 1024, msr - 0xC000_0000
+    else:
+        return True
+    return m.cpu.memory.test_bit(m.vmcs.get(F.MSR_BITMAP) + offset + (2048 if write else 0), bit)
+
+
+def rule_rdmsr(m, insn):
+    """RDMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1."""
+    if not _ring0(m):
+        return None
+    msr = m.guest.reg("ecx")
+    return _exit(m, insn, ExitReason.MSR_READ) if msr_bitmap_exits(m, msr, False) else None
+
+
+def rule_wrmsr(m, insn):
+    """WRMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1."""
+    if not _ring0(m):
+        return None
+    msr = m.guest.reg("ecx")
+    return _exit(m, insn, ExitReason.MSR_WRITE) if msr_bitmap_exits(m, msr, True) else None
+
+
+_DESC_IDENTITY = {"sgdt": 0, "sidt": 1, "lgdt": 2, "lidt": 3, "sldt": 0, "str": 1, "lldt": 2, "ltr": 3}
+
+
+def rule_descriptor_table(m, insn):
+    """LGDT/LIDT/SGDT/SIDT (reason 46) and LLDT/LTR/SLDT/STR (47) with descriptor-table exiting.
+
+    The loads are privileged (#GP at CPL > 0 comes first); the stores exit at any CPL,
+    which is how a VMM can hide its own tables from a curious guest.
+    """
+    base = insn.mnemonic
+    if base.startswith("l") and not _ring0(m):
+        return None
+    if not m.proc2 & ProcBased2.DESC:
+        return None
+    reason = ExitReason.GDTR_IDTR if base in ("sgdt", "sidt", "lgdt", "lidt") else ExitReason.LDTR_TR
+    info = _DESC_IDENTITY[base] << 28
+    disp = m.displacement(insn)
+    return _exit(m, insn, reason, disp, instruction_info=info)
+
+
+def _vmx_rule(reason: ExitReason) -> Rule:
+    return unconditional(reason)
+
+
+RULES: dict[str, Rule] = {
+    "cpuid": unconditional(ExitReason.CPUID),
+    "getsec": unconditional(ExitReason.GETSEC),
+    "invd": unconditional(ExitReason.INVD),
+    "xsetbv": unconditional(ExitReason.XSETBV),
+    "vmcall": unconditional(ExitReason.VMCALL),
+    "vmclear": unconditional(ExitReason.VMCLEAR),
+    "vmlaunch": unconditional(ExitReason.VMLAUNCH),
+    "vmptrld": unconditional(ExitReason.VMPTRLD),
+    "vmptrst": unconditional(ExitReason.VMPTRST),
+    "vmread": unconditional(ExitReason.VMREAD),
+    "vmresume": unconditional(ExitReason.VMRESUME),
+    "vmwrite": unconditional(ExitReason.VMWRITE),
+    "vmxoff": unconditional(ExitReason.VMOFF),
+    "vmxon": unconditional(ExitReason.VMON),
+    "invept": unconditional(ExitReason.INVEPT),
+    "invvpid": unconditional(ExitReason.INVVPID),
+    "hlt": rule_hlt,
+    "invlpg": rule_invlpg,
+    "rdpmc": when(ProcBased.RDPMC_EXITING, ExitReason.RDPMC, privileged=False),
+    "rdtsc": rule_rdtsc,
+    "rdtscp": rule_rdtscp,
+    "mwait": when(ProcBased.MWAIT_EXITING, ExitReason.MWAIT_INSTRUCTION),
+    "monitor": when(ProcBased.MONITOR_EXITING, ExitReason.MONITOR_INSTRUCTION),
+    "pause": when(ProcBased.PAUSE_EXITING, ExitReason.PAUSE_INSTRUCTION, privileged=False),
+    "wbinvd": when(ProcBased2.WBINVD_EXITING, ExitReason.WBINVD),
+    "rdrand": when(ProcBased2.RDRAND_EXITING, ExitReason.RDRAND, privileged=False),
+    "rdseed": when(ProcBased2.RDSEED_EXITING, ExitReason.RDSEED, privileged=False),
+    "mov cr": rule_mov_cr,
+    "mov dr": rule_mov_dr,
+    "clts": rule_clts,
+    "lmsw": rule_lmsw,
+    "smsw": rule_smsw,
+    "in": rule_io, "out": rule_io,
+    "insb": rule_io, "insw": rule_io, "insd": rule_io,
+    "outsb": rule_io, "outsw": rule_io, "outsd": rule_io,
+    "rdmsr": rule_rdmsr,
+    "wrmsr": rule_wrmsr,
+    "lgdt": rule_descriptor_table, "lidt": rule_descriptor_table,
+    "sgdt": rule_descriptor_table, "sidt": rule_descriptor_table,
+    "lldt": rule_descriptor_table, "ltr": rule_descriptor_table,
+    "sldt": rule_descriptor_table, "str": rule_descriptor_table,
+}
+
+
+def rule_key(insn: Instruction) -> str | None:
+    """Which rule governs ``insn`` (None: it never exits and is not hooked)."""
+    mnem = insn.mnemonic.split()[-1]
+    if mnem == "mov":
+        ops = insn.op_str
+        if "cr" in ops and any(f"cr{n}" in ops.replace(" ", "").split(",") for n in (0, 2, 3, 4, 8)):
+            return "mov cr"
+        if any(f"dr{n}" in ops.replace(" ", "").split(",") for n in range(8)):
+            return "mov dr"
+        return None
+    return mnem if mnem in RULES else None
+
+
+# ------------------------------------------------------------------------- the monitor
+_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
+_SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"],
+                   F[f"GUEST_{s.upper()}_LIMIT"], F[f"GUEST_{s.upper()}_AR_BYTES"]) for s in _SEGMENTS}
+_FIELD_SEG = {f: s for s, fs in _SEG_FIELDS.items() for f in fs}
+_EXCEPTION_VECTORS = set(range(32))
+#: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
+_LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
+                         (int(f) >> 10) & 3 == 2 and f is not F.GUEST_RIP) | {int(F.VM_ENTRY_CONTROLS)}
+
+
+class ExitMonitor:
+    """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
+
+    def __init__(self, cpu: "VmxCpu"):
+        self.cpu = cpu
+        self.guest: "Guest" = cpu.guest
+        self.vmcs: "Vmcs | None" = None
+        self.pin = self.proc = self.proc2 = 0
+        self.pending: VmExit | None = None
+        self.event: tuple | None = None          # (vector, rip, software?) from the INTR hook
+        self.mem_fault: tuple | None = None
+        self.halted = False
+        self._hooked: dict[int, Instruction] = {}
+        self._materialize_pending = False
+        self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
+        self.pending_nmi = False
+        self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
+        g = self.guest
+        g.on_interrupt = self._on_interrupt
+        g.on_hlt = self._on_hlt
+        g.on_hlt_stops_itself = True
+        g.load_listeners.append(self.watch_program)
+        for prog in g.programs:
+            self.watch_program(prog)
+        g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
+        self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._cs.detail = True
+
+    # --------------------------------------------------------------- hooks
+    def watch_program(self, prog: "Program") -> None:
+        """Hook every sensitive instruction of a newly loaded program (one hook per address)."""
+        for insn in prog.instructions:
+            if insn.address in self._hooked or rule_key(insn) is None:
+                continue
+            self._hooked[insn.address] = insn
+            if insn.mnemonic == "hlt":
+                continue  # the guest's own HLT hook calls _on_hlt, which checks the rule
+            self.guest.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_sensitive,
+                                   begin=insn.address, end=insn.address)
+
+    def control_on(self, control) -> bool:
+        if isinstance(control, ProcBased2):
+            return bool(self.proc2 & control)
+        return bool(self.proc & control)
+
+    def _on_sensitive(self, uc, address, size, _user) -> bool:
+        """Decide, just before a sensitive instruction executes, whether it exits."""
+        if self.pending is not None or self.vmcs is None:
+            return False
+        insn = self._hooked.get(address)
+        if insn is None or insn.size != size:
+            return False
+        # Self-modifying code: trust the bytes that are there now, not the sweep.
+        if self.guest.read(address, size) != insn.bytes:
+            return False
+        result = RULES[rule_key(insn)](self, insn)
+        if result is None:
+            return False
+        if result == "emulated":
+            self.guest.rip = self.guest.rip + insn.size  # the rule did the work; skip it
+            return False
+        if result == "emulated-fault":
+            return True
+        result.guest_instructions = self.guest.counter.total
+        result.cpl = self.guest.cpl
+        self.pending = result
+        uc.emu_stop()
+        return True
+
+    def _on_hlt(self, address: int) -> bool:
+        """Called by the guest before HLT executes: exit, or enter the HLT activity state."""
+        if self.pending is not None or self.vmcs is None:
+            return False
+        if self._on_sensitive(self.guest.uc, address, 1, None):
+            return True
+        self.halted = True
+        return True
+
+    def _on_interrupt(self, vector: int) -> None:
+        g = self.guest
+        rip = g.rip
+        software = self._software_interrupt_at(rip, vector)
+        self.event = (vector, rip, software)
+        g.uc.emu_stop()
+
+    def _software_interrupt_at(self, rip: int, vector: int) -> bool:
+        """Did an INT n / INT3 just execute (Unicorn reports RIP after it)?"""
+        for length, opcode in ((2, 0xCD), (1, 0xCC), (1, 0xCE)):
+            try:
+                raw = self.guest.read(self.guest.segment("cs").base + rip - length, length)
+            except unicorn.UcError:
+                continue
+            if raw[0] == opcode and (opcode != 0xCD or raw[1] == vector):
+                return True
+        return False
+
+    def _on_mem_fault(self, uc, access, address, size, value, _user):
+        if self.vmcs is None or not self.proc2 & ProcBased2.ENABLE_EPT:
+            return False
+        kind = {unicorn.UC_MEM_READ_UNMAPPED: "r", unicorn.UC_MEM_WRITE_UNMAPPED: "w",
+                unicorn.UC_MEM_FETCH_UNMAPPED: "x", unicorn.UC_MEM_READ_PROT: "r",
+                unicorn.UC_MEM_WRITE_PROT: "w", unicorn.UC_MEM_FETCH_PROT: "x"}.get(access, "r")
+        perms = 0
+        if self.ept_pages is not None:
+            perms = self.ept_pages.get(address & ~0xFFF, 0)
+        q = EptViolationQualification(read=kind == "r", write=kind == "w", fetch=kind == "x",
+                                      readable=bool(perms & 1), writable=bool(perms & 2),
+                                      executable=bool(perms & 4), gla_valid=True, gla_translation=True)
+        insn = self.guest.instruction_at()
+        self.pending = VmExit(ExitReason.EPT_VIOLATION, q.encode(), 0, self.guest.rip,
+                              insn.text if insn else "", guest_linear_address=address,
+                              guest_physical_address=address,
+                              guest_instructions=self.guest.counter.total, cpl=self.guest.cpl)
+        uc.emu_stop()
+        return False
+
+    # ------------------------------------------------------------ operands
+    def effective_address(self, insn: Instruction) -> int:
+        """Linear address of ``insn``'s memory operand (segment base + base + index*scale + disp)."""
+        d = next(self._cs.disasm(insn.bytes, insn.address, 1), None)
+        if d is None:
+            return 0
+        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[self.guest.bits]
+        self._cs.mode = mode
+        d = next(self._cs.disasm(insn.bytes, insn.address, 1))
+        for op in d.operands:
+            if op.type == capstone.x86.X86_OP_MEM:
+                addr = op.mem.disp
+                if op.mem.base:
+                    base = d.reg_name(op.mem.base)
+                    addr += self.guest.rip + insn.size if base == "rip" else self.guest.reg(base)
+                if op.mem.index:
+                    addr += self.guest.reg(d.reg_name(op.mem.index)) * op.mem.scale
+                seg = d.reg_name(op.mem.segment) if op.mem.segment else "ds"
+                return (self.guest.segment(seg).base + addr) & 0xFFFF_FFFF_FFFF_FFFF
+        return 0
+
+    def displacement(self, insn: Instruction) -> int:
+        """The displacement of ``insn``'s memory operand (descriptor-table exits report it)."""
+        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[self.guest.bits]
+        self._cs.mode = mode
+        d = next(self._cs.disasm(insn.bytes, insn.address, 1), None)
+        for op in (d.operands if d else []):
+            if op.type == capstone.x86.X86_OP_MEM:
+                return op.mem.disp & 0xFFFF_FFFF_FFFF_FFFF
+        return 0
+
+    def raise_exception(self, vector: Vector, note: str = "") -> str:
+        """Make the current instruction raise ``vector`` (used for #UD of disabled features)."""
+        self.event = (int(vector), self.guest.rip, False)
+        self.guest.uc.emu_stop()
+        return "emulated-fault"
+
+    # --------------------------------------------------- guest state <-> VMCS
+    def save_guest_state(self, vmcs: "Vmcs") -> None:
+        """Store the CPU's guest state into the guest-state area (SDM 28.3)."""
+        g = self.guest
+        put = vmcs.save_guest
+        for name, f in (("cr0", F.GUEST_CR0), ("cr3", F.GUEST_CR3), ("cr4", F.GUEST_CR4),
+                        ("rsp", F.GUEST_RSP), ("rip", F.GUEST_RIP), ("rflags", F.GUEST_RFLAGS),
+                        ("dr7", F.GUEST_DR7)):
+            put(f, g.reg(name))
+        for seg, (fsel, fbase, flim, far) in _SEG_FIELDS.items():
+            s = g.segment(seg)
+            put(fsel, s.selector)
+            put(fbase, s.base)
+            put(flim, s.limit)
+            put(far, s.access_rights)
+        for table, fbase, flim in (("gdtr", F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT),
+                                   ("idtr", F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT)):
+            _, base, limit, _ = g.uc.reg_read(getattr(X, f"UC_X86_REG_{table.upper()}"))
+            put(fbase, base)
+            put(flim, limit)
+        put(F.GUEST_SYSENTER_CS, g.uc.msr_read(Msr.IA32_SYSENTER_CS) & 0xFFFF_FFFF)
+        put(F.GUEST_SYSENTER_ESP, g.uc.msr_read(Msr.IA32_SYSENTER_ESP))
+        put(F.GUEST_SYSENTER_EIP, g.uc.msr_read(Msr.IA32_SYSENTER_EIP))
+        efer = g.reg("efer")
+        if vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.SAVE_IA32_EFER:
+            put(F.GUEST_IA32_EFER, efer)
+        if vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.SAVE_IA32_PAT:
+            put(F.GUEST_IA32_PAT, g.uc.msr_read(Msr.IA32_PAT))
+        put(F.GUEST_ACTIVITY_STATE, 1 if self.halted else 0)
+        # SDM 28.2: the "IA-32e mode guest" entry control reflects EFER.LMA after an exit.
+        entry = vmcs.get(F.VM_ENTRY_CONTROLS) & ~EntryControl.IA32E_MODE
+        vmcs.save_guest(F.VM_ENTRY_CONTROLS, entry | (EntryControl.IA32E_MODE if efer & Efer.LMA else 0))
+
+    def materialize(self) -> None:
+        """Complete a lazy guest-state save (done on the first VMREAD that needs it)."""
+        if self._materialize_pending and self.vmcs is not None:
+            self._materialize_pending = False
+            self.vmcs.on_access = None
+            self.save_guest_state(self.vmcs)
+
+    def load_guest_state(self, vmcs: "Vmcs") -> None:
+        """Load the guest-state area into the CPU (SDM 27.3.2).
+
+        Fields the VMM did not write since the last exit already hold what the CPU has,
+        so only those it wrote are loaded (everything on a first launch).  vtlab's CPU
+        loads a segment's hidden part from the guest's descriptor table (Unicorn has no
+        interface to set it directly), so base/limit/access rights must agree with the
+        GDT; real mode uses selector << 4 as the base.
+        """
+        g = self.guest
+        full = vmcs.full_load or self.vmcs is not vmcs
+        if self.vmcs is not vmcs:
+            self.materialize()  # the previous VMCS must not lose the state the CPU holds
+        elif self._materialize_pending:
+            # The CPU still holds the guest state; the stale fields are simply not loaded.
+            self._materialize_pending = False
+            vmcs.on_access = None
+        self.vmcs = vmcs
+        fields = None if full else set(vmcs.dirty)
+        want = (lambda *fs: True) if full else (lambda *fs: any(int(f) in fields for f in fs))
+        v = vmcs.get
+        entry = v(F.VM_ENTRY_CONTROLS)
+        if want(F.GUEST_IA32_EFER, F.VM_ENTRY_CONTROLS, F.GUEST_CR0, F.GUEST_CR4, F.GUEST_CR3):
+            efer = v(F.GUEST_IA32_EFER) if entry & EntryControl.LOAD_IA32_EFER else g.reg("efer")
+            efer = (efer & ~(Efer.LME | Efer.LMA)) | ((Efer.LME | Efer.LMA) if entry & EntryControl.IA32E_MODE else 0)
+            g.uc.msr_write(Msr.IA32_EFER, efer & ~Efer.LMA)
+            g.uc.reg_write(X.UC_X86_REG_CR4, v(F.GUEST_CR4))
+            g.uc.reg_write(X.UC_X86_REG_CR3, v(F.GUEST_CR3))
+            g.uc.reg_write(X.UC_X86_REG_CR0, v(F.GUEST_CR0))
+        if want(F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT):
+            g.uc.reg_write(X.UC_X86_REG_GDTR, (0, v(F.GUEST_GDTR_BASE), v(F.GUEST_GDTR_LIMIT), 0))
+        if want(F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT):
+            g.uc.reg_write(X.UC_X86_REG_IDTR, (0, v(F.GUEST_IDTR_BASE), v(F.GUEST_IDTR_LIMIT), 0))
+        order = ("cs", "ss", "ds", "es", "fs", "gs")
+        for seg in order:
+            if want(*_SEG_FIELDS[seg]):
+                sel = v(_SEG_FIELDS[seg][0])
+                if v(_SEG_FIELDS[seg][3]) & (1 << 16) and v(F.GUEST_CR0) & Cr0.PE:
+                    sel = 0 if seg not in ("cs", "ss") else sel
+                try:
+                    g.load_segment(seg, sel)
+                except unicorn.UcError as exc:
+                    raise ValueError(f"GUEST_{seg.upper()}_SELECTOR {sel:#x} cannot be loaded from "
+                                     f"the guest GDT ({exc})") from None
+        for seg in ("ldtr", "tr"):
+            if want(*_SEG_FIELDS[seg]):
+                fsel, fbase, flim, far = _SEG_FIELDS[seg]
+                if not v(far) & (1 << 16):
+                    g.uc.reg_write(getattr(X, f"UC_X86_REG_{seg.upper()}"),
+                                   (v(fsel), v(fbase), v(flim), (v(far) & 0xF0FF) << 8))
+        if want(F.GUEST_RSP):
+            g.set_reg("rsp", v(F.GUEST_RSP))
+        if want(F.GUEST_RIP):
+            g.rip = v(F.GUEST_RIP)
+        if want(F.GUEST_RFLAGS):
+            g.set_reg("rflags", v(F.GUEST_RFLAGS))
+        if want(F.GUEST_DR7) and entry & EntryControl.LOAD_DEBUG_CONTROLS:
+            g.set_reg("dr7", v(F.GUEST_DR7))
+        for msr, f in ((Msr.IA32_SYSENTER_CS, F.GUEST_SYSENTER_CS), (Msr.IA32_SYSENTER_ESP, F.GUEST_SYSENTER_ESP),
+                       (Msr.IA32_SYSENTER_EIP, F.GUEST_SYSENTER_EIP)):
+            if want(f):
+                g.uc.msr_write(msr, v(f))
+        if want(F.GUEST_IA32_PAT) and entry & EntryControl.LOAD_IA32_PAT:
+            g.uc.msr_write(Msr.IA32_PAT, v(F.GUEST_IA32_PAT))
+        self.halted = v(F.GUEST_ACTIVITY_STATE) == 1
+        vmcs.dirty.clear()
+        vmcs.full_load = False
+
+    # ----------------------------------------------------------- running
+    def _load_controls(self) -> None:
+        v = self.vmcs.get
+        self.pin = v(F.PIN_BASED_VM_EXEC_CONTROL)
+        self.proc = v(F.CPU_BASED_VM_EXEC_CONTROL)
+        self.proc2 = v(F.SECONDARY_VM_EXEC_CONTROL) if self.proc & ProcBased.ACTIVATE_SECONDARY_CONTROLS else 0
+
+    def run(self, insn: str, budget: int, step: bool = False) -> "VmxOutcome":
+        """Run the guest in non-root operation until a VM exit (or the budget / a step)."""
+        from .vmx import Status, VmxOutcome
+
+        self._load_controls()
+        g = self.guest
+        start = g.counter.total
+        exit_ = self._inject_event()
+        while exit_ is None:
+            exit_ = self._pending_interrupt_exit()
+            if exit_ is not None:
+                break
+            if self.halted:
+                return VmxOutcome(insn, Status.PAUSED, message="the guest is in the HLT activity "
+                                  "state (HLT exiting is 0) and no interrupt is pending")
+            remaining = budget - (g.counter.total - start)
+            if remaining <= 0:
+                return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
+                                  "instructions without a VM exit (budget)")
+            mtf = bool(self.proc & ProcBased.MONITOR_TRAP_FLAG)
+            single = step or mtf
+            self.pending, self.event = None, None
+            rip_before = g.rip
+            try:
+                g.emulate(1 if single else remaining, exact=single)
+            except unicorn.UcError as exc:
+                if self.pending is None and self.event is None:
+                    exit_ = self._cpu_error(exc)
+                    if exit_ is not None:
+                        break
+                    continue
+            if self.pending is not None:
+                exit_ = self.pending
+                break
+            if self.event is not None:
+                exit_ = self._handle_event(*self.event)
+                if exit_ is not None:
+                    break
+                continue
+            if self.halted:
+                continue
+            if single:
+                if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
+                    insn_txt = ""
+                    exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, insn_txt,
+                                   guest_instructions=g.counter.total, cpl=g.cpl)
+                    break
+                return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+        return VmxOutcome(insn, Status.VM_EXIT, exit=self.vm_exit(exit_))
+
+    def _cpu_error(self, exc: unicorn.UcError) -> VmExit | None:
+        """A Unicorn error with no hook involved: an unmapped access or an invalid opcode."""
+        e = self.guest._unicorn_error(exc)
+        return self._handle_event(int(e.vector), self.guest.rip, False, error_code=e.error_code)
+
+    def _handle_event(self, vector: int, rip: int, software: bool, error_code: int | None = None,
+                      depth: int = 0) -> VmExit | None:
+        """An exception or INT n: exit through the exception bitmap, or deliver it (SDM 26.2)."""
+        g = self.guest
+        if vector < 32 and not software and error_code is None and vector in (8, 10, 11, 12, 13, 14, 17, 21):
+            error_code = 0
+        is_exception = vector < 32 and (not software or vector in (3, 4))
+        if is_exception and self._exception_exits(vector, error_code or 0):
+            kind = InterruptionType.SOFTWARE_EXCEPTION if software else InterruptionType.HARDWARE_EXCEPTION
+            info = IntrInfo(vector, kind, error_code is not None).encode()
+            insn = g.instruction_at()
+            at = rip - (2 if software and vector not in (3, 4) else 1) if software else rip
+            return VmExit(ExitReason.EXCEPTION_NMI, 0, (rip - at) if software else 0, at,
+                          insn.text if insn and not software else "", intr_info=info,
+                          intr_error_code=error_code, guest_instructions=g.counter.total, cpl=g.cpl)
+        problem = g.deliver_interrupt(vector, error_code if is_exception and not software else None, rip)
+        if problem is None:
+            return None
+        # Could not deliver: #GP, then #DF, then a triple fault (SDM Vol. 3A 6.15, Table 6-5).
+        if depth >= 1 or vector == Vector.DF:
+            return VmExit(ExitReason.TRIPLE_FAULT, 0, 0, rip, "", note=f"triple fault: {problem}",
+                          guest_instructions=g.counter.total, cpl=g.cpl)
+        return self._handle_event(int(Vector.DF), rip, False, 0, depth + 1)
+
+    def _exception_exits(self, vector: int, error_code: int) -> bool:
+        """Exception bitmap, with the #PF error-code mask/match rule (SDM 26.2)."""
+        bitmap = self.vmcs.get(F.EXCEPTION_BITMAP)
+        if vector != Vector.PF:
+            return bool(bitmap >> vector & 1)
+        match = (error_code & self.vmcs.get(F.PAGE_FAULT_ERROR_CODE_MASK)) == self.vmcs.get(F.PAGE_FAULT_ERROR_CODE_MATCH)
+        return bool(bitmap >> 14 & 1) == match
+
+    def _inject_event(self) -> VmExit | None:
+        """VM-entry event injection (SDM 27.6): deliver VM_ENTRY_INTR_INFO through the guest IDT."""
+        info = self.vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD)
+        if not info & (1 << 31):
+            return None
+        d = IntrInfo.decode(info)
+        code = self.vmcs.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if d.deliver_error_code else None
+        rip = self.guest.rip
+        if d.type in (InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION):
+            rip += self.vmcs.get(F.VM_ENTRY_INSTRUCTION_LEN)
+        self.vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, info & ~(1 << 31))
+        self.halted = False
+        problem = self.guest.deliver_interrupt(d.vector, code, rip)
+        if problem is None:
+            return None
+        return self._handle_event(int(Vector.DF), rip, False, 0, 1)
+
+    def _pending_interrupt_exit(self) -> VmExit | None:
+        """External interrupts / NMIs raised by devices: exit if the pin-based control says so."""
+        g = self.guest
+        if self.pending_nmi:
+            self.pending_nmi = False
+            if self.pin & PinBased.NMI_EXITING:
+                return VmExit(ExitReason.EXCEPTION_NMI, 0, 0, g.rip, intr_info=IntrInfo(
+                    2, InterruptionType.NMI).encode(), guest_instructions=g.counter.total, cpl=g.cpl)
+            g.deliver_interrupt(2)
+            self.halted = False
+        if self.pending_interrupts:
+            vector = self.pending_interrupts[0]
+            if self.pin & PinBased.EXT_INTR_MASK:
+                self.pending_interrupts.pop(0)
+                ack = self.vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.ACK_INTR_ON_EXIT
+                info = IntrInfo(vector, InterruptionType.EXTERNAL_INTERRUPT).encode() if ack else 0
+                return VmExit(ExitReason.EXTERNAL_INTERRUPT, 0, 0, g.rip, intr_info=info,
+                              guest_instructions=g.counter.total, cpl=g.cpl)
+            if g.reg("eflags") & (1 << 9):  # IF = 1: the guest takes it itself
+                self.pending_interrupts.pop(0)
+                self.halted = False
+                problem = g.deliver_interrupt(vector)
+                if problem is not None:
+                    return self._handle_event(int(Vector.DF), g.rip, False, 0, 1)
+        return None
+
+    def vm_exit(self, exit_: VmExit) -> VmExit:
+        """Perform the VM exit (SDM 28): exit information, guest state, host state."""
+        vmcs, cpu = self.vmcs, self.cpu
+        put = vmcs.set_exit_info
+        put(F.VM_EXIT_REASON, exit_.exit_reason_field)
+        put(F.EXIT_QUALIFICATION, exit_.qualification)
+        put(F.VM_EXIT_INSTRUCTION_LEN, exit_.instruction_length)
+        put(F.VM_EXIT_INTR_INFO, exit_.intr_info)
+        put(F.VM_EXIT_INTR_ERROR_CODE, exit_.intr_error_code or 0)
+        put(F.IDT_VECTORING_INFO_FIELD, 0)
+        put(F.VMX_INSTRUCTION_INFO, exit_.instruction_info)
+        put(F.GUEST_LINEAR_ADDRESS, exit_.guest_linear_address or 0)
+        put(F.GUEST_PHYSICAL_ADDRESS, exit_.guest_physical_address or 0)
+        # SDM 28.2.? : the valid bit of the VM-entry interruption information is cleared.
+        vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD) & ~(1 << 31))
+        self.guest.rip = exit_.guest_rip if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG else self.guest.rip
+        # Guest state is saved lazily: the first VMREAD of a guest-state field completes it.
+        vmcs.save_guest(F.GUEST_RIP, self.guest.rip)
+        self._materialize_pending = True
+        vmcs.lazy_fields = _LAZY_FIELDS
+        vmcs.on_access = self.materialize
+        # Host state (SDM 28.5): the VMM's CR0/CR4 come back from the host-state area.
+        cpu.cr0, cpu.cr4 = vmcs.get(F.HOST_CR0) or cpu.cr0, vmcs.get(F.HOST_CR4) or cpu.cr4
+        from .vmx import VmxOperation
+        cpu.operation = VmxOperation.ROOT
+        if exit_.reason is ExitReason.TRIPLE_FAULT:
+            self.halted = False
+        for listener in cpu.exit_listeners:
+            listener(exit_)
+        return exit_

@@ -1,0 +1,106 @@
+"""The record of every VM entry and VM exit, ready for pandas.
+
+A :class:`Trace` collects one :class:`TraceEvent` per VM entry and per VM exit.  Its
+:meth:`Trace.to_dataframe` gives one row per exit (the shape the cost model and the
+plots use); ``include_entries=True`` interleaves the entries too.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .arch.exit_reasons import EXIT_REASON_INFO
+
+
+@dataclass
+class TraceEvent:
+    """One VM entry or VM exit."""
+
+    seq: int
+    event: str                      #: "entry" or "exit"
+    reason: str = ""                #: ExitReason member name (exits)
+    reason_number: int = -1
+    category: str = ""
+    qualification: int = 0
+    decoded: dict = field(default_factory=dict)
+    instruction_length: int = 0
+    guest_rip: int = 0
+    instruction: str = ""
+    handler: str = ""
+    guest_instructions: int = 0     #: cumulative guest instructions retired at this point
+    cpl: int = 0
+    entry_failure: bool = False
+    device: str | None = None
+    state: str = ""                 #: guest register summary
+    note: str = ""
+
+
+class Trace:
+    """Every VM entry and exit of one virtual machine, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[TraceEvent] = []
+        self.instructions_total = 0
+        self.enabled = True
+
+    def _next(self) -> int:
+        return len(self.events)
+
+    def record_entry(self, instruction: str, guest_rip: int, guest_instructions: int) -> None:
+        if self.enabled:
+            self.events.append(TraceEvent(self._next(), "entry", instruction=instruction,
+                                          guest_rip=guest_rip, guest_instructions=guest_instructions))
+
+    def record_exit(self, exit_, handler: str = "", state: str = "") -> TraceEvent:
+        ev = TraceEvent(
+            self._next(), "exit", exit_.reason.name, int(exit_.reason),
+            EXIT_REASON_INFO[exit_.reason].category, exit_.qualification, exit_.decoded(),
+            exit_.instruction_length, exit_.guest_rip, exit_.instruction, handler,
+            exit_.guest_instructions, exit_.cpl, exit_.entry_failure, exit_.device, state, exit_.note)
+        if self.enabled:
+            self.events.append(ev)
+        return ev
+
+    @property
+    def exits(self) -> list[TraceEvent]:
+        return [e for e in self.events if e.event == "exit"]
+
+    def __len__(self) -> int:
+        return len(self.exits)
+
+    def __iter__(self) -> Iterator[TraceEvent]:
+        return iter(self.exits)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def counts(self):
+        """Exits per reason, most frequent first (a pandas Series)."""
+        df = self.to_dataframe()
+        if df.empty:
+            import pandas as pd
+            return pd.Series(dtype=int, name="exits")
+        return df["reason"].value_counts().rename("exits")
+
+    def to_dataframe(self, include_entries: bool = False):
+        """One row per exit (and entry, if asked), columns as in :class:`TraceEvent`."""
+        import pandas as pd
+
+        rows = [asdict(e) for e in self.events if include_entries or e.event == "exit"]
+        columns = list(TraceEvent.__dataclass_fields__)
+        df = pd.DataFrame(rows, columns=columns)
+        df.attrs["instructions_total"] = self.instructions_total
+        return df
+
+    def _repr_html_(self) -> str:
+        df = self.to_dataframe()
+        head = f"<p><b>{len(df)} VM exits</b>, {self.instructions_total:,} guest instructions</p>"
+        if df.empty:
+            return head
+        show = df[["seq", "reason", "reason_number", "guest_rip", "instruction", "qualification", "handler"]].copy()
+        show["guest_rip"] = show["guest_rip"].map(hex)
+        show["qualification"] = show["qualification"].map(hex)
+        return head + show.tail(20).to_html(index=False)
+
+    def __repr__(self) -> str:
+        return f"<Trace: {len(self)} exits, {self.instructions_total:,} guest instructions>"

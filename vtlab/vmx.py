@@ -1,0 +1,484 @@
+"""The VMX "processor": VMX operation, the VMX instructions, VM entry and VM exit.
+
+:class:`VmxCpu` is the logical processor seen from the VMM.  It holds what the SDM
+says a processor holds for VMX (SDM Vol. 3C ch. 24 and 31):
+
+* whether it is outside VMX operation, in VMX root or in VMX non-root operation;
+* the VMXON pointer and the *current-VMCS pointer*;
+* the capability MSRs and IA32_FEATURE_CONTROL, CR0/CR4 and CPL of the host.
+
+Every VMX instruction ends in one of the SDM's outcomes (SDM 31.2):
+
+* **VMsucceed** - CF = ZF = 0;
+* **VMfailInvalid** - CF = 1: there is no current VMCS to hold an error number;
+* **VMfailValid** - ZF = 1 and the VM-instruction error field of the current VMCS
+  holds the reason (:class:`vtlab.arch.VmInstructionError`);
+* a **fault** (#UD, #GP) when the instruction may not run at all.
+
+and each method returns a :class:`VmxOutcome` saying which, in the SDM's words.
+VMLAUNCH and VMRESUME return when the guest causes a VM exit, just as on hardware
+execution continues at HOST_RIP after an exit.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import x86_const as X
+
+from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from .arch.errors import VmInstructionError
+from .arch.exceptions import Vector
+from .arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
+from .arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
+from .arch.vmcs_fields import FieldType, VmcsField as F
+from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
+from .entry_checks import Violation, entry_violations
+from .errors import VmcsError, VmxFailure
+from .hostmem import HostMemory
+from .vmcs import INVALID_POINTER, LaunchState, Vmcs, lookup
+
+if TYPE_CHECKING:
+    from .exits import ExitMonitor, VmExit
+    from .guest import Guest
+
+
+class VmxOperation(str, enum.Enum):
+    """Where the logical processor is with respect to VMX (SDM 24.3)."""
+
+    OUTSIDE = "outside VMX operation"
+    ROOT = "VMX root operation"
+    NON_ROOT = "VMX non-root operation"
+
+
+class Status(str, enum.Enum):
+    """How a VMX instruction ended."""
+
+    VMSUCCEED = "VMsucceed"
+    VMFAIL_INVALID = "VMfailInvalid"
+    VMFAIL_VALID = "VMfailValid"
+    FAULT = "fault"
+    VM_EXIT = "VM exit"               #: VMLAUNCH/VMRESUME entered the guest, which then exited
+    ENTRY_FAILED = "VM-entry failure"  #: guest-state check failed: exit reason 33 | bit 31
+    PAUSED = "paused"                  #: vtlab paused the guest (stepping); no exit happened
+
+
+@dataclass
+class VmxOutcome:
+    """The result of one VMX instruction, printable in the SDM's terms."""
+
+    instruction: str
+    status: Status
+    error: VmInstructionError | None = None
+    vector: Vector | None = None
+    message: str = ""
+    value: int | None = None
+    exit: "VmExit | None" = None
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True for VMsucceed, and for a VM entry that ran the guest."""
+        return self.status in (Status.VMSUCCEED, Status.VM_EXIT, Status.PAUSED)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def rflags(self) -> dict[str, int]:
+        """The arithmetic flags the instruction leaves (SDM 31.2): CF and ZF."""
+        return {"CF": int(self.status is Status.VMFAIL_INVALID),
+                "ZF": int(self.status is Status.VMFAIL_VALID)}
+
+    def check(self) -> "VmxOutcome":
+        """Raise :class:`vtlab.errors.VmxFailure` unless the instruction succeeded."""
+        if not self.ok:
+            raise VmxFailure(self)
+        return self
+
+    def __str__(self) -> str:
+        text = f"{self.instruction}: {self.status.value}"
+        if self.error is not None:
+            text += f" (VM-instruction error {int(self.error)}: {self.error.description})"
+        if self.vector is not None:
+            text += f" #{Vector(self.vector).name}"
+        if self.value is not None:
+            text += f" -> {self.value:#x}"
+        if self.exit is not None:
+            text += f" -> {self.exit}"
+        if self.message:
+            text += f" - {self.message}"
+        return text
+
+    __repr__ = __str__
+
+
+# Guest-state fields that mirror guest registers, and the segment field quadruples.
+_SEGMENT_FIELDS = {
+    seg: (F[f"GUEST_{seg.upper()}_SELECTOR"], F[f"GUEST_{seg.upper()}_BASE"],
+          F[f"GUEST_{seg.upper()}_LIMIT"], F[f"GUEST_{seg.upper()}_AR_BYTES"])
+    for seg in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
+}
+_SEGMENT_OF = {f: seg for seg, fs in _SEGMENT_FIELDS.items() for f in fs}
+
+
+class VmxCpu:
+    """A logical processor with VMX, driving one :class:`vtlab.guest.Guest` in non-root operation.
+
+    ``vmx_supported=False`` models a CPU without VMX (CPUID.1:ECX[5] = 0);
+    ``feature_control`` is IA32_FEATURE_CONTROL as the firmware left it (default:
+    locked with VMXON enabled outside SMX, as a BIOS with VT-x turned on does).
+    """
+
+    def __init__(self, guest: "Guest | None" = None, *, vmx_supported: bool = True,
+                 feature_control: int = FeatureControl.LOCKED | FeatureControl.VMXON_ENABLED_OUTSIDE_SMX,
+                 capabilities: VmxCapabilities | None = None):
+        self.caps = capabilities or VmxCapabilities()
+        self.memory = HostMemory(width=PHYSICAL_ADDRESS_WIDTH)
+        self.vmx_supported = vmx_supported
+        self.operation = VmxOperation.OUTSIDE
+        # The host (root-mode) CPU a 64-bit VMM runs on: long mode, paging, ring 0.
+        self.cr0 = int(Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.AM | Cr0.PG)
+        self.cr4 = int(Cr4.PAE | Cr4.PGE | Cr4.OSFXSR | Cr4.OSXMMEXCPT)
+        self.cpl = 0
+        self.efer = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE)
+        self.msrs: dict[int, int] = {Msr.IA32_FEATURE_CONTROL: int(feature_control)}
+        self.vmxon_pointer: int | None = None
+        self.current_vmcs_pointer = INVALID_POINTER
+        self.regions: dict[int, Vmcs] = {}
+        self.history: list[VmxOutcome] = []
+        self.guest = guest
+        self.monitor: "ExitMonitor | None" = None
+        self._entered_vmcs: Vmcs | None = None
+        #: Called with each :class:`vtlab.exits.VmExit` right after the exit completes.
+        self.exit_listeners: list[Callable] = []
+        if guest is not None:
+            from .exits import ExitMonitor
+            self.monitor = ExitMonitor(self)
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def current_vmcs(self) -> Vmcs | None:
+        """The VMCS the current-VMCS pointer names, or None if the pointer is invalid."""
+        if self.current_vmcs_pointer == INVALID_POINTER:
+            return None
+        return self.regions.get(self.current_vmcs_pointer)
+
+    def _vmcs_at(self, address: int) -> Vmcs:
+        vmcs = self.regions.get(address)
+        if vmcs is None:
+            vmcs = self.regions[address] = Vmcs(address, self.memory.read_u32(address) & 0x7FFF_FFFF)
+        vmcs.revision_id = self.memory.read_u32(address) & 0x7FFF_FFFF
+        return vmcs
+
+    def _done(self, outcome: VmxOutcome) -> VmxOutcome:
+        self.history.append(outcome)
+        return outcome
+
+    def _succeed(self, insn: str, message: str = "", value: int | None = None) -> VmxOutcome:
+        return self._done(VmxOutcome(insn, Status.VMSUCCEED, message=message, value=value))
+
+    def _fail(self, insn: str, error: VmInstructionError, message: str = "") -> VmxOutcome:
+        """VMfail(ErrorNumber) (SDM 31.2): VMfailValid if there is a current VMCS, else VMfailInvalid."""
+        vmcs = self.current_vmcs
+        if vmcs is None:
+            return self._done(VmxOutcome(insn, Status.VMFAIL_INVALID, message=(
+                message + " " if message else "") + "(no current VMCS to hold error number "
+                f"{int(error)}, so the failure is VMfailInvalid)"))
+        vmcs.set_exit_info(F.VM_INSTRUCTION_ERROR, int(error))
+        return self._done(VmxOutcome(insn, Status.VMFAIL_VALID, error=error, message=message))
+
+    def _fail_invalid(self, insn: str, message: str) -> VmxOutcome:
+        return self._done(VmxOutcome(insn, Status.VMFAIL_INVALID, message=message))
+
+    def _fault(self, insn: str, vector: Vector, message: str) -> VmxOutcome:
+        return self._done(VmxOutcome(insn, Status.FAULT, vector=vector, message=message))
+
+    def _common_checks(self, insn: str) -> VmxOutcome | None:
+        """The checks shared by every VMX instruction except VMXON (SDM 31.3 pseudo-code)."""
+        if self.operation is VmxOperation.OUTSIDE:
+            return self._fault(insn, Vector.UD, "not in VMX operation (execute VMXON first)")
+        if self.operation is VmxOperation.NON_ROOT:
+            return self._fault(insn, Vector.UD, "the guest is running: in VMX non-root operation "
+                               "this instruction causes a VM exit instead")
+        if self.cpl > 0:
+            return self._fault(insn, Vector.GP, f"CPL is {self.cpl}; VMX instructions need CPL 0")
+        return None
+
+    # ------------------------------------------------------ root-mode CPU
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """CPUID as the host sees it; leaf 1 ECX bit 5 reports VMX (SDM 24.6)."""
+        if leaf == 1:
+            return (0x000906EA, 0, 1 << 5 if self.vmx_supported else 0, 0)
+        return (0, 0, 0, 0)
+
+    def rdmsr(self, msr: int) -> int:
+        """Read an MSR: IA32_FEATURE_CONTROL or a VMX capability MSR (#GP if VMX is absent)."""
+        caps = self.caps.msrs()
+        if msr in caps:
+            if not self.vmx_supported:
+                raise VmxFailure(VmxOutcome(f"RDMSR {msr:#x}", Status.FAULT, vector=Vector.GP,
+                                            message="this CPU has no VMX capability MSRs"))
+            return caps[msr]
+        return self.msrs.get(msr, 0)
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """Write an MSR.  IA32_FEATURE_CONTROL cannot change once its lock bit is set (#GP)."""
+        if msr == Msr.IA32_FEATURE_CONTROL and self.msrs[msr] & FeatureControl.LOCKED:
+            raise VmxFailure(VmxOutcome("WRMSR IA32_FEATURE_CONTROL", Status.FAULT, vector=Vector.GP,
+                                        message="the MSR is locked (bit 0 set) until the next reset"))
+        if msr in self.caps.msrs():
+            raise VmxFailure(VmxOutcome(f"WRMSR {Msr(msr).name}", Status.FAULT, vector=Vector.GP,
+                                        message="VMX capability MSRs are read-only"))
+        self.msrs[msr] = value
+
+    def write_cr4(self, value: int) -> None:
+        """MOV to CR4 on the host: VMXE needs CPUID.1:ECX.VMX and cannot be cleared inside VMX operation."""
+        if value & Cr4.VMXE and not self.vmx_supported:
+            raise VmxFailure(VmxOutcome("MOV CR4", Status.FAULT, vector=Vector.GP,
+                                        message="CR4.VMXE is reserved on a CPU without VMX (CPUID.1:ECX[5] = 0)"))
+        if not value & Cr4.VMXE and self.operation is not VmxOperation.OUTSIDE:
+            raise VmxFailure(VmxOutcome("MOV CR4", Status.FAULT, vector=Vector.GP,
+                                        message="CR4.VMXE cannot be cleared in VMX operation (SDM 24.8)"))
+        self.cr4 = value
+
+    def alloc_region(self, revision_id: int | None = None) -> int:
+        """Allocate a zeroed 4-KByte region (VMXON region or VMCS) in host memory.
+
+        ``revision_id`` is written into its first dword if given - forgetting it is a
+        classic bug, and VMXON/VMPTRLD then fail.
+        """
+        address = self.memory.alloc()
+        if revision_id is not None:
+            self.memory.write_u32(address, revision_id)
+        return address
+
+    # ----------------------------------------------------- VMX instructions
+    def vmxon(self, address: int) -> VmxOutcome:
+        """VMXON (SDM 31.3): enter VMX root operation with the VMXON region at ``address``."""
+        insn = "VMXON"
+        if not self.cr0 & Cr0.PE or not self.cr4 & Cr4.VMXE:
+            return self._fault(insn, Vector.UD, "CR4.VMXE is 0 (set it first; it needs "
+                               "CPUID.1:ECX.VMX = 1)" if self.cr0 & Cr0.PE else "CR0.PE is 0")
+        if self.operation is VmxOperation.OUTSIDE:
+            fc = self.msrs.get(Msr.IA32_FEATURE_CONTROL, 0)
+            if self.cpl > 0:
+                return self._fault(insn, Vector.GP, f"CPL is {self.cpl}, VMXON needs CPL 0")
+            bad = self.caps.cr_fixed_violations("cr0", self.cr0) + self.caps.cr_fixed_violations("cr4", self.cr4)
+            if bad:
+                return self._fault(insn, Vector.GP, "; ".join(bad))
+            if not fc & FeatureControl.LOCKED:
+                return self._fault(insn, Vector.GP, "IA32_FEATURE_CONTROL lock bit (bit 0) is clear: "
+                                   "firmware must configure and lock the MSR first")
+            if not fc & FeatureControl.VMXON_ENABLED_OUTSIDE_SMX:
+                return self._fault(insn, Vector.GP, "IA32_FEATURE_CONTROL bit 2 (enable VMX outside "
+                                   "SMX operation) is clear: VT-x is disabled in the firmware")
+            if not self.memory.valid_address(address):
+                return self._fail_invalid(insn, f"VMXON region address {address:#x} is not 4-KByte "
+                                          "aligned or exceeds the physical-address width")
+            rev = self.memory.read_u32(address)
+            if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31:
+                return self._fail_invalid(insn, f"VMXON region revision identifier {rev:#x} differs "
+                                          f"from IA32_VMX_BASIC[30:0] = {self.caps.revision_id:#x}")
+            self.vmxon_pointer = address
+            self.current_vmcs_pointer = INVALID_POINTER
+            self.operation = VmxOperation.ROOT
+            return self._succeed(insn, "now in VMX root operation")
+        if self.operation is VmxOperation.NON_ROOT:
+            return self._fault(insn, Vector.UD, "in VMX non-root operation VMXON causes a VM exit")
+        return self._fail(insn, VmInstructionError.VMXON_IN_VMX_ROOT_OPERATION,
+                          "already in VMX root operation")
+
+    def vmxoff(self) -> VmxOutcome:
+        """VMXOFF (SDM 31.3): leave VMX operation."""
+        bad = self._common_checks("VMXOFF")
+        if bad:
+            return bad
+        self.operation = VmxOperation.OUTSIDE
+        self.vmxon_pointer = None
+        self.current_vmcs_pointer = INVALID_POINTER
+        return self._succeed("VMXOFF", "left VMX operation")
+
+    def vmclear(self, address: int) -> VmxOutcome:
+        """VMCLEAR (SDM 31.3): flush the VMCS at ``address`` to memory and set its launch state to clear."""
+        insn = "VMCLEAR"
+        bad = self._common_checks(insn)
+        if bad:
+            return bad
+        if not self.memory.valid_address(address):
+            return self._fail(insn, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
+                              f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
+        if address == self.vmxon_pointer:
+            return self._fail(insn, VmInstructionError.VMCLEAR_VMXON_POINTER,
+                              "that is the VMXON region")
+        if self.monitor is not None and self.monitor.vmcs is self.regions.get(address):
+            self.monitor.materialize()  # VMCLEAR writes the VMCS data back to memory
+        self._vmcs_at(address).clear()
+        msg = "launch state is now clear"
+        if address == self.current_vmcs_pointer:
+            self.current_vmcs_pointer = INVALID_POINTER
+            msg += "; it was the current VMCS, so the current-VMCS pointer is now invalid"
+        return self._succeed(insn, msg)
+
+    def vmptrld(self, address: int) -> VmxOutcome:
+        """VMPTRLD (SDM 31.3): make the VMCS at ``address`` current (and active)."""
+        insn = "VMPTRLD"
+        bad = self._common_checks(insn)
+        if bad:
+            return bad
+        if not self.memory.valid_address(address):
+            return self._fail(insn, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
+                              f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
+        if address == self.vmxon_pointer:
+            return self._fail(insn, VmInstructionError.VMPTRLD_VMXON_POINTER, "that is the VMXON region")
+        rev = self.memory.read_u32(address)
+        if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31:
+            return self._fail(insn, VmInstructionError.VMPTRLD_INCORRECT_VMCS_REVISION_ID,
+                              f"the region's revision identifier is {rev:#x}, the CPU's is "
+                              f"{self.caps.revision_id:#x} (IA32_VMX_BASIC[30:0])")
+        self._vmcs_at(address)
+        self.current_vmcs_pointer = address
+        return self._succeed(insn, f"current VMCS is now {address:#x}")
+
+    def vmptrst(self) -> VmxOutcome:
+        """VMPTRST (SDM 31.3): store the current-VMCS pointer."""
+        bad = self._common_checks("VMPTRST")
+        return bad or self._succeed("VMPTRST", value=self.current_vmcs_pointer)
+
+    def vmread(self, encoding: int | str | F) -> VmxOutcome:
+        """VMREAD (SDM 31.3): read a field of the current VMCS by its encoding."""
+        insn = f"VMREAD {_enc_text(encoding)}"
+        bad = self._common_checks(insn)
+        if bad:
+            return bad
+        vmcs = self.current_vmcs
+        if vmcs is None:
+            return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
+        try:
+            value = vmcs.read(encoding)
+        except VmcsError as exc:
+            return self._fail(insn, VmInstructionError(exc.error), str(exc))
+        return self._succeed(insn, value=value)
+
+    def vmwrite(self, encoding: int | str | F, value: int) -> VmxOutcome:
+        """VMWRITE (SDM 31.3): write a field of the current VMCS; high bits beyond its width are ignored."""
+        insn = f"VMWRITE {_enc_text(encoding)}"
+        bad = self._common_checks(insn)
+        if bad:
+            return bad
+        vmcs = self.current_vmcs
+        if vmcs is None:
+            return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
+        try:
+            vmcs.write(encoding, value, truncate=True)
+        except VmcsError as exc:
+            return self._fail(insn, VmInstructionError(exc.error), str(exc))
+        return self._succeed(insn)
+
+    def vmcall(self) -> VmxOutcome:
+        """VMCALL executed by the VMM itself, in VMX root operation (SDM 31.3): VMfail(1)."""
+        bad = self._common_checks("VMCALL")
+        if bad:
+            return bad
+        return self._fail("VMCALL", VmInstructionError.VMCALL_IN_VMX_ROOT_OPERATION,
+                          "VMCALL in VMX root operation (the dual-monitor treatment of SMM is not active)")
+
+    def vmlaunch(self, max_instructions: int = 10_000_000) -> VmxOutcome:
+        """VMLAUNCH (SDM 31.3): enter the guest of a *clear* VMCS; returns at the next VM exit."""
+        return self._enter("VMLAUNCH", max_instructions)
+
+    def vmresume(self, max_instructions: int = 10_000_000) -> VmxOutcome:
+        """VMRESUME (SDM 31.3): re-enter the guest of a *launched* VMCS; returns at the next VM exit."""
+        return self._enter("VMRESUME", max_instructions)
+
+    # ------------------------------------------------------------ VM entry
+    def entry_violations(self) -> list[Violation]:
+        """Every VM-entry rule the current VMCS breaks (empty list: entry would succeed)."""
+        vmcs = self.current_vmcs
+        if vmcs is None:
+            return []
+        self.monitor and self.monitor.materialize()
+        return entry_violations(self, vmcs)
+
+    def _enter(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
+        bad = self._common_checks(insn)
+        if bad:
+            return bad
+        vmcs = self.current_vmcs
+        if vmcs is None:
+            return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
+        if insn == "VMLAUNCH" and vmcs.launch_state is not LaunchState.CLEAR:
+            return self._fail(insn, VmInstructionError.VMLAUNCH_NONCLEAR_VMCS,
+                              "this VMCS was already launched: use VMRESUME (or VMCLEAR it first)")
+        if insn == "VMRESUME" and vmcs.launch_state is not LaunchState.LAUNCHED:
+            return self._fail(insn, VmInstructionError.VMRESUME_NONLAUNCHED_VMCS,
+                              "this VMCS has not been launched: use VMLAUNCH")
+        if self.guest is None or self.monitor is None:
+            return self._fail(insn, VmInstructionError.ENTRY_INVALID_CONTROL_FIELD,
+                              "this VmxCpu has no guest CPU attached (VmxCpu(guest=...))")
+        violations: list[Violation] = []
+        if vmcs.generation != vmcs.checked_generation or self.monitor.vmcs is not vmcs:
+            self.monitor.materialize()
+            violations = entry_violations(self, vmcs)
+        elif vmcs.get(F.GUEST_RIP) >> 32 and not vmcs.get(F.VM_ENTRY_CONTROLS) & EntryControl.IA32E_MODE:
+            violations = entry_violations(self, vmcs)
+        for group, error in (("controls", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD),
+                             ("host-state", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)):
+            first = [v for v in violations if v.group == group]
+            if first:
+                out = self._fail(insn, error, str(first[0]))
+                out.violations = violations
+                return out
+        guest_bad = [v for v in violations if v.group == "guest-state"]
+        if guest_bad:
+            return self._entry_failure(insn, vmcs, guest_bad[0].qualification, str(guest_bad[0]),
+                                       violations)
+        vmcs.checked_generation = vmcs.generation
+        try:
+            self.monitor.load_guest_state(vmcs)
+        except Exception as exc:  # a state Unicorn cannot represent (see load_guest_state)
+            return self._entry_failure(insn, vmcs, 0, f"[guest-state] {exc}", violations)
+        if insn == "VMLAUNCH":
+            vmcs.launch_state = LaunchState.LAUNCHED
+        self.operation = VmxOperation.NON_ROOT
+        self._entered_vmcs = vmcs
+        return self._done(self.monitor.run(insn, budget, step=step))
+
+    def _entry_failure(self, insn: str, vmcs: Vmcs, qualification: int, message: str,
+                       violations: list[Violation]) -> VmxOutcome:
+        """VM entry fails on guest state (SDM 27.8): exit reason 33 with bit 31 set."""
+        from .exits import VmExit
+
+        reason = int(ExitReason.INVALID_STATE) | VM_ENTRY_FAILURE_BIT
+        vmcs.set_exit_info(F.VM_EXIT_REASON, reason)
+        vmcs.set_exit_info(F.EXIT_QUALIFICATION, qualification)
+        exit_ = VmExit(ExitReason.INVALID_STATE, qualification=qualification, entry_failure=True,
+                       guest_rip=vmcs.get(F.GUEST_RIP), note=message)
+        for listener in self.exit_listeners:
+            listener(exit_)
+        return self._done(VmxOutcome(insn, Status.ENTRY_FAILED, exit=exit_, message=message,
+                                     violations=violations))
+
+    # ---------------------------------------------------- continuing a pause
+    def continue_guest(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
+        """Let a paused guest go on (after ``max_instructions`` ran out, or to single-step).
+
+        Not an instruction: a debugger-style pause of the simulation.  The guest stays in
+        VMX non-root operation while paused and nothing is written to the VMCS.
+        """
+        if self.operation is not VmxOperation.NON_ROOT or self.monitor is None:
+            raise VmxFailure(VmxOutcome("continue", Status.FAULT, vector=Vector.UD,
+                                        message="the guest is not running (not in VMX non-root operation)"))
+        return self._done(self.monitor.run("continue", max_instructions, step=step))
+
+
+def _enc_text(encoding) -> str:
+    if isinstance(encoding, F):
+        return encoding.name
+    if isinstance(encoding, str):
+        return encoding
+    try:
+        return F(encoding).name
+    except ValueError:
+        return f"{int(encoding):#x}"
