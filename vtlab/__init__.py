@@ -6,3 +6,29 @@ VMM written in Python handles the exits.
 """
 
 __version__ = "0.1.0"
+
+from .arch import *  # noqa: F401,F403  - the SDM's tables: ExitReason, VmcsField, controls ...
+from .arch import __all__ as _arch_all
+from .asm import Instruction, assemble, disassemble
+from .capabilities import VmxCapabilities
+from .devices import DebugPort, Device, DeviceBus, PostCodePort, Serial16550, UserspaceDevice
+from .entry_checks import Violation, entry_violations
+from .errors import (AssemblyError, BudgetExceeded, GuestFault, HandlerError, TripleFault,
+                     VmcsError, VmEntryFailure, VtlabError,
+                     VmxFailure)
+from .exits import ExitMonitor, VmExit
+from .guest import Guest, Layout, Mode, Selector
+from .trace import Trace, TraceEvent
+from .vmcs import INVALID_POINTER, LaunchState, Vmcs
+from .vmm import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
+from .vmx import Status, VmxCpu, VmxOperation, VmxOutcome
+
+__all__ = list(_arch_all) + [
+    "Instruction", "assemble", "disassemble", "VmxCapabilities", "DebugPort", "Device", "DeviceBus",
+    "PostCodePort", "Serial16550", "UserspaceDevice", "Violation", "entry_violations",
+    "AssemblyError", "BudgetExceeded", "GuestFault", "HandlerError", "TripleFault", "VmcsError",
+    "VmEntryFailure", "VtlabError", "VmxFailure", "ExitMonitor", "VmExit", "Guest", "Layout", "Mode",
+    "Selector", "Trace", "TraceEvent", "INVALID_POINTER", "LaunchState", "Vmcs", "HANDLERS",
+    "Hypercall", "Registers", "RunSummary", "VirtualMachine", "VmState", "Status", "VmxCpu",
+    "VmxOperation", "VmxOutcome",
+]

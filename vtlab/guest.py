@@ -379,12 +379,12 @@ class Guest:
         tss = Layout.TSS
         gdt = b"".join([
             _descriptor(0, 0, 0, 0),
-            _descriptor(0, flat, 0x9A, 0xC),   # 0x08 ring-0 code, 32-bit
-            _descriptor(0, flat, 0x92, 0xC),   # 0x10 ring-0 data
-            _descriptor(0, flat, 0x9A, 0xA),   # 0x18 ring-0 code, 64-bit (L=1)
-            _descriptor(0, flat, 0xFA, 0xC),   # 0x20 ring-3 code, 32-bit
-            _descriptor(0, flat, 0xF2, 0xC),   # 0x28 ring-3 data
-            _descriptor(0, flat, 0xFA, 0xA),   # 0x30 ring-3 code, 64-bit
+            _descriptor(0, flat, 0x9B, 0xC),   # 0x08 ring-0 code, 32-bit
+            _descriptor(0, flat, 0x93, 0xC),   # 0x10 ring-0 data
+            _descriptor(0, flat, 0x9B, 0xA),   # 0x18 ring-0 code, 64-bit (L=1)
+            _descriptor(0, flat, 0xFB, 0xC),   # 0x20 ring-3 code, 32-bit
+            _descriptor(0, flat, 0xF3, 0xC),   # 0x28 ring-3 data
+            _descriptor(0, flat, 0xFB, 0xA),   # 0x30 ring-3 code, 64-bit
             _descriptor(tss, _TSS_LIMIT, 0x8B, 0x0),  # 0x38 busy TSS (as after LTR)
             struct.pack("<Q", tss >> 32),      # upper half of a 64-bit TSS descriptor
         ])

@@ -1,0 +1,141 @@
+"""``python -m vtlab``: run a guest in VMX non-root operation from the command line.
+
+    python -m vtlab run GUEST [--mode real|protected|paged|long] [--load ADDR]
+                              [--reg NAME=VALUE ...] [--control NAME=0|1 ...] [--json]
+    python -m vtlab demo
+
+GUEST is an assembly file (.asm) or raw machine code (.bin).  Controls are named as
+in the SDM / Linux (``HLT_EXITING``, ``UNCOND_IO_EXITING``, ``ENABLE_EPT`` ...), optionally
+qualified by their class (``ProcBased.HLT_EXITING``).  The exit status is 0 when the guest
+halted or shut down, 1 for a VM-entry failure, a crash or an exhausted budget, 2 for bad
+command-line input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from .errors import VtlabError
+from .vmm import VirtualMachine, VmState
+
+_CLASSES = {"PinBased": PinBased, "ProcBased": ProcBased, "ProcBased2": ProcBased2,
+            "ExitControl": ExitControl, "EntryControl": EntryControl}
+
+DEMO = """\
+; vtlab demo: print a greeting on COM1 (polling the line-status register), then halt.
+    mov si, msg
+next:
+    mov dx, 0x3fd        ; LSR
+wait:
+    in al, dx
+    test al, 0x20        ; THRE: transmit holding register empty?
+    jz wait
+    mov dx, 0x3f8        ; THR
+    mov al, [si]
+    test al, al
+    jz done
+    out dx, al
+    inc si
+    jmp next
+done:
+    hlt
+msg: db "Hello from VMX non-root operation!", 10, 0
+"""
+
+
+def parse_control(text: str):
+    """``HLT_EXITING=0`` or ``ProcBased.HLT_EXITING=1`` -> (flag, bool)."""
+    name, sep, value = text.partition("=")
+    if not sep or value not in ("0", "1"):
+        raise ValueError(f"--control wants NAME=0 or NAME=1, not {text!r}")
+    cls_name, dot, flag = name.rpartition(".")
+    classes = [_CLASSES[cls_name]] if dot else list(_CLASSES.values())
+    if dot and cls_name not in _CLASSES:
+        raise ValueError(f"unknown control class {cls_name!r} (one of {', '.join(_CLASSES)})")
+    matches = [cls[flag.upper()] for cls in classes if flag.upper() in cls.__members__]
+    if not matches:
+        raise ValueError(f"unknown control {name!r}")
+    if len(matches) > 1:
+        raise ValueError(f"control {name!r} is ambiguous: qualify it, e.g. "
+                         + " or ".join(f"{type(m).__name__}.{m.name}" for m in matches))
+    return matches[0], value == "1"
+
+
+def parse_reg(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--reg wants NAME=VALUE, not {text!r}")
+    return name.strip().lower(), int(value, 0)
+
+
+def _exit_status(state: VmState) -> int:
+    return 0 if state in (VmState.HALTED, VmState.SHUTDOWN, VmState.STOPPED) else 1
+
+
+def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]], controls,
+              as_json: bool, max_exits: int, max_instructions: int) -> int:
+    vm = VirtualMachine(program, mode=mode, load=load)
+    for flag, on in controls:
+        vm.set_control(flag, on)
+    for name, value in regs:
+        vm.regs[name] = value
+        if name in ("rip", "eip", "ip", "rsp", "esp", "sp", "rflags", "eflags"):
+            from .arch.vmcs_fields import VmcsField as F
+            field = {"rip": F.GUEST_RIP, "eip": F.GUEST_RIP, "ip": F.GUEST_RIP, "rsp": F.GUEST_RSP,
+                     "esp": F.GUEST_RSP, "sp": F.GUEST_RSP, "rflags": F.GUEST_RFLAGS,
+                     "eflags": F.GUEST_RFLAGS}[name]
+            vm.vmwrite(field, value)
+    try:
+        summary = vm.run(max_exits=max_exits, max_instructions=max_instructions)
+    except VtlabError as exc:
+        summary = vm._summary()
+        summary.message = str(exc)
+    exits = [{"reason": e.reason, "reason_number": e.reason_number, "qualification": e.qualification,
+              "instruction_length": e.instruction_length, "guest_rip": e.guest_rip}
+             for e in vm.trace.exits]
+    if as_json:
+        print(json.dumps({"output": vm.output, "exits": exits, "state": vm.state.value,
+                          "message": vm.message}))
+    else:
+        if vm.output:
+            print(vm.output, end="" if vm.output.endswith("\n") else "\n")
+        print(f"--- {len(exits)} VM exits ---")
+        for e in vm.trace.exits:
+            text = f" '{e.instruction}'" if e.instruction else ""
+            print(f"{e.seq:5d}  {e.reason:<18} ({e.reason_number:2d})  rip={e.guest_rip:#x}{text}"
+                  f"  qual={e.qualification:#x}  len={e.instruction_length}")
+        print(f"--- {summary}")
+    return _exit_status(vm.state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtlab", description="Run x86 guests under vtlab's VT-x model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an .asm or .bin guest in VMX non-root operation")
+    run.add_argument("guest", type=Path)
+    run.add_argument("--mode", default="real", choices=["real", "protected", "paged", "long"])
+    run.add_argument("--load", type=lambda s: int(s, 0), default=None, help="load address (default 0x1000)")
+    run.add_argument("--reg", action="append", default=[], help="NAME=VALUE, e.g. --reg rax=5")
+    run.add_argument("--control", action="append", default=[], help="NAME=0|1, e.g. --control HLT_EXITING=0")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--max-exits", type=int, default=100_000)
+    run.add_argument("--max-instructions", type=int, default=50_000_000)
+    demo = sub.add_parser("demo", help="run the built-in greeting guest")
+    demo.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return run_guest(DEMO, "real", None, [], [], args.json, 10_000, 1_000_000)
+        if not args.guest.exists():
+            raise ValueError(f"no such guest file: {args.guest}")
+        program = args.guest.read_bytes() if args.guest.suffix == ".bin" else args.guest.read_text()
+        controls = [parse_control(c) for c in args.control]
+        regs = [parse_reg(r) for r in args.reg]
+        return run_guest(program, args.mode, args.load, regs, controls, args.json,
+                         args.max_exits, args.max_instructions)
+    except (ValueError, VtlabError) as exc:
+        print(f"vtlab: error: {exc}", file=sys.stderr)
+        return 2
