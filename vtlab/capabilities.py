@@ -174,8 +174,10 @@ def _names(enum_cls, bits: int) -> str:
     names = []
     for b in range(64):
         if bits >> b & 1:
+            # IntFlag gives a pseudo-member with .name None for an undefined bit (3.11+).
             try:
-                names.append(enum_cls(1 << b).name)
+                name = enum_cls(1 << b).name
             except ValueError:
-                names.append(f"bit {b}")
+                name = None
+            names.append(name or f"bit {b}")
     return "|".join(names)

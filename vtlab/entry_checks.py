@@ -276,10 +276,13 @@ def _flag_names(cls, bits: int) -> list[str]:
     out = []
     for b in range(32):
         if bits >> b & 1:
+            # An IntFlag does not raise for a bit it has no member for: on Python >= 3.11
+            # it returns a pseudo-member whose .name is None (a reserved control bit).
             try:
-                out.append(cls(1 << b).name)
+                name = cls(1 << b).name
             except ValueError:
-                out.append(f"bit {b}")
+                name = None
+            out.append(name or f"bit {b}")
     return out
 
 

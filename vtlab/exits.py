@@ -450,6 +450,7 @@ _SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"
                    F[f"GUEST_{s.upper()}_LIMIT"], F[f"GUEST_{s.upper()}_AR_BYTES"]) for s in _SEGMENTS}
 _FIELD_SEG = {f: s for s, fs in _SEG_FIELDS.items() for f in fs}
 _EXCEPTION_VECTORS = set(range(32))
+_RIP_ONLY = frozenset({int(F.GUEST_RIP)})
 #: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
                          (int(f) >> 10) & 3 == 2 and f is not F.GUEST_RIP) | {int(F.VM_ENTRY_CONTROLS)}
@@ -666,6 +667,11 @@ class ExitMonitor:
             self._materialize_pending = False
             vmcs.on_access = None
         self.vmcs = vmcs
+        if not full and vmcs.dirty <= _RIP_ONLY:  # the common case: the VMM advanced RIP
+            if vmcs.dirty:
+                g.rip = vmcs.get(F.GUEST_RIP)
+                vmcs.dirty.clear()
+            return
         fields = None if full else set(vmcs.dirty)
         want = (lambda *fs: True) if full else (lambda *fs: any(int(f) in fields for f in fs))
         v = vmcs.get

@@ -19,12 +19,14 @@ This module knows nothing about VMX; :mod:`vtlab.vmx` drives a Guest from the VM
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import struct
 from dataclasses import dataclass, field
 
 import unicorn
 from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from . import asm
 from .arch.exceptions import Vector
@@ -100,6 +102,10 @@ _GPRS = {
 }
 _R64_TO_32 = {r: "e" + r[1:] for r in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "rip")}
 _R64_TO_32["rflags"] = "eflags"
+_MMR_REGS = {X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR}
+_CONTROL_REGS = {"cr0", "cr3", "cr4", "cs", "ss", "ds", "es", "fs", "gs", "eflags", "rflags", "flags"}
+_uc_reg_read, _uc_reg_write = _ucmod.uclib.uc_reg_read, _ucmod.uclib.uc_reg_write
+
 _IO_MNEMONICS = {"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"}
 _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 _REGS = {name[len("UC_X86_REG_"):].lower(): getattr(X, name) for name in dir(X)
@@ -210,6 +216,7 @@ class Guest:
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, uc_mode[self.mode.bits])
         self._pc = X.UC_X86_REG_RIP if self.mode is Mode.LONG else X.UC_X86_REG_EIP
         self._sp = X.UC_X86_REG_RSP if self.mode is Mode.LONG else X.UC_X86_REG_ESP
+        self._uch = self.uc._uch
         self.uc.mem_map(0, memory_size)
         self.programs: list[Program] = []
         self.exceptions: list[GuestException] = []
@@ -264,10 +271,20 @@ class Guest:
             return self.cpl
         name = self._engine_name(name)
         try:
-            value = self.uc.reg_read(_REGS[name])
+            regid = _REGS[name]
         except KeyError:
             raise ValueError(f"unknown register {name!r}") from None
-        return value if isinstance(value, int) else value
+        if regid in _MMR_REGS:
+            return self.uc.reg_read(regid)
+        return self._read_raw(regid)
+
+    def _read_raw(self, regid: int) -> int:
+        """uc_reg_read straight through ctypes: the binding's generic path costs ~10x more."""
+        value = ctypes.c_uint64(0)
+        status = _uc_reg_read(self._uch, regid, ctypes.byref(value))
+        if status:
+            return self.uc.reg_read(regid)
+        return value.value
 
     def set_reg(self, name: str, value: int) -> None:
         """Write a register by name; segment registers load their descriptor."""
@@ -278,6 +295,10 @@ class Guest:
             self.load_segment(name, value)
         elif self._engine_name(name) in _REGS:
             name = self._engine_name(name)
+            regid = _REGS[name]
+            if regid not in _MMR_REGS and name not in _CONTROL_REGS:
+                if not _uc_reg_write(self._uch, regid, ctypes.byref(ctypes.c_uint64(value & 0xFFFF_FFFF_FFFF_FFFF))):
+                    return
             self.uc.reg_write(_REGS[name], value)
         else:
             raise ValueError(f"unknown register {name!r}")
@@ -302,18 +323,18 @@ class Guest:
     @property
     def rip(self) -> int:
         """The instruction pointer (RIP; EIP on a 32-bit engine)."""
-        return self.uc.reg_read(self._pc)
+        return self._read_raw(self._pc)
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self.uc.reg_write(self._pc, value)
+        _uc_reg_write(self._uch, self._pc, ctypes.byref(ctypes.c_uint64(value)))
 
     @property
     def cpl(self) -> int:
         """Current privilege level: SS.DPL in protected mode (SDM Vol. 3A 5.5), 0 in real mode."""
-        if not self.reg("cr0") & Cr0.PE:
+        if not self._read_raw(X.UC_X86_REG_CR0) & 1:
             return 0
-        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+        return self._read_raw(X.UC_X86_REG_CS) & 3
 
     def registers(self) -> dict[str, int]:
         """The general registers, RIP, RFLAGS, segments and control registers."""

@@ -45,6 +45,25 @@ def lookup(encoding: int | str | VmcsField) -> FieldEncoding:
     Raises :class:`VmcsError` carrying VM-instruction error 12 ("VMREAD/VMWRITE from/to
     unsupported VMCS component") for anything that is not a field of SDM Appendix B.
     """
+    if type(encoding) is not str:
+        found = _LOOKUP.get(encoding)
+        if found is not None:
+            return found
+    enc = _lookup(encoding)
+    if type(encoding) is not str:
+        _LOOKUP[int(encoding)] = enc
+    return enc
+
+
+_LOOKUP: dict[int, FieldEncoding] = {}
+
+
+def _lookup(encoding: int | str | VmcsField) -> FieldEncoding:
+    """Decode an encoding (int, member or name) that this processor supports.
+
+    Raises :class:`VmcsError` carrying VM-instruction error 12 ("VMREAD/VMWRITE from/to
+    unsupported VMCS component") for anything that is not a field of SDM Appendix B.
+    """
     if isinstance(encoding, str):
         try:
             encoding = VmcsField[encoding.upper()]
@@ -124,7 +143,7 @@ class Vmcs:
                     f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
             value &= (1 << bits) - 1
         full = enc.full_encoding
-        if self.on_access is not None and enc.type is FieldType.GUEST_STATE:
+        if self.on_access is not None and full in self.lazy_fields:
             self.on_access()
         if full != VmcsField.GUEST_RIP:
             self.generation += 1

@@ -525,14 +525,25 @@ class VirtualMachine:
         self.cpu.exit_listeners.append(self._on_exit)
 
     # ----------------------------------------------------------- VMCS access
+    def _vmcs_direct(self) -> bool:
+        # The common case - root operation, our VMCS current - skips building a
+        # VmxOutcome per access (KVM's vmcs_read/vmcs_write helpers are as thin).
+        return (self.cpu.operation is VmxOperation.ROOT
+                and self.cpu.current_vmcs_pointer == self.vmcs_address)
+
     def vmread(self, field: F | int | str) -> int:
-        """VMREAD from the current VMCS; raises :class:`VmxFailure` on VMfail."""
+        """VMREAD from the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
+        if self._vmcs_direct():
+            return self.cpu.regions[self.vmcs_address].read(field)
         out = self.cpu.vmread(field)
         out.check()
         return out.value
 
     def vmwrite(self, field: F | int | str, value: int) -> None:
-        """VMWRITE to the current VMCS; raises :class:`VmxFailure` on VMfail."""
+        """VMWRITE to the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
+        if self._vmcs_direct():
+            self.cpu.regions[self.vmcs_address].write(field, int(value), truncate=True)
+            return
         self.cpu.vmwrite(field, int(value)).check()
 
     @property

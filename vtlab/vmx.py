@@ -21,6 +21,7 @@ execution continues at HOST_RIP after an exit.
 """
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -147,7 +148,8 @@ class VmxCpu:
         self.vmxon_pointer: int | None = None
         self.current_vmcs_pointer = INVALID_POINTER
         self.regions: dict[int, Vmcs] = {}
-        self.history: list[VmxOutcome] = []
+        #: The most recent VMX instruction outcomes (the console widget draws these).
+        self.history: "collections.deque[VmxOutcome]" = collections.deque(maxlen=1000)
         self.guest = guest
         self.monitor: "ExitMonitor | None" = None
         self._entered_vmcs: Vmcs | None = None
@@ -196,7 +198,12 @@ class VmxCpu:
         return self._done(VmxOutcome(insn, Status.FAULT, vector=vector, message=message))
 
     def _common_checks(self, insn: str) -> VmxOutcome | None:
-        """The checks shared by every VMX instruction except VMXON (SDM 31.3 pseudo-code)."""
+        """The checks shared by every VMX instruction except VMXON (SDM 31.3 pseudo-code).
+
+        Returns the fault outcome, or None when the instruction may go on.  Callers must
+        test ``is not None``: a fault outcome is falsy (``VmxOutcome.__bool__`` is ``ok``),
+        so a plain ``if bad:`` would skip the #UD/#GP and run the instruction anyway.
+        """
         if self.operation is VmxOperation.OUTSIDE:
             return self._fault(insn, Vector.UD, "not in VMX operation (execute VMXON first)")
         if self.operation is VmxOperation.NON_ROOT:
@@ -293,7 +300,7 @@ class VmxCpu:
     def vmxoff(self) -> VmxOutcome:
         """VMXOFF (SDM 31.3): leave VMX operation."""
         bad = self._common_checks("VMXOFF")
-        if bad:
+        if bad is not None:
             return bad
         self.operation = VmxOperation.OUTSIDE
         self.vmxon_pointer = None
@@ -304,7 +311,7 @@ class VmxCpu:
         """VMCLEAR (SDM 31.3): flush the VMCS at ``address`` to memory and set its launch state to clear."""
         insn = "VMCLEAR"
         bad = self._common_checks(insn)
-        if bad:
+        if bad is not None:
             return bad
         if not self.memory.valid_address(address):
             return self._fail(insn, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
@@ -325,7 +332,7 @@ class VmxCpu:
         """VMPTRLD (SDM 31.3): make the VMCS at ``address`` current (and active)."""
         insn = "VMPTRLD"
         bad = self._common_checks(insn)
-        if bad:
+        if bad is not None:
             return bad
         if not self.memory.valid_address(address):
             return self._fail(insn, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
@@ -344,13 +351,15 @@ class VmxCpu:
     def vmptrst(self) -> VmxOutcome:
         """VMPTRST (SDM 31.3): store the current-VMCS pointer."""
         bad = self._common_checks("VMPTRST")
-        return bad or self._succeed("VMPTRST", value=self.current_vmcs_pointer)
+        if bad is not None:
+            return bad
+        return self._succeed("VMPTRST", value=self.current_vmcs_pointer)
 
     def vmread(self, encoding: int | str | F) -> VmxOutcome:
         """VMREAD (SDM 31.3): read a field of the current VMCS by its encoding."""
         insn = f"VMREAD {_enc_text(encoding)}"
         bad = self._common_checks(insn)
-        if bad:
+        if bad is not None:
             return bad
         vmcs = self.current_vmcs
         if vmcs is None:
@@ -365,7 +374,7 @@ class VmxCpu:
         """VMWRITE (SDM 31.3): write a field of the current VMCS; high bits beyond its width are ignored."""
         insn = f"VMWRITE {_enc_text(encoding)}"
         bad = self._common_checks(insn)
-        if bad:
+        if bad is not None:
             return bad
         vmcs = self.current_vmcs
         if vmcs is None:
@@ -379,7 +388,7 @@ class VmxCpu:
     def vmcall(self) -> VmxOutcome:
         """VMCALL executed by the VMM itself, in VMX root operation (SDM 31.3): VMfail(1)."""
         bad = self._common_checks("VMCALL")
-        if bad:
+        if bad is not None:
             return bad
         return self._fail("VMCALL", VmInstructionError.VMCALL_IN_VMX_ROOT_OPERATION,
                           "VMCALL in VMX root operation (the dual-monitor treatment of SMM is not active)")
@@ -403,7 +412,7 @@ class VmxCpu:
 
     def _enter(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
         bad = self._common_checks(insn)
-        if bad:
+        if bad is not None:
             return bad
         vmcs = self.current_vmcs
         if vmcs is None:

@@ -1,0 +1,138 @@
+"""vtlab benchmarks: vtlab against plain Unicorn on the same guests, in one run.
+
+    python benchmarks/run.py            (or: make bench)
+
+Prints, for each figure, vtlab's rate, plain Unicorn's rate and their ratio:
+
+1. exit-free guest code throughput (a tight arithmetic loop, no sensitive
+   instructions): vtlab's run loop with its native instruction counter vs. a bare
+   ``emu_start`` (target ratio >= 0.5);
+2. CPUID VM-exit round trips per second through the full exit/entry path (exit
+   information, lazy guest-state save, the VMM's CPUID handler, trace record, VM-entry
+   checks, guest-state load) vs. a plain Unicorn UC_HOOK_INSN CPUID callback that does
+   the same register work (target ratio >= 0.2);
+3. single-step rate (one guest instruction per step, as the stepper widget does).
+
+Timings are wall-clock, best of several repetitions, on whatever machine runs them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unicorn  # noqa: E402
+from unicorn import x86_const as X  # noqa: E402
+
+import vtlab  # noqa: E402
+from vtlab import assemble  # noqa: E402
+
+LOOP = """
+    mov ecx, {n}
+l:  add eax, ecx
+    xor ebx, eax
+    dec ecx
+    jnz l
+    hlt
+"""
+CPUID_LOOP = """
+    mov esi, {n}
+l:  mov eax, 1
+    cpuid
+    dec esi
+    jnz l
+    hlt
+"""
+
+
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def plain_unicorn(code: bytes, insn_hook=None) -> unicorn.Uc:
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 2 << 20)
+    uc.mem_write(0x1000, code)
+    if insn_hook:
+        uc.hook_add(unicorn.UC_HOOK_INSN, insn_hook, None, 1, 0, X.UC_X86_INS_CPUID)
+    uc.reg_write(X.UC_X86_REG_ESP, 0x7000)
+    return uc
+
+
+def bench_exit_free(n: int = 3_000_000) -> dict:
+    src = LOOP.format(n=n)
+    code = assemble(src, 0x1000, 32)
+    insns = 4 * n + 2
+
+    def run_plain():
+        uc = plain_unicorn(code)
+        uc.emu_start(0x1000, 0x1000 + len(code) - 1)
+
+    def run_vtlab():
+        vm = vtlab.VirtualMachine(src, mode="protected")
+        s = vm.run(max_instructions=10 * n)
+        assert s.state.value == "halted", s
+
+    tp, tv = best(run_plain), best(run_vtlab)
+    return {"plain_mips": insns / tp / 1e6, "vtlab_mips": insns / tv / 1e6, "ratio": tp / tv}
+
+
+def bench_cpuid(n: int = 5_000) -> dict:
+    src = CPUID_LOOP.format(n=n)
+    code = assemble(src, 0x1000, 32)
+
+    def hook(uc, _):
+        uc.reg_write(X.UC_X86_REG_EAX, 0x000906EA)
+        uc.reg_write(X.UC_X86_REG_EBX, 0)
+        uc.reg_write(X.UC_X86_REG_ECX, 0x80000000)
+        uc.reg_write(X.UC_X86_REG_EDX, 0)
+        return 1
+
+    def run_plain():
+        uc = plain_unicorn(code, hook)
+        uc.emu_start(0x1000, 0x1000 + len(code) - 1)
+
+    def run_vtlab():
+        vm = vtlab.VirtualMachine(src, mode="protected")
+        s = vm.run(max_exits=n + 10)
+        assert s.exits == n + 1, s
+
+    tp, tv = best(run_plain), best(run_vtlab, repeat=2)
+    return {"plain_per_s": n / tp, "vtlab_per_s": n / tv, "ratio": tp / tv,
+            "vtlab_us_per_exit": tv / n * 1e6}
+
+
+def bench_step(n: int = 2_000) -> dict:
+    vm = vtlab.VirtualMachine(LOOP.format(n=10 * n), mode="protected")
+    t = time.perf_counter()
+    for _ in range(n):
+        vm.step()
+    dt = time.perf_counter() - t
+    return {"steps_per_s": n / dt}
+
+
+def main() -> None:
+    print(f"vtlab {vtlab.__version__}, unicorn {unicorn.__version__}, python {sys.version.split()[0]}")
+    ef = bench_exit_free()
+    print(f"exit-free throughput : vtlab {ef['vtlab_mips']:8.1f} MIPS | plain Unicorn {ef['plain_mips']:8.1f} MIPS"
+          f" | ratio {ef['ratio']:.2f} (target >= 0.5)")
+    cp = bench_cpuid()
+    print(f"CPUID exit round trip: vtlab {cp['vtlab_per_s']:8.0f} /s ({cp['vtlab_us_per_exit']:.1f} us) | plain "
+          f"Unicorn CPUID hook {cp['plain_per_s']:8.0f} /s | ratio {cp['ratio']:.3f} (target >= 0.2)")
+    st = bench_step()
+    print(f"single-step rate     : {st['steps_per_s']:8.0f} steps/s")
+    extra = Path(__file__).with_name("widgets_latency.py")
+    if extra.exists():
+        import runpy
+        runpy.run_path(str(extra), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,853 @@
+"""A cycle-cost model for VM exits: what a trace of exits would cost on a real CPU.
+
+vtlab runs the guest on an emulator, so its own timings say nothing about hardware.
+This module turns a *trace* (one row per VM exit) into an estimate of CPU cycles:
+
+* **native work**: the guest instructions retired, times a cycles-per-instruction
+  figure (``cpi``, 1.0 by default);
+* **transition cost**: one VM exit plus one VM entry per exit, the hardware
+  "round trip" of the chosen CPU profile (:data:`PROFILES`);
+* **handling cost**: the VMM's software work for that kind of exit, by *cost
+  category* (:data:`COST_CATEGORIES`): benign (CPUID, HLT, VMCALL), instruction
+  emulation (I/O to a device in the VMM, MSR, CR ...), memory virtualization (EPT
+  violation), device emulation in user space, interrupt delivery.
+
+**Overhead** is (transition + handling) / native, as a percentage.
+
+Every number in the tables is a :class:`CostFigure`: a low-high range (equal when a
+single value was published), *what kind* of number it is (measured, vendor,
+derived or estimate), the source it comes from and a note.  ``use="low" | "mid" |
+"high"`` picks which end of the ranges an estimate uses.
+
+>>> import pandas as pd
+>>> trace = pd.DataFrame({"reason": ["CPUID"] * 10, "guest_instructions": range(100, 1100, 100)})
+>>> df = estimate(trace, cpu="prescott")
+>>> int(df.loc["CPUID", "transition_cycles"])        # 10 exits x 2409 cycles
+24090
+
+The model's assumptions and limits are listed in :data:`ASSUMPTIONS` and in
+``docs/cost-model.md``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .arch import EXIT_REASON_INFO, ExitReason
+
+__all__ = [
+    "CostFigure",
+    "CpuProfile",
+    "SOURCES",
+    "COST_CATEGORIES",
+    "REASON_COST_CATEGORY",
+    "USERSPACE_HANDLERS",
+    "VMM_HANDLING",
+    "BT_COSTS",
+    "PV_COSTS",
+    "PROFILES",
+    "DEFAULT_PROFILE",
+    "ASSUMPTIONS",
+    "get_profile",
+    "trace_frame",
+    "native_instruction_count",
+    "cost_category",
+    "classify",
+    "estimate",
+    "summary",
+    "compare_techniques",
+    "by_generation",
+    "overhead_curve",
+    "profiles_table",
+]
+
+Use = Literal["low", "mid", "high"]
+
+# --------------------------------------------------------------------------- sources
+#: Every source the numbers below come from: short key -> full reference.
+SOURCES: Mapping[str, str] = MappingProxyType({
+    "adams-agesen-2006": (
+        "K. Adams and O. Agesen (VMware), \"A Comparison of Software and Hardware "
+        "Techniques for x86 Virtualization\", ASPLOS XII, 2006. Measured on a 3.8 GHz "
+        "Pentium 4 672 (Prescott), the first VT-x part; compares VMware's binary "
+        "translator with a hardware-assisted VMM."),
+    "intel-transition-chart": (
+        "Intel's published VMX transition (VM exit + VM entry) latency by processor "
+        "generation, Prescott to Sandy Bridge (Intel virtualization/IDF presentations); "
+        "reproduced in VMware's 2009 performance blog chart and in Agesen et al., "
+        "USENIX ATC 2012, Fig. 1. Values are read off a bar chart, so they are approximate."),
+    "intel-penryn-2007": (
+        "Intel's Penryn disclosure (P. Gelsinger press briefing, March 2007, reported by "
+        "Ars Technica and vmblog.com, 2007-03-29): VM entry/exit transition times 25 to 75 "
+        "percent lower than on Core 2 (Merom)."),
+    "vmware-2009": (
+        "S. Drummonds (VMware), \"Newer processors and virtualization performance\", VMware "
+        "Communities blog, 2009-06-02: chart of Intel's VM-exit latency falling from "
+        "NetBurst (Prescott, Cedar Mill) to Core (Merom, Penryn) to Nehalem."),
+    "agesen-2012": (
+        "O. Agesen, J. Mattson, R. Rugina and J. Sheldon (VMware), \"Software Techniques "
+        "for Avoiding Hardware Virtualization Exits\", USENIX ATC 2012: exits remain "
+        "expensive on current parts; handling a cluster of exiting instructions per exit "
+        "saves transition costs."),
+    "kvm-unit-tests": (
+        "kvm-unit-tests x86/vmexit.c microbenchmarks (cpuid, vmcall, inl_from_kernel, "
+        "outl_to_kernel, inl_from_qemu on unassigned port 0x1234, rd/wr_tsc_adjust_msr) and "
+        "the results posted with KVM patches on the KVM mailing list (kvm@vger.kernel.org): "
+        "a whole null exit (cpuid, vmcall) costs roughly 1,000-1,300 cycles on Haswell to "
+        "Skylake hosts, hardware round trip and KVM's handler together."),
+    "bonzini-2019": (
+        "P. Bonzini, \"[PATCH 00/43] VMX optimizations\", KVM mailing list, 2019: "
+        "vmexit.flat in a *nested* (L2) guest: cpuid 14,886 -> 13,142 cycles, "
+        "inl_from_kernel 15,218 -> 13,518, inl_from_qemu 46,747 -> 44,826."),
+    "kuznetsov-2018": (
+        "V. Kuznetsov, \"x86/kvm/vmx: use enlightened VMCS\" (Linux KVM patch, 2018): a "
+        "tight CPUID loop in a nested guest on Hyper-V drops from 18,890 to 8,304 cycles."),
+    "ben-yehuda-2010": (
+        "M. Ben-Yehuda et al., \"The Turtles Project: Design and Implementation of Nested "
+        "Virtualization\", OSDI 2010: every L2 exit becomes many L1 exits (exit "
+        "multiplication)."),
+    "barham-2003": (
+        "P. Barham et al., \"Xen and the Art of Virtualization\", SOSP 2003: "
+        "paravirtualization; the guest kernel calls the hypervisor through hypercalls "
+        "(a software trap into ring 0) and batches updates such as page-table writes."),
+    "linux-l1tf": (
+        "Linux kernel documentation, admin-guide/hw-vuln/l1tf.rst and mds.rst: on affected "
+        "Intel parts KVM flushes the L1 data cache on VM entry (conditionally by default) "
+        "and clears CPU buffers (VERW) before VM entry, which adds to the cost of an exit."),
+    "course-page": (
+        "The course's VT-x introduction page (COURSE.md source material): a transition "
+        "costs typically 500-2,000 cycles plus the VMM's work; exit categories benign / "
+        "instruction emulation / memory / device emulation / interrupt / error; binary "
+        "translation costs 10-40% on CPU-intensive workloads."),
+    "model": (
+        "vtlab's own estimate (no published measurement): an order of magnitude chosen to "
+        "be consistent with the sources named in the note; treat it as a teaching "
+        "assumption and change it if you have a measurement."),
+})
+
+FigureKind = Literal["measured", "vendor", "derived", "estimate", "convention"]
+
+
+@dataclass(frozen=True)
+class CostFigure:
+    """One number of the model: a cycle count (or a fraction) with its provenance.
+
+    Attributes:
+        low, high: the range; equal when a single value was published.
+        source: key into :data:`SOURCES` (``" + "`` joins several keys).
+        kind: ``"measured"`` (a published measurement), ``"vendor"`` (the CPU
+            vendor's figure), ``"derived"`` (computed from published numbers, see
+            the note), ``"estimate"`` (vtlab's order-of-magnitude assumption) or
+            ``"convention"`` (a modelling choice, e.g. 0 for a fatal exit).
+        note: how the number was obtained and what it covers.
+    """
+
+    low: float
+    high: float
+    source: str
+    kind: FigureKind = "measured"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError(f"CostFigure range must have low <= high, got {self.low} > {self.high}")
+        for key in self.source_keys:
+            if key not in SOURCES:
+                raise ValueError(f"unknown source key {key!r}")
+
+    @property
+    def mid(self) -> float:
+        """The middle of the range."""
+        return (self.low + self.high) / 2
+
+    @property
+    def is_range(self) -> bool:
+        """True when only a range is known (low < high)."""
+        return self.low != self.high
+
+    @property
+    def source_keys(self) -> list[str]:
+        """The :data:`SOURCES` keys this number rests on."""
+        return [k.strip() for k in self.source.split("+") if k.strip()]
+
+    @property
+    def citation(self) -> str:
+        """The full reference(s) of :attr:`source`."""
+        return " | ".join(SOURCES[k] for k in self.source_keys)
+
+    def pick(self, use: Use = "mid") -> float:
+        """``low``, ``mid`` or ``high``."""
+        if use == "low":
+            return self.low
+        if use == "high":
+            return self.high
+        if use == "mid":
+            return self.mid
+        raise ValueError(f"use must be 'low', 'mid' or 'high', not {use!r}")
+
+    def __str__(self) -> str:
+        value = f"{self.low:,.0f}" if not self.is_range else f"{self.low:,.0f}-{self.high:,.0f}"
+        return f"{value} ({self.kind}; {self.source})"
+
+
+# ----------------------------------------------------------------- cost categories
+#: Handling-cost categories, after the course page's table of exit categories.
+COST_CATEGORIES: tuple[str, ...] = (
+    "benign",            # CPUID, HLT, VMCALL, MONITOR/MWAIT, PAUSE: a quick answer
+    "instruction",       # I/O to a device inside the VMM, MSR, CR, RDTSC ...: decode + emulate
+    "memory",            # EPT violation / misconfiguration, APIC-access page: page-table work
+    "userspace-device",  # I/O or MMIO to a device model in a user-space process (QEMU)
+    "interrupt",         # external interrupts, NMIs, windows, reflected exceptions
+    "fatal",             # triple fault, failed VM entry: the VM stops; not a running cost
+)
+
+#: Exit reasons whose cost category differs from what their SDM-style display
+#: category (``vtlab.arch.EXIT_REASON_INFO[r].category``) would give.
+REASON_COST_CATEGORY: Mapping[str, str] = MappingProxyType({
+    "CPUID": "benign",
+    "HLT": "benign",
+    "VMCALL": "benign",                # a null hypercall costs about what CPUID costs (kvm-unit-tests)
+    "MWAIT_INSTRUCTION": "benign",
+    "MONITOR_INSTRUCTION": "benign",
+    "PAUSE_INSTRUCTION": "benign",
+    "RDTSC": "instruction",
+    "RDTSCP": "instruction",
+    "IO_INSTRUCTION": "instruction",   # unless the device is in user space, see classify()
+    "MSR_READ": "instruction",
+    "MSR_WRITE": "instruction",
+    "CR_ACCESS": "instruction",
+    "EPT_VIOLATION": "memory",
+    "EPT_MISCONFIG": "memory",
+    "EXTERNAL_INTERRUPT": "interrupt",
+    "EXCEPTION_NMI": "interrupt",
+    "TRIPLE_FAULT": "fatal",
+    "INVALID_STATE": "fatal",
+    "MSR_LOAD_FAIL": "fatal",
+    "MCE_DURING_VMENTRY": "fatal",
+})
+
+# Display category (vtlab.arch.EXIT_CATEGORIES) -> cost category, for everything else.
+_DISPLAY_TO_COST = {
+    "benign": "benign",
+    "instruction": "instruction",
+    "io": "instruction",
+    "memory": "memory",
+    "interrupt": "interrupt",
+    "exception": "interrupt",          # reflecting an exception = injecting an event
+    "entry-failure": "fatal",
+    "other": "instruction",
+}
+
+#: Handler names that mean "this exit went to a device model in user space".
+USERSPACE_HANDLERS: frozenset[str] = frozenset({"handle_io_userspace", "handle_mmio_userspace"})
+
+# ---------------------------------------------------------------- handling costs
+_F = CostFigure
+
+#: The VMM's software cost per exit, by cost category, on top of the hardware round
+#: trip.  It is the VMM's code that costs these cycles, so one table serves every
+#: CPU profile (see ASSUMPTIONS).
+VMM_HANDLING: Mapping[str, CostFigure] = MappingProxyType({
+    "benign": _F(400, 1_000, "kvm-unit-tests", "derived",
+                 "A whole null exit (cpuid, vmcall) costs ~1,000-1,300 cycles in KVM on "
+                 "Haswell-Skylake; minus the 300-600-cycle hardware round trip this leaves "
+                 "~400-1,000 cycles of handler: save/restore registers, dispatch, emulate, "
+                 "advance RIP."),
+    "instruction": _F(500, 2_500, "kvm-unit-tests + course-page", "estimate",
+                      "Decode and emulate one instruction in the VMM (an in-kernel port such "
+                      "as inl_from_kernel/outl_to_kernel, an MSR such as IA32_TSC_ADJUST, a "
+                      "CR write with EPT): somewhat more than a null exit. A CR3 write under "
+                      "shadow paging costs far more and is not modelled separately."),
+    "memory": _F(2_000, 10_000, "model + course-page", "estimate",
+                 "An EPT violation that the VMM resolves by filling in EPT entries for memory "
+                 "it already has: a software walk of the guest-physical map plus the entries. "
+                 "The course page calls it 'variable'; faults that allocate or swap host "
+                 "memory cost far more."),
+    "userspace-device": _F(5_000, 30_000, "kvm-unit-tests + bonzini-2019 + course-page", "estimate",
+                           "Exit to the kernel, return to the VMM's user-space process "
+                           "(KVM_EXIT_IO), run the device model, re-enter with KVM_RUN. "
+                           "kvm-unit-tests' inl_from_qemu (an empty port) is the floor; real "
+                           "device models cost more; nested, inl_from_qemu - inl_from_kernel "
+                           "is ~31,000 cycles (bonzini-2019). Real device work (disk, "
+                           "network) can take milliseconds and is not modelled."),
+    "interrupt": _F(1_000, 4_000, "model + course-page", "estimate",
+                    "Take the host interrupt, find the target vCPU and inject the event on the "
+                    "next VM entry; 'low to medium' on the course page. Posted interrupts and "
+                    "APIC virtualization remove most of these exits."),
+    "fatal": _F(0, 0, "model", "convention",
+                "A triple fault or failed VM entry stops the VM: it is not a per-exit running "
+                "cost ('N/A (fatal)' on the course page), so the model charges nothing."),
+})
+
+#: Binary translation (VMware-style, no VT-x): cost per translated sensitive
+#: instruction by cost category, per translated block, and the slowdown of
+#: translated code.
+BT_COSTS: Mapping[str, CostFigure] = MappingProxyType({
+    "benign": _F(50, 500, "adams-agesen-2006 + model", "estimate",
+                 "The translator replaces CPUID/HLT/hypercall-like instructions with inline "
+                 "code or a call into the VMM, with no hardware world switch."),
+    "instruction": _F(200, 1_500, "adams-agesen-2006 + model", "estimate",
+                      "I/O, MSR and CR accesses become calls into the VMM's emulation, "
+                      "again with no hardware world switch."),
+    "memory": _F(2_000, 10_000, "adams-agesen-2006 + model", "estimate",
+                 "Without EPT a BT VMM uses shadow page tables: hidden page faults and traced "
+                 "page-table writes, about as costly as the hardware VMM's memory exits."),
+    "userspace-device": _F(5_000, 30_000, "model", "estimate",
+                           "The device model is the same whatever the CPU technique: same "
+                           "cost as under VT-x (see VMM_HANDLING)."),
+    "interrupt": _F(1_000, 4_000, "model", "estimate",
+                    "Interrupt delivery into the translated guest costs about what it costs "
+                    "under VT-x."),
+    "fatal": _F(0, 0, "model", "convention", "The VM stops."),
+    "per_block": _F(1_000, 10_000, "adams-agesen-2006 + model", "estimate",
+                    "One-off cost of translating a basic block into the translation cache, "
+                    "paid once per distinct block (the trace's distinct exit sites stand in "
+                    "for blocks)."),
+    "code_slowdown": _F(0.0, 0.2, "adams-agesen-2006 + course-page", "estimate",
+                        "Fraction added to the native time of translated (guest kernel) code: "
+                        "most instructions are copied unchanged, indirect branches and "
+                        "returns need lookups. The course page quotes 10-40% overall for "
+                        "CPU-intensive workloads."),
+})
+
+#: Paravirtualization (Xen-style, no VT-x): the cost of one hypercall's trap into the
+#: hypervisor and back; the hypervisor's work per call comes from VMM_HANDLING.
+PV_COSTS: Mapping[str, CostFigure] = MappingProxyType({
+    "hypercall": _F(300, 1_500, "barham-2003 + model", "estimate",
+                    "A software trap into the hypervisor and the return: a system-call-like "
+                    "ring transition plus the hypervisor's entry/exit code, with no VMX "
+                    "state save/restore."),
+})
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    """One CPU generation's VT-x costs.
+
+    Attributes:
+        name: key in :data:`PROFILES` (``"prescott"``, ``"skylake"`` ...).
+        generation: the products, e.g. ``"Pentium 4 662/672"``.
+        year: year of first shipment.
+        microarchitecture: the core, e.g. ``"NetBurst (Prescott, 90 nm)"``.
+        roundtrip: hardware cost of one VM exit plus one VM entry (:class:`CostFigure`).
+        handling: the VMM's cost per exit, by cost category (:data:`COST_CATEGORIES`).
+        notes: what else matters on this generation (features, mitigations).
+    """
+
+    name: str
+    generation: str
+    year: int
+    microarchitecture: str
+    roundtrip: CostFigure
+    handling: Mapping[str, CostFigure] = field(default_factory=lambda: VMM_HANDLING)
+    notes: str = ""
+
+    @property
+    def roundtrip_cycles(self) -> tuple[float, float]:
+        """(low, high) cycles of a VM exit + VM entry round trip."""
+        return (self.roundtrip.low, self.roundtrip.high)
+
+    @property
+    def handling_cycles(self) -> dict[str, tuple[float, float]]:
+        """Cost category -> (low, high) handling cycles."""
+        return {c: (f.low, f.high) for c, f in self.handling.items()}
+
+    @property
+    def figures(self) -> dict[str, CostFigure]:
+        """Every number of the profile: ``"roundtrip"`` and each cost category."""
+        return {"roundtrip": self.roundtrip, **dict(self.handling)}
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """The source (full reference) of every number, keyed like :attr:`figures`."""
+        return {k: f.citation for k, f in self.figures.items()}
+
+    def cycles_per_exit(self, category: str, use: Use = "mid") -> float:
+        """Round trip plus handling for one exit of ``category``."""
+        if category == "fatal":
+            return 0.0
+        return self.roundtrip.pick(use) + self.handling[category].pick(use)
+
+
+# ------------------------------------------------------------------------ profiles
+def _chart(low: float, high: float, note: str) -> CostFigure:
+    return CostFigure(low, high, "intel-transition-chart + vmware-2009", "vendor", note)
+
+
+_MODERN_NOTE = (
+    "No per-generation hardware figure has been published since Sandy Bridge. Lower "
+    "bound: the Sandy Bridge figure (the transition has stayed at a few hundred cycles); "
+    "upper bound: a whole KVM null exit (~1,000-1,300 cycles, kvm-unit-tests) minus the "
+    "few hundred cycles of KVM's own code on that path.")
+_MODERN = CostFigure(300, 600, "kvm-unit-tests + intel-transition-chart", "derived", _MODERN_NOTE)
+
+_MITIGATIONS = (
+    "Since 2018 Linux/KVM adds speculative-execution mitigations on this part (IBRS/IBPB "
+    "or retpolines, an L1D flush on VM entry for L1TF, VERW for MDS; source linux-l1tf), "
+    "which can add hundreds to thousands of cycles to an exit; not included.")
+
+#: The CPU profiles, oldest first.  ``PROFILES[name]`` is a :class:`CpuProfile`.
+PROFILES: Mapping[str, CpuProfile] = MappingProxyType({p.name: p for p in [
+    CpuProfile(
+        "prescott", "Pentium 4 662/672", 2005, "NetBurst (Prescott, 90 nm)",
+        CostFigure(2_409, 2_409, "adams-agesen-2006", "measured",
+               "VM exit + VM entry round trip measured on a Pentium 4 672, the first VT-x "
+               "parts (the 662 has the same core). Adams & Agesen found that at this cost "
+               "the hardware VMM often lost to VMware's binary translator."),
+        notes="First VT-x processors (November 2005). No EPT, no VPID: a VMM shadows the "
+              "guest's page tables and the TLB is flushed on every transition."),
+    CpuProfile(
+        "merom", "Core 2 Duo (Merom/Conroe)", 2006, "Core (65 nm)",
+        _chart(900, 1_100, "~1,000 cycles on Intel's chart (read off the bars, about +-10%)."),
+        notes="Less than half of Prescott's transition cost; still no EPT."),
+    CpuProfile(
+        "penryn", "Core 2 (Penryn/Wolfdale/Harpertown)", 2007, "Penryn (45 nm)",
+        CostFigure(550, 700, "intel-transition-chart + intel-penryn-2007", "vendor",
+               "~600-700 cycles on Intel's chart; consistent with Intel's claim of 25-75% "
+               "faster VM transitions than Merom."),
+        notes="Shipped from November 2007 (Xeon 5400, Core 2 Extreme QX9650)."),
+    CpuProfile(
+        "nehalem", "Core i7 (Bloomfield), Xeon 5500", 2008, "Nehalem (45 nm)",
+        _chart(450, 550, "~500 cycles on Intel's chart."),
+        notes="First Intel parts with EPT and VPID: no more shadow page tables or TLB "
+              "flushes on every transition."),
+    CpuProfile(
+        "westmere", "Xeon 5600, Core i3/i5 (Clarkdale)", 2010, "Westmere (32 nm)",
+        _chart(350, 450, "~400 cycles on Intel's chart."),
+        notes="Adds unrestricted guest: real-mode guests run without emulation."),
+    CpuProfile(
+        "sandy-bridge", "2nd-gen Core, Xeon E5", 2011, "Sandy Bridge (32 nm)",
+        _chart(300, 400, "~350 cycles on Intel's chart, its last generation."),
+        notes="The last generation on Intel's transition-latency chart."),
+    CpuProfile(
+        "ivy-bridge", "3rd-gen Core, Xeon E5 v2", 2012, "Ivy Bridge (22 nm)",
+        CostFigure(300, 450, "intel-transition-chart + model", "estimate",
+               "No published figure; Ivy Bridge is Sandy Bridge's core on a new process, so "
+               "the Sandy Bridge range, widened."),
+        notes="Xeon E5 v2 adds APIC virtualization (fewer interrupt-related exits)."),
+    CpuProfile("haswell", "4th-gen Core, Xeon E5 v3", 2013, "Haswell (22 nm)", _MODERN,
+               notes="Adds VMCS shadowing (cheaper nested VMREAD/VMWRITE) and VMFUNC."),
+    CpuProfile("broadwell", "5th-gen Core, Xeon E5 v4", 2014, "Broadwell (14 nm)", _MODERN,
+               notes="Adds page-modification logging (PML). " + _MITIGATIONS),
+    CpuProfile("skylake", "6th-gen Core, Xeon Scalable (Skylake-SP)", 2015, "Skylake (14 nm)",
+               _MODERN, notes="Adds TSC scaling. " + _MITIGATIONS),
+    CpuProfile("cascade-lake", "2nd-gen Xeon Scalable", 2019, "Cascade Lake (14 nm)", _MODERN,
+               notes="Hardware fixes for Meltdown and L1TF remove the L1D flush on VM entry."),
+    CpuProfile("ice-lake", "3rd-gen Xeon Scalable (Ice Lake-SP)", 2021, "Sunny Cove (10 nm)",
+               _MODERN, notes="Adds 5-level EPT for 57-bit guest-physical addresses."),
+    CpuProfile("sapphire-rapids", "4th-gen Xeon Scalable", 2023, "Golden Cove (Intel 7)",
+               _MODERN, notes="A current server core."),
+    CpuProfile("granite-rapids", "Xeon 6 (6900P)", 2024, "Redwood Cove (Intel 3)", _MODERN,
+               notes="The newest server core here; no VT-x latency figure has been published."),
+    CpuProfile("generic-modern", "Generic modern Intel core (Haswell or later)", 2024,
+               "any core from Haswell on", _MODERN,
+               notes="The default: a few hundred cycles of hardware transition plus a "
+                     "KVM-like in-kernel VMM. Pick a named profile to compare generations."),
+]})
+
+#: The profile :func:`estimate` uses when none is given.
+DEFAULT_PROFILE: str = "generic-modern"
+
+#: What the model assumes; shown with every estimate.
+ASSUMPTIONS: tuple[str, ...] = (
+    "Native time = guest instructions retired x cpi cycles (cpi = 1.0 unless given); "
+    "caches, TLBs and pipelines are not modelled.",
+    "Every exit costs one hardware round trip (VM exit + VM entry) of the chosen CPU plus the "
+    "VMM's handling cost for its category; fatal exits (triple fault, failed entry) cost nothing.",
+    "Handling costs are those of a KVM-like VMM that handles exits in the kernel, the same on "
+    "every CPU profile; exits to a device model in user space add a process round trip.",
+    "Exits do not disturb the guest: lost cache/TLB state after an exit (the indirect cost) "
+    "is not modelled, so real overheads are higher.",
+    "Ranges: 'low', 'mid' or 'high' picks one end of every range; the truth for one machine "
+    "can lie outside them (microcode, mitigations, frequency).",
+)
+
+
+def get_profile(cpu: str | CpuProfile) -> CpuProfile:
+    """The :class:`CpuProfile` named ``cpu`` (or ``cpu`` itself if it is one)."""
+    if isinstance(cpu, CpuProfile):
+        return cpu
+    try:
+        return PROFILES[cpu]
+    except KeyError:
+        raise KeyError(f"unknown CPU profile {cpu!r}; choose one of {', '.join(PROFILES)}") from None
+
+
+# ------------------------------------------------------------------------- traces
+_COLUMNS = ["seq", "reason", "reason_number", "category", "qualification", "instruction_length",
+            "guest_rip", "instruction", "handler", "device", "guest_instructions"]
+
+
+def trace_frame(trace: Any) -> pd.DataFrame:
+    """The trace as a DataFrame with one row per VM exit.
+
+    Accepts a ``vtlab.trace.Trace`` (anything with ``to_dataframe()``), a DataFrame,
+    or a list of dicts.  Only the ``reason`` column is required.
+    """
+    if hasattr(trace, "to_dataframe"):
+        df = trace.to_dataframe()
+    elif isinstance(trace, pd.DataFrame):
+        df = trace
+    elif trace is None:
+        df = pd.DataFrame(columns=_COLUMNS)
+    else:
+        df = pd.DataFrame(list(trace))
+    if "reason" not in df.columns:
+        if len(df) == 0:
+            df = pd.DataFrame(columns=_COLUMNS)
+        else:
+            raise ValueError("a trace needs a 'reason' column (the ExitReason name of each exit)")
+    df = df.copy()
+    df["reason"] = df["reason"].map(_reason_name)
+    return df
+
+
+def _reason_name(reason: Any) -> str:
+    """``ExitReason.CPUID``, ``10`` or ``"cpuid"`` -> ``"CPUID"``."""
+    if isinstance(reason, ExitReason):
+        return reason.name
+    if isinstance(reason, (int, np.integer)):
+        try:
+            return ExitReason(int(reason)).name
+        except ValueError:
+            return str(int(reason))
+    text = str(reason)
+    return text.split(".")[-1].upper() if text.startswith("ExitReason.") else text.upper()
+
+
+def native_instruction_count(trace: Any, native_instructions: int | None = None) -> int:
+    """Guest instructions retired in the run the trace records.
+
+    In order of preference: ``native_instructions``, the trace's ``instructions_total``,
+    the last exit's ``guest_instructions``.
+    """
+    if native_instructions is not None:
+        return int(native_instructions)
+    total = getattr(trace, "instructions_total", None)
+    if total is not None:
+        return int(total)
+    df = trace if isinstance(trace, pd.DataFrame) else trace_frame(trace)
+    if "guest_instructions" in df.columns and len(df):
+        return int(pd.to_numeric(df["guest_instructions"]).max())
+    raise ValueError("cannot tell how many guest instructions ran: pass native_instructions=")
+
+
+def cost_category(reason: str, handler: str | None = None, device: str | None = None) -> str:
+    """The cost category (:data:`COST_CATEGORIES`) of one exit.
+
+    An exit whose handler is in :data:`USERSPACE_HANDLERS` or whose ``device`` is
+    ``"userspace"`` is ``"userspace-device"``; otherwise :data:`REASON_COST_CATEGORY`
+    decides, then the reason's display category in ``vtlab.arch.EXIT_REASON_INFO``.
+    """
+    if (isinstance(handler, str) and handler in USERSPACE_HANDLERS) or (
+            isinstance(device, str) and device.lower().replace("-", "").replace(" ", "") == "userspace"):
+        return "userspace-device"
+    name = _reason_name(reason)
+    if name in REASON_COST_CATEGORY:
+        return REASON_COST_CATEGORY[name]
+    try:
+        display = EXIT_REASON_INFO[ExitReason[name]].category
+    except KeyError:
+        return "instruction"
+    return _DISPLAY_TO_COST.get(display, "instruction")
+
+
+def classify(trace: Any) -> pd.DataFrame:
+    """The trace with a ``cost_category`` column (and ``category`` filled in if absent)."""
+    df = trace_frame(trace)
+    handler = df["handler"] if "handler" in df.columns else pd.Series([None] * len(df), index=df.index)
+    device = df["device"] if "device" in df.columns else pd.Series([None] * len(df), index=df.index)
+    df["cost_category"] = [cost_category(r, h, d) for r, h, d in zip(df["reason"], handler, device)]
+    if "category" not in df.columns:
+        def display(name: str) -> str:
+            try:
+                return EXIT_REASON_INFO[ExitReason[name]].category
+            except KeyError:
+                return "other"
+        df["category"] = df["reason"].map(display)
+    return df
+
+
+def _label(reason: str, cost_cat: str, ambiguous: bool) -> str:
+    if not ambiguous:
+        return reason
+    return f"{reason} (user space)" if cost_cat == "userspace-device" else f"{reason} (in VMM)"
+
+
+# ----------------------------------------------------------------------- estimate
+_OUT_COLUMNS = ["reason", "category", "cost_category", "exits", "transition_cycles",
+                "handling_cycles", "total_cycles", "cycles_per_exit", "share_pct"]
+
+
+def estimate(trace: Any, cpu: str | CpuProfile = DEFAULT_PROFILE,
+             native_instructions: int | None = None, cpi: float = 1.0,
+             use: Use = "mid") -> pd.DataFrame:
+    """Cost a trace of VM exits on CPU profile ``cpu``.
+
+    Args:
+        trace: a ``vtlab.trace.Trace`` or a DataFrame with one row per exit (at
+            least a ``reason`` column; ``handler``/``device`` mark user-space devices).
+        cpu: a name in :data:`PROFILES` or a :class:`CpuProfile`.
+        native_instructions: guest instructions retired in the run; default: the
+            trace's ``instructions_total`` or the last row's ``guest_instructions``.
+        cpi: cycles per guest instruction when running natively.
+        use: which end of each cost range to use: ``"low"``, ``"mid"`` or ``"high"``.
+
+    Returns:
+        A DataFrame indexed by exit reason (an I/O reason that went both to the VMM
+        and to user space gets two rows, ``"IO_INSTRUCTION (in VMM)"`` and ``"...
+        (user space)"``), most expensive first, then a ``"native"`` row (the guest's
+        own work) and a ``"total"`` row.  Columns: ``reason``, ``category`` (display
+        category), ``cost_category``, ``exits``, ``transition_cycles``,
+        ``handling_cycles``, ``total_cycles``, ``cycles_per_exit`` and ``share_pct``
+        (share of the whole run's cycles).  ``df.attrs`` holds ``native_cycles``,
+        ``transition_cycles``, ``handling_cycles``, ``virtualization_cycles``,
+        ``total_cycles``, ``overhead_pct`` (virtualization / native x 100),
+        ``slowdown``, ``exits``, ``exits_per_1k_instructions``, ``instructions``,
+        ``profile``, ``use``, ``cpi``, ``assumptions`` and ``sources``.
+    """
+    profile = get_profile(cpu)
+    if cpi <= 0:
+        raise ValueError("cpi must be positive")
+    df = classify(trace)
+    instructions = native_instruction_count(trace if not isinstance(trace, pd.DataFrame) else df,
+                                            native_instructions)
+    roundtrip = profile.roundtrip.pick(use)
+    rows = []
+    if len(df):
+        groups = df.groupby(["reason", "cost_category"], sort=False)
+        per_reason = df.groupby("reason")["cost_category"].nunique()
+        for (reason, cat), g in groups:
+            n = len(g)
+            trans = 0.0 if cat == "fatal" else n * roundtrip
+            handle = n * profile.handling[cat].pick(use)
+            rows.append({
+                "label": _label(reason, cat, per_reason[reason] > 1),
+                "reason": reason,
+                "category": g["category"].iloc[0],
+                "cost_category": cat,
+                "exits": n,
+                "transition_cycles": trans,
+                "handling_cycles": handle,
+            })
+    out = pd.DataFrame(rows, columns=["label", "reason", "category", "cost_category", "exits",
+                                      "transition_cycles", "handling_cycles"])
+    out["total_cycles"] = out["transition_cycles"] + out["handling_cycles"]
+    out = out.sort_values(["total_cycles", "exits"], ascending=False, kind="stable")
+
+    native = instructions * cpi
+    transition = float(out["transition_cycles"].sum())
+    handling = float(out["handling_cycles"].sum())
+    virt = transition + handling
+    total = native + virt
+    exits = int(out["exits"].sum())
+    native_row = {"label": "native", "reason": "native", "category": "native",
+                  "cost_category": "native", "exits": 0, "transition_cycles": 0.0,
+                  "handling_cycles": 0.0, "total_cycles": native}
+    total_row = {"label": "total", "reason": "total", "category": "total", "cost_category": "total",
+                 "exits": exits, "transition_cycles": transition, "handling_cycles": handling,
+                 "total_cycles": total}
+    out = pd.concat([out, pd.DataFrame([native_row, total_row])], ignore_index=True)
+    out["exits"] = out["exits"].astype(int)
+    for col in ("transition_cycles", "handling_cycles", "total_cycles"):
+        out[col] = out[col].astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_exit = np.where(out["exits"] > 0, out["transition_cycles"] + out["handling_cycles"], np.nan)
+        out["cycles_per_exit"] = per_exit / out["exits"].where(out["exits"] > 0)
+        out["share_pct"] = out["total_cycles"] / total * 100 if total else np.nan
+    out = out.set_index("label")
+    out.index.name = None
+    out = out[_OUT_COLUMNS]
+
+    used = {"roundtrip": profile.roundtrip}
+    used.update({c: profile.handling[c] for c in out["cost_category"] if c in profile.handling})
+    out.attrs.update({
+        "profile": profile.name,
+        "cpu": f"{profile.generation} ({profile.microarchitecture}, {profile.year})",
+        "use": use,
+        "cpi": cpi,
+        "instructions": instructions,
+        "native_cycles": native,
+        "transition_cycles": transition,
+        "handling_cycles": handling,
+        "virtualization_cycles": virt,
+        "total_cycles": total,
+        "overhead_pct": virt / native * 100 if native else math.nan,
+        "slowdown": total / native if native else math.nan,
+        "exits": exits,
+        "exits_per_1k_instructions": exits / instructions * 1000 if instructions else math.nan,
+        "roundtrip_cycles": roundtrip,
+        "assumptions": list(ASSUMPTIONS),
+        "sources": {k: f"{f} - {f.citation}" for k, f in used.items()},
+    })
+    return out
+
+
+def summary(trace: Any, cpu: str | CpuProfile = DEFAULT_PROFILE,
+            native_instructions: int | None = None, cpi: float = 1.0,
+            use: Use = "mid") -> dict[str, Any]:
+    """The headline numbers of :func:`estimate` as a dict.
+
+    Keys: ``profile``, ``cpu``, ``use``, ``cpi``, ``instructions``, ``exits``,
+    ``exits_per_1k_instructions``, ``native_cycles``, ``transition_cycles``,
+    ``handling_cycles``, ``virtualization_cycles``, ``total_cycles``,
+    ``overhead_pct``, ``slowdown``, ``roundtrip_cycles``, ``exits_by_reason``.
+    """
+    df = estimate(trace, cpu, native_instructions, cpi, use)
+    out = {k: v for k, v in df.attrs.items() if k not in ("assumptions", "sources")}
+    body = df.drop(index=["native", "total"])
+    out["exits_by_reason"] = {r: int(n) for r, n in body.groupby("reason", sort=False)["exits"].sum().items()}
+    return out
+
+
+# ------------------------------------------------------------- technique compare
+def compare_techniques(trace: Any, cpu: str | CpuProfile = DEFAULT_PROFILE,
+                       native_instructions: int | None = None, cpi: float = 1.0,
+                       use: Use = "mid", translated_blocks: int | None = None,
+                       pv_batch: float = 1.0) -> pd.DataFrame:
+    """Cost the same guest under three ways of virtualizing the CPU.
+
+    * **trap-and-emulate (VT-x)**: every exit in the trace costs a hardware round
+      trip plus the VMM's handling (:func:`estimate`).
+    * **binary translation**: no hardware transitions; each sensitive instruction
+      that exited under VT-x is instead rewritten into a call to the VMM
+      (:data:`BT_COSTS` per cost category), each distinct code site costs one
+      block translation, and translated code runs a little slower than native.
+    * **paravirtualization**: the guest kernel is modified to call the hypervisor
+      (:data:`PV_COSTS` per hypercall plus the VMM's handling), with ``pv_batch``
+      sensitive operations per hypercall (Xen batches page-table updates).
+
+    Args:
+        translated_blocks: basic blocks the translator has to translate; default:
+            the number of distinct ``guest_rip`` values in the trace (or the number of
+            distinct reasons if the trace has no RIPs).
+        pv_batch: operations one hypercall covers (1 = no batching).
+
+    Returns:
+        One row per technique: ``events`` (exits / translated instructions /
+        hypercalls), ``cycles_per_event``, ``virtualization_cycles``,
+        ``native_cycles``, ``total_cycles``, ``overhead_pct`` and ``assumptions``.
+    """
+    profile = get_profile(cpu)
+    if pv_batch < 1:
+        raise ValueError("pv_batch must be at least 1")
+    vt = estimate(trace, profile, native_instructions, cpi, use)
+    native = vt.attrs["native_cycles"]
+    body = vt.drop(index=["native", "total"])
+    df = classify(trace)
+
+    vt_cycles = vt.attrs["virtualization_cycles"]
+    exits = vt.attrs["exits"]
+
+    live = body[body["cost_category"] != "fatal"]
+    bt_instr = float(sum(BT_COSTS[c].pick(use) * n for c, n in zip(live["cost_category"], live["exits"])))
+    if translated_blocks is None:
+        if "guest_rip" in df.columns and df["guest_rip"].notna().any():
+            translated_blocks = int(df["guest_rip"].nunique())
+        else:
+            translated_blocks = int(df["reason"].nunique())
+    bt_blocks = translated_blocks * BT_COSTS["per_block"].pick(use)
+    bt_code = native * BT_COSTS["code_slowdown"].pick(use)
+    bt_cycles = bt_instr + bt_blocks + bt_code
+    bt_events = int(live["exits"].sum())
+
+    hypercalls = float(sum(math.ceil(n / pv_batch) for n in live["exits"]))
+    pv_trans = hypercalls * PV_COSTS["hypercall"].pick(use)
+    pv_handle = float(sum(profile.handling[c].pick(use) * n
+                          for c, n in zip(live["cost_category"], live["exits"])))
+    pv_cycles = pv_trans + pv_handle
+
+    def row(name: str, events: float, cycles: float, assumptions: str) -> dict[str, Any]:
+        return {"technique": name, "events": events,
+                "cycles_per_event": cycles / events if events else math.nan,
+                "virtualization_cycles": cycles, "native_cycles": native,
+                "total_cycles": native + cycles,
+                "overhead_pct": cycles / native * 100 if native else math.nan,
+                "assumptions": assumptions}
+
+    rows = [
+        row("trap-and-emulate (VT-x)", exits, vt_cycles,
+            f"{exits} exits x (round trip {profile.roundtrip.pick(use):,.0f} cycles on {profile.name} "
+            f"+ VMM handling by category); guest code runs natively."),
+        row("binary translation", bt_events, bt_cycles,
+            f"{bt_events} sensitive instructions rewritten into VMM calls "
+            f"({bt_instr:,.0f} cycles, BT_COSTS by category, no world switch); "
+            f"{translated_blocks} blocks translated x {BT_COSTS['per_block'].pick(use):,.0f} cycles; "
+            f"translated code {BT_COSTS['code_slowdown'].pick(use):.0%} slower than native."),
+        row("paravirtualization", hypercalls, pv_cycles,
+            f"{hypercalls:,.0f} hypercalls ({pv_batch:g} operations each) x "
+            f"{PV_COSTS['hypercall'].pick(use):,.0f} cycles trap + same VMM handling as VT-x; "
+            f"needs a modified guest kernel."),
+    ]
+    out = pd.DataFrame(rows).set_index("technique")
+    out.index.name = None
+    out.attrs.update({"profile": profile.name, "use": use, "cpi": cpi,
+                      "translated_blocks": translated_blocks, "pv_batch": pv_batch,
+                      "assumptions": list(ASSUMPTIONS)})
+    return out
+
+
+# -------------------------------------------------------------- generations etc.
+def by_generation(trace: Any = None, native_instructions: int | None = None, cpi: float = 1.0,
+                  use: Use = "mid", include_generic: bool = False) -> pd.DataFrame:
+    """The round-trip cost of every CPU profile (and, given a trace, its overhead there).
+
+    Returns one row per profile, oldest first, indexed by profile name, with
+    ``generation``, ``microarchitecture``, ``year``, ``roundtrip_low``,
+    ``roundtrip_high``, ``roundtrip_cycles`` (the ``use`` value), ``kind`` and
+    ``source``; with a trace also ``exits``, ``native_cycles``,
+    ``virtualization_cycles`` and ``overhead_pct``.
+    """
+    rows = []
+    for p in PROFILES.values():
+        if p.name == DEFAULT_PROFILE and not include_generic:
+            continue
+        r = {"profile": p.name, "generation": p.generation, "microarchitecture": p.microarchitecture,
+             "year": p.year, "roundtrip_low": p.roundtrip.low, "roundtrip_high": p.roundtrip.high,
+             "roundtrip_cycles": p.roundtrip.pick(use), "kind": p.roundtrip.kind,
+             "source": p.roundtrip.source}
+        if trace is not None:
+            a = estimate(trace, p, native_instructions, cpi, use).attrs
+            r.update({"exits": a["exits"], "native_cycles": a["native_cycles"],
+                      "virtualization_cycles": a["virtualization_cycles"],
+                      "overhead_pct": a["overhead_pct"]})
+        rows.append(r)
+    out = pd.DataFrame(rows).set_index("profile")
+    out.index.name = None
+    return out
+
+
+def overhead_curve(rates: Iterable[float] | None = None, cpu: str | CpuProfile = DEFAULT_PROFILE,
+                   category: str = "benign", cpi: float = 1.0, use: Use = "mid") -> pd.DataFrame:
+    """Overhead as a function of exit rate, for exits of one cost category.
+
+    ``overhead_pct = rate / 1000 x cycles_per_exit / cpi x 100`` where ``rate`` is in
+    exits per 1,000 guest instructions.  Returns columns ``exits_per_1k_instructions``,
+    ``cycles_per_exit`` and ``overhead_pct``.
+    """
+    profile = get_profile(cpu)
+    if rates is None:
+        rates = np.logspace(-3, 2, 31)
+    rates = np.asarray(list(rates), dtype=float)
+    per_exit = profile.cycles_per_exit(category, use)
+    return pd.DataFrame({
+        "exits_per_1k_instructions": rates,
+        "cycles_per_exit": per_exit,
+        "overhead_pct": rates / 1000 * per_exit / cpi * 100,
+    })
+
+
+def profiles_table() -> pd.DataFrame:
+    """Every number of every profile with its range, kind, source and note (long format)."""
+    rows = []
+    for p in PROFILES.values():
+        for item, f in p.figures.items():
+            rows.append({"profile": p.name, "year": p.year, "item": item, "low": f.low,
+                         "high": f.high, "kind": f.kind, "source": f.source, "note": f.note})
+    return pd.DataFrame(rows)

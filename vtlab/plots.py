@@ -1,0 +1,387 @@
+"""Plots of VM-exit traces and of the cycle-cost model (:mod:`vtlab.cost`).
+
+Every function returns a :class:`matplotlib.figure.Figure` and never calls
+``plt.show()``.  The figures are created with :class:`~matplotlib.figure.Figure`
+directly, not through pyplot, so nothing is registered globally: a notebook shows
+the returned figure once, and nothing needs closing.  Pass ``ax=`` to draw into an
+axes of your own instead (the function then returns that axes' figure).
+
+Colours come from the Okabe-Ito palette (:data:`OKABE_ITO`), which stays
+distinguishable with the common forms of colour blindness; stacked parts also carry
+hatching so that they survive greyscale printing.
+
+>>> import pandas as pd
+>>> from vtlab import plots
+>>> trace = pd.DataFrame({"reason": ["CPUID", "CPUID", "HLT"], "guest_instructions": [10, 20, 30]})
+>>> fig = plots.exit_counts(trace)
+>>> [int(p.get_width()) for p in fig.axes[0].patches]
+[2, 1]
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import EngFormatter
+
+from . import cost
+
+__all__ = [
+    "OKABE_ITO",
+    "CATEGORY_COLORS",
+    "PART_COLORS",
+    "PART_HATCHES",
+    "KIND_COLORS",
+    "exit_counts",
+    "cycle_breakdown",
+    "exit_timeline",
+    "overhead_vs_exit_rate",
+    "roundtrip_by_generation",
+    "compare_settings",
+    "technique_comparison",
+]
+
+#: The Okabe-Ito colour-blind-safe palette (Okabe & Ito, "Color Universal Design", 2008).
+OKABE_ITO: dict[str, str] = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky blue": "#56B4E9",
+    "bluish green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish purple": "#CC79A7",
+}
+
+#: Colour of each cost category (:data:`vtlab.cost.COST_CATEGORIES`).
+CATEGORY_COLORS: dict[str, str] = {
+    "benign": OKABE_ITO["bluish green"],
+    "instruction": OKABE_ITO["blue"],
+    "memory": OKABE_ITO["orange"],
+    "userspace-device": OKABE_ITO["vermillion"],
+    "interrupt": OKABE_ITO["reddish purple"],
+    "fatal": OKABE_ITO["black"],
+}
+
+#: Colours of the three parts of a run's time.
+PART_COLORS: dict[str, str] = {
+    "native": OKABE_ITO["sky blue"],
+    "transition": OKABE_ITO["vermillion"],
+    "handling": OKABE_ITO["blue"],
+}
+#: Hatching of the three parts (readable in greyscale too).
+PART_HATCHES: dict[str, str] = {"native": "", "transition": "//", "handling": ".."}
+
+#: Colour by kind of number (:attr:`vtlab.cost.CostFigure.kind`).
+KIND_COLORS: dict[str, str] = {
+    "measured": OKABE_ITO["blue"],
+    "vendor": OKABE_ITO["bluish green"],
+    "derived": OKABE_ITO["orange"],
+    "estimate": OKABE_ITO["reddish purple"],
+    "convention": OKABE_ITO["black"],
+}
+
+_CATEGORY_LABELS = {
+    "benign": "benign (CPUID, HLT, VMCALL)",
+    "instruction": "instruction emulation (I/O in VMM, MSR, CR)",
+    "memory": "memory virtualization (EPT)",
+    "userspace-device": "device emulation in user space",
+    "interrupt": "interrupt delivery",
+    "fatal": "fatal (VM stops)",
+}
+_PART_LABELS = {"native": "native guest work", "transition": "VM exit + entry (hardware)",
+                "handling": "VMM handling (software)"}
+_CYCLES = EngFormatter(sep="")
+
+
+def _figure(ax: Axes | None, nrows: int = 1, ncols: int = 1, figsize=(8.0, 4.5), **kw):
+    """A new constrained-layout Figure and its axes, or the figure of ``ax``."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    axes = fig.subplots(nrows, ncols, **kw)
+    return fig, axes
+
+
+def _profile_label(profile: cost.CpuProfile) -> str:
+    return f"{profile.name} ({profile.microarchitecture}, {profile.year})"
+
+
+# ------------------------------------------------------------------ exit counts
+def exit_counts(trace: Any, ax: Axes | None = None, top: int | None = None,
+                title: str | None = None) -> Figure:
+    """Horizontal bars: how many VM exits of each reason, most frequent on top.
+
+    Bars are coloured by cost category.  ``top`` keeps only the most frequent reasons.
+    The counts drawn are ``trace_frame(trace)["reason"].value_counts()``.
+    """
+    df = cost.classify(trace)
+    counts = df.groupby("reason", sort=False).agg(exits=("reason", "size"),
+                                                  cost_category=("cost_category", _mode))
+    counts = counts.sort_values("exits", ascending=False, kind="stable")
+    if top is not None:
+        counts = counts.head(top)
+    fig, ax = _figure(ax, figsize=(8.0, max(2.5, 0.45 * len(counts) + 1.5)))
+    order = counts.iloc[::-1]          # barh draws bottom-up: most frequent on top
+    colors = [CATEGORY_COLORS.get(c, OKABE_ITO["black"]) for c in order["cost_category"]]
+    bars = ax.barh(order.index.tolist(), order["exits"].to_numpy(), color=colors)
+    ax.bar_label(bars, labels=[f"{n:,}" for n in order["exits"]], padding=3)
+    ax.set_xlabel("exits")
+    ax.set_ylabel("exit reason")
+    total = int(counts["exits"].sum())
+    ax.set_title(title or f"VM exits by reason ({total:,} exits)")
+    ax.margins(x=0.15)
+    _category_legend(ax, counts["cost_category"].unique(), loc="lower right")
+    if not len(counts):
+        ax.text(0.5, 0.5, "no VM exits", transform=ax.transAxes, ha="center", va="center")
+    return fig
+
+
+def _mode(s: pd.Series) -> str:
+    """Most common value (a reason's exits can split between VMM and user space)."""
+    return s.mode().iloc[0] if len(s) else ""
+
+
+def _category_legend(ax: Axes, categories: Iterable[str], **kw) -> None:
+    cats = [c for c in cost.COST_CATEGORIES if c in set(categories)]
+    if cats:
+        ax.legend(handles=[Patch(color=CATEGORY_COLORS[c], label=_CATEGORY_LABELS[c]) for c in cats],
+                  title="cost category", fontsize="small", **kw)
+
+
+# -------------------------------------------------------------- cycle breakdown
+def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE,
+                    use: cost.Use = "mid", cpi: float = 1.0,
+                    native_instructions: int | None = None) -> Figure:
+    """Where the cycles of a run go: native work, VM transitions and VMM handling.
+
+    Top panel: one bar, stacked native / transition / handling (the totals of
+    :func:`vtlab.cost.estimate`).  Bottom panel: transition and handling cycles for
+    each exit reason.
+    """
+    est = cost.estimate(trace, cpu, native_instructions, cpi, use)
+    a = est.attrs
+    profile = cost.get_profile(cpu)
+    body = est.drop(index=["native", "total"])
+    fig, (top, bottom) = _figure(None, 2, 1, figsize=(8.0, 3.0 + 0.4 * max(len(body), 1)),
+                                 height_ratios=[1, max(len(body), 1) * 0.6 + 0.4])
+    left = 0.0
+    total = a["total_cycles"] or 1.0
+    for part, value in (("native", a["native_cycles"]), ("transition", a["transition_cycles"]),
+                        ("handling", a["handling_cycles"])):
+        top.barh(["this run"], [value], left=left, color=PART_COLORS[part], hatch=PART_HATCHES[part],
+                 edgecolor="white", label=f"{_PART_LABELS[part]}: {value / total:.0%}")
+        left += value
+    top.xaxis.set_major_formatter(_CYCLES)
+    top.set_xlabel("cycles")
+    top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize="small", frameon=False)
+    top.set_title(f"Where the cycles go on {_profile_label(profile)}: overhead "
+                  f"{a['overhead_pct']:.1f}% of native time ({a['exits']:,} exits, '{use}' costs)")
+
+    order = body.iloc[::-1]
+    labels = order.index.tolist()
+    bottom.barh(labels, order["transition_cycles"], color=PART_COLORS["transition"],
+                hatch=PART_HATCHES["transition"], edgecolor="white", label=_PART_LABELS["transition"])
+    bottom.barh(labels, order["handling_cycles"], left=order["transition_cycles"],
+                color=PART_COLORS["handling"], hatch=PART_HATCHES["handling"], edgecolor="white",
+                label=_PART_LABELS["handling"])
+    bottom.xaxis.set_major_formatter(_CYCLES)
+    bottom.set_xlabel("cycles")
+    bottom.set_ylabel("exit reason")
+    bottom.set_title("Virtualization cycles by exit reason")
+    if not len(body):
+        bottom.text(0.5, 0.5, "no VM exits", transform=bottom.transAxes, ha="center", va="center")
+    return fig
+
+
+# ------------------------------------------------------------------ timeline
+def exit_timeline(trace: Any, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Each exit as a dot: exit reason against guest instructions retired so far.
+
+    Needs the ``guest_instructions`` column.  Dots are coloured by cost category;
+    reasons are ordered by first occurrence, top to bottom.  A second panel shows the
+    cumulative number of exits, whose slope is the exit rate.
+    """
+    df = cost.classify(trace)
+    if len(df) and "guest_instructions" not in df.columns:
+        raise ValueError("exit_timeline needs a 'guest_instructions' column in the trace")
+    reasons = list(dict.fromkeys(df["reason"]))
+    if ax is None:
+        fig, (ax, ax2) = _figure(None, 2, 1, figsize=(8.0, 3.0 + 0.35 * max(len(reasons), 1)),
+                                 sharex=True, height_ratios=[max(len(reasons), 1) * 0.5 + 0.5, 1.2])
+    else:
+        fig, ax2 = ax.figure, None
+    y = {r: len(reasons) - 1 - i for i, r in enumerate(reasons)}
+    x = pd.to_numeric(df["guest_instructions"]).to_numpy() if len(df) else np.array([])
+    for cat in cost.COST_CATEGORIES:
+        mask = (df["cost_category"] == cat).to_numpy()
+        if mask.any():
+            ax.scatter(x[mask], [y[r] for r in df["reason"][mask]], s=12,
+                       color=CATEGORY_COLORS[cat], label=_CATEGORY_LABELS[cat], linewidths=0)
+    ax.set_yticks([y[r] for r in reasons], reasons)
+    ax.set_ylim(-0.5, max(len(reasons), 1) - 0.5)
+    ax.set_ylabel("exit reason")
+    ax.set_title(title or f"Exit timeline ({len(df):,} exits)")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if len(df):
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), title="cost category")
+    if ax2 is not None:
+        order = np.argsort(x, kind="stable")
+        ax2.step(x[order], np.arange(1, len(x) + 1), where="post", color=OKABE_ITO["black"])
+        ax2.set_ylabel("exits (cumulative)")
+        ax2.set_xlabel("guest instructions retired")
+        ax2.xaxis.set_major_formatter(EngFormatter(sep=""))
+    else:
+        ax.set_xlabel("guest instructions retired")
+    if not len(df):
+        ax.text(0.5, 0.5, "no VM exits", transform=ax.transAxes, ha="center", va="center")
+    return fig
+
+
+# ------------------------------------------------------ overhead vs exit rate
+def overhead_vs_exit_rate(cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE,
+                          rates: Sequence[float] | None = None,
+                          categories: Sequence[str] = ("benign", "instruction", "userspace-device"),
+                          traces: Mapping[str, Any] | None = None, cpi: float = 1.0,
+                          ax: Axes | None = None) -> Figure:
+    """Virtualization overhead against exit rate, one line per cost category.
+
+    Each line is ``rate x (round trip + handling) / cpi`` (:func:`vtlab.cost.overhead_curve`)
+    at the ``mid`` costs, with a band from the ``low`` to the ``high`` costs.  Both
+    axes are logarithmic.  ``traces`` (name -> trace) adds one marked point per
+    workload at its measured exit rate and estimated overhead.
+    """
+    profile = cost.get_profile(cpu)
+    if rates is None:
+        rates = np.logspace(-3, 2, 31)
+    rates = np.asarray(rates, dtype=float)
+    fig, ax = _figure(ax)
+    for cat in categories:
+        mid = cost.overhead_curve(rates, profile, cat, cpi, "mid")
+        low = cost.overhead_curve(rates, profile, cat, cpi, "low")
+        high = cost.overhead_curve(rates, profile, cat, cpi, "high")
+        color = CATEGORY_COLORS[cat]
+        ax.plot(mid["exits_per_1k_instructions"], mid["overhead_pct"], color=color,
+                label=f"{_CATEGORY_LABELS[cat]} (~{mid['cycles_per_exit'].iloc[0]:,.0f} cycles/exit)")
+        ax.fill_between(rates, low["overhead_pct"], high["overhead_pct"], color=color, alpha=0.15,
+                        linewidth=0)
+    markers = "osD^v<>p*"
+    for i, (name, trace) in enumerate((traces or {}).items()):
+        a = cost.estimate(trace, profile, cpi=cpi).attrs
+        ax.scatter([a["exits_per_1k_instructions"]], [a["overhead_pct"]], marker=markers[i % len(markers)],
+                   color=OKABE_ITO["black"], zorder=3, label=f"{name}: {a['overhead_pct']:.1f}%")
+    ax.axhline(100, color=OKABE_ITO["black"], linewidth=0.8, linestyle=":")
+    ax.text(rates[0], 100, " 2x slower", va="bottom", fontsize="small")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("exit rate (exits per 1,000 guest instructions)")
+    ax.set_ylabel("virtualization overhead (% of native time)")
+    ax.set_title(f"Overhead grows with the exit rate ({_profile_label(profile)}, cpi={cpi:g})")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+# ----------------------------------------------------- round trip by generation
+def roundtrip_by_generation(use: cost.Use = "mid", ax: Axes | None = None,
+                            include_generic: bool = False) -> Figure:
+    """The hardware cost of one VM exit + VM entry on every CPU profile, oldest first.
+
+    Bar height is the ``use`` value; the error bar spans the published (or
+    assumed) range; the colour says what kind of number it is (measured, vendor
+    chart, derived, estimate).
+    """
+    gen = cost.by_generation(use=use, include_generic=include_generic)
+    fig, ax = _figure(ax, figsize=(9.0, 4.5))
+    labels = [f"{name}\n{year}" for name, year in zip(gen.index, gen["year"])]
+    heights = gen["roundtrip_cycles"].to_numpy()
+    err = np.vstack([heights - gen["roundtrip_low"].to_numpy(), gen["roundtrip_high"].to_numpy() - heights])
+    colors = [KIND_COLORS[k] for k in gen["kind"]]
+    ax.bar(labels, heights, color=colors, yerr=err, capsize=3, ecolor=OKABE_ITO["black"])
+    ax.set_ylabel("cycles per VM exit + VM entry")
+    ax.set_xlabel("CPU generation (year of first shipment)")
+    ax.set_title("VT-x round-trip cost by Intel generation (hardware only)")
+    ax.tick_params(axis="x", labelsize="small", labelrotation=45)
+    kinds = [k for k in KIND_COLORS if k in set(gen["kind"])]
+    ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in kinds], title="kind of number",
+              fontsize="small")
+    return fig
+
+
+# --------------------------------------------------------- before / after
+def compare_settings(trace_a: Any, trace_b: Any, labels: tuple[str, str] = ("before", "after"),
+                     cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE, use: cost.Use = "mid",
+                     cpi: float = 1.0, native_instructions: tuple[int | None, int | None] = (None, None)
+                     ) -> Figure:
+    """Two runs side by side, e.g. the same workload before and after changing a control.
+
+    Left: exits per reason for each run (grouped bars).  Right: each run's cycles
+    stacked as native / transition / handling.
+    """
+    est = [cost.estimate(t, cpu, n, cpi, use) for t, n in zip((trace_a, trace_b), native_instructions)]
+    counts = [e.drop(index=["native", "total"]).groupby("reason", sort=False)["exits"].sum() for e in est]
+    reasons = list(dict.fromkeys(list(counts[0].index) + list(counts[1].index)))
+    fig, (left, right) = _figure(None, 1, 2, figsize=(11.0, 4.5), width_ratios=[1.6, 1])
+    x = np.arange(len(reasons))
+    width = 0.4
+    run_colors = (OKABE_ITO["blue"], OKABE_ITO["orange"])
+    run_hatches = ("", "//")
+    for i, (c, label) in enumerate(zip(counts, labels)):
+        values = [int(c.get(r, 0)) for r in reasons]
+        bars = left.bar(x + (i - 0.5) * width, values, width, label=label, color=run_colors[i],
+                        hatch=run_hatches[i], edgecolor="white")
+        left.bar_label(bars, labels=[f"{v:,}" for v in values], fontsize="x-small", padding=2)
+    left.set_xticks(x, reasons, rotation=30, ha="right")
+    left.set_ylabel("exits")
+    left.set_xlabel("exit reason")
+    left.set_title("Exits per reason")
+    left.legend()
+    if not reasons:
+        left.text(0.5, 0.5, "no VM exits", transform=left.transAxes, ha="center", va="center")
+
+    bottom = np.zeros(2)
+    for part in ("native", "transition", "handling"):
+        values = np.array([e.attrs[f"{part}_cycles"] for e in est])
+        right.bar(list(labels), values, bottom=bottom, color=PART_COLORS[part], hatch=PART_HATCHES[part],
+                  edgecolor="white", label=_PART_LABELS[part])
+        bottom += values
+    right.yaxis.set_major_formatter(_CYCLES)
+    right.set_ylabel("cycles")
+    right.set_title("Cycles per run")
+    right.legend(fontsize="small")
+    a, b = (e.attrs for e in est)
+    profile = cost.get_profile(cpu)
+    fig.suptitle(f"{labels[0]} vs {labels[1]} on {_profile_label(profile)}: exits {a['exits']:,} -> "
+                 f"{b['exits']:,}, overhead {a['overhead_pct']:.1f}% -> {b['overhead_pct']:.1f}%")
+    return fig
+
+
+# ----------------------------------------------------------- techniques
+def technique_comparison(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE,
+                         use: cost.Use = "mid", cpi: float = 1.0,
+                         native_instructions: int | None = None, ax: Axes | None = None,
+                         **kwargs) -> Figure:
+    """The same guest under VT-x, binary translation and paravirtualization.
+
+    Stacked bars of native and virtualization cycles from
+    :func:`vtlab.cost.compare_techniques` (extra keyword arguments go there).
+    """
+    comp = cost.compare_techniques(trace, cpu, native_instructions, cpi, use, **kwargs)
+    fig, ax = _figure(ax)
+    names = [n.replace(" (", "\n(") for n in comp.index]
+    ax.bar(names, comp["native_cycles"], color=PART_COLORS["native"], label=_PART_LABELS["native"])
+    bars = ax.bar(names, comp["virtualization_cycles"], bottom=comp["native_cycles"],
+                  color=OKABE_ITO["vermillion"], hatch="//", edgecolor="white",
+                  label="virtualization overhead")
+    ax.bar_label(bars, labels=[f"+{p:.0f}%" for p in comp["overhead_pct"]], padding=2)
+    ax.yaxis.set_major_formatter(_CYCLES)
+    ax.set_ylabel("cycles")
+    ax.set_title(f"One guest, three techniques ({cost.get_profile(cpu).name}, '{use}' costs)")
+    ax.legend(fontsize="small")
+    ax.margins(y=0.15)
+    return fig
