@@ -59,6 +59,7 @@ __all__ = [
     "native_instruction_count",
     "cost_category",
     "classify",
+    "count_exits",
     "estimate",
     "summary",
     "compare_techniques",
@@ -578,6 +579,23 @@ def _label(reason: str, cost_cat: str, ambiguous: bool) -> str:
     if not ambiguous:
         return reason
     return f"{reason} (user space)" if cost_cat == "userspace-device" else f"{reason} (in VMM)"
+
+
+def count_exits(trace: Any) -> pd.DataFrame:
+    """Exits per reason, most frequent first, indexed like :func:`estimate`'s rows.
+
+    Columns ``reason``, ``cost_category`` and ``exits``.  A reason whose exits went
+    both to the VMM and to a user-space device gets two rows, ``"IO_INSTRUCTION (in
+    VMM)"`` and ``"IO_INSTRUCTION (user space)"``.
+    """
+    df = classify(trace)
+    if not len(df):
+        return pd.DataFrame({"reason": pd.Series(dtype=str), "cost_category": pd.Series(dtype=str),
+                             "exits": pd.Series(dtype=int)})
+    ambiguous = df.groupby("reason")["cost_category"].nunique() > 1
+    out = df.groupby(["reason", "cost_category"], sort=False).size().rename("exits").reset_index()
+    out.index = [_label(r, c, bool(ambiguous[r])) for r, c in zip(out["reason"], out["cost_category"])]
+    return out.sort_values("exits", ascending=False, kind="stable")
 
 
 # ----------------------------------------------------------------------- estimate

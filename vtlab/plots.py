@@ -14,8 +14,8 @@ hatching so that they survive greyscale printing.
 >>> from vtlab import plots
 >>> trace = pd.DataFrame({"reason": ["CPUID", "CPUID", "HLT"], "guest_instructions": [10, 20, 30]})
 >>> fig = plots.exit_counts(trace)
->>> [int(p.get_width()) for p in fig.axes[0].patches]
-[2, 1]
+>>> [int(p.get_width()) for p in fig.axes[0].patches]   # bottom bar first
+[1, 2]
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def _figure(ax: Axes | None, nrows: int = 1, ncols: int = 1, figsize=(8.0, 4.5),
 
 
 def _profile_label(profile: cost.CpuProfile) -> str:
-    return f"{profile.name} ({profile.microarchitecture}, {profile.year})"
+    """``"skylake (2015)"``; just the name for the generic profile."""
+    return profile.name if profile.name == cost.DEFAULT_PROFILE else f"{profile.name} ({profile.year})"
 
 
 # ------------------------------------------------------------------ exit counts
@@ -117,13 +118,11 @@ def exit_counts(trace: Any, ax: Axes | None = None, top: int | None = None,
                 title: str | None = None) -> Figure:
     """Horizontal bars: how many VM exits of each reason, most frequent on top.
 
-    Bars are coloured by cost category.  ``top`` keeps only the most frequent reasons.
-    The counts drawn are ``trace_frame(trace)["reason"].value_counts()``.
+    Bars are coloured by cost category; I/O exits that went to a user-space device
+    get their own bar.  ``top`` keeps only the most frequent reasons.  The counts
+    drawn are :func:`vtlab.cost.count_exits` of the trace.
     """
-    df = cost.classify(trace)
-    counts = df.groupby("reason", sort=False).agg(exits=("reason", "size"),
-                                                  cost_category=("cost_category", _mode))
-    counts = counts.sort_values("exits", ascending=False, kind="stable")
+    counts = cost.count_exits(trace)
     if top is not None:
         counts = counts.head(top)
     fig, ax = _figure(ax, figsize=(8.0, max(2.5, 0.45 * len(counts) + 1.5)))
@@ -140,11 +139,6 @@ def exit_counts(trace: Any, ax: Axes | None = None, top: int | None = None,
     if not len(counts):
         ax.text(0.5, 0.5, "no VM exits", transform=ax.transAxes, ha="center", va="center")
     return fig
-
-
-def _mode(s: pd.Series) -> str:
-    """Most common value (a reason's exits can split between VMM and user space)."""
-    return s.mode().iloc[0] if len(s) else ""
 
 
 def _category_legend(ax: Axes, categories: Iterable[str], **kw) -> None:
@@ -179,9 +173,9 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
         left += value
     top.xaxis.set_major_formatter(_CYCLES)
     top.set_xlabel("cycles")
-    top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize="small", frameon=False)
-    top.set_title(f"Where the cycles go on {_profile_label(profile)}: overhead "
-                  f"{a['overhead_pct']:.1f}% of native time ({a['exits']:,} exits, '{use}' costs)")
+    top.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
+    top.set_title(f"{a['exits']:,} exits on {_profile_label(profile)}, '{use}' costs", fontsize="medium")
+    fig.suptitle(f"Where the cycles go: virtualization overhead {a['overhead_pct']:.1f}% of native time")
 
     order = body.iloc[::-1]
     labels = order.index.tolist()

@@ -449,6 +449,9 @@ class VirtualMachine:
         self.timer_vector = 0x20
         self.last_exit: VmExit | None = None
         self.last_outcome: VmxOutcome | None = None
+        #: An exit that happened but whose handler has not run yet (see next_exit / step).
+        self.pending_exit: VmExit | None = None
+        self._pending_event = None
         self.msrs: dict[int, int] = {
             Msr.IA32_TIME_STAMP_COUNTER: 0, Msr.IA32_APIC_BASE: 0xFEE0_0900, Msr.IA32_PAT: 0x0007_0406_0007_0406,
             Msr.IA32_MISC_ENABLE: 1, Msr.IA32_SYSENTER_CS: 0, Msr.IA32_SYSENTER_ESP: 0,
@@ -476,7 +479,8 @@ class VirtualMachine:
         """What a VMM does before the first VMLAUNCH (SDM 24.7, 24.11.5)."""
         cpu, caps = self.cpu, self.cpu.caps
         cpu.write_cr4(cpu.cr4 | Cr4.VMXE)
-        cpu.vmxon(cpu.alloc_region(caps.revision_id)).check()
+        self.vmxon_address = cpu.alloc_region(caps.revision_id)
+        cpu.vmxon(self.vmxon_address).check()
         self.vmcs_address = cpu.alloc_region(caps.revision_id)
         cpu.vmclear(self.vmcs_address).check()
         cpu.vmptrld(self.vmcs_address).check()
@@ -664,37 +668,76 @@ class VirtualMachine:
         names = ("rax", "rbx", "rcx", "rdx", "rsp")
         return " ".join(f"{n}={g.reg(n):#x}" for n in names) + f" rflags={g.reg('rflags'):#x} cpl={g.cpl}"
 
-    def _dispatch(self, exit_: VmExit) -> bool:
+    def _record(self, exit_: VmExit):
+        """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
+        handler = self.handlers.get(exit_.reason, _unhandled)
+        event = self.trace.record_exit(exit_, getattr(handler, "__name__", repr(handler)),
+                                       self._state_summary())
+        self.pending_exit, self._pending_event = exit_, event
+        return event
+
+    def handle_pending_exit(self) -> bool:
+        """Run the handler of the exit waiting in :attr:`pending_exit`; True if the guest may resume."""
+        exit_, event = self.pending_exit, self._pending_event
+        if exit_ is None:
+            return self.state in (VmState.RUNNING, VmState.READY)
+        self.pending_exit = None
         handler = self.handlers.get(exit_.reason, _unhandled)
         name = getattr(handler, "__name__", repr(handler))
-        event = self.trace.record_exit(exit_, name, self._state_summary())
+        if self.state is VmState.READY:
+            self.state = VmState.RUNNING
         try:
             result = handler(self, exit_)
         except Exception as exc:  # the learner's handler: stop cleanly, keep everything
             self.stop(VmState.ERROR, f"exit handler {name} raised {type(exc).__name__}: {exc}")
-            event.note = self.message
+            if event is not None:
+                event.note = self.message
             raise HandlerError(
-                f"VM exit #{event.seq} ({exit_.reason.name}, reason {int(exit_.reason)}) at guest RIP "
-                f"{exit_.guest_rip:#x} '{exit_.instruction}': handler {name} raised "
+                f"VM exit #{event.seq if event else '?'} ({exit_.reason.name}, reason {int(exit_.reason)}) "
+                f"at guest RIP {exit_.guest_rip:#x} '{exit_.instruction}': handler {name} raised "
                 f"{type(exc).__name__}: {exc}. The VM is stopped; vm.trace, vm.vmcs and vm.regs "
                 "show where it was.") from exc
-        event.device = exit_.device
-        return result is not False and self.state in (VmState.RUNNING,)
+        if event is not None:
+            event.device = exit_.device
+        return result is not False and self.state is VmState.RUNNING
 
-    def run(self, max_exits: int = 10_000, max_instructions: int = 10_000_000,
-            step: bool = False) -> RunSummary:
+    def _advance(self, budget: int, step: bool = False) -> VmxOutcome:
+        """Enter the guest (VMLAUNCH/VMRESUME) or let a paused guest go on; record any exit."""
+        g, cpu = self.guest, self.cpu
+        if cpu.operation is VmxOperation.NON_ROOT:
+            outcome = cpu.continue_guest(budget, step=step)
+        else:
+            insn = "VMRESUME" if self.vmcs.launch_state.value == "launched" else "VMLAUNCH"
+            self.trace.record_entry(insn, self.vmcs.get(F.GUEST_RIP), g.counter.total)
+            outcome = cpu._enter(insn, budget, step=step)
+        self.last_outcome = outcome
+        if outcome.status is Status.VM_EXIT:
+            self._record(outcome.exit)
+        elif outcome.status is Status.ENTRY_FAILED:
+            self.trace.record_exit(outcome.exit, "(VM-entry failure)")
+            self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
+                      f"reason 33 (INVALID_STATE) | bit 31: {outcome.message}")
+        elif outcome.status in (Status.VMFAIL_VALID, Status.VMFAIL_INVALID, Status.FAULT):
+            self.stop(VmState.ENTRY_FAILED, str(outcome))
+        return outcome
+
+    _FINAL = (VmState.CRASHED, VmState.ERROR, VmState.ENTRY_FAILED, VmState.SHUTDOWN)
+
+    def run(self, max_exits: int = 10_000, max_instructions: int = 10_000_000) -> RunSummary:
         """Run the guest until it halts or stops, handling every VM exit.
 
         Ends with state BUDGET (and a message saying which budget) if the guest runs
         ``max_instructions`` instructions or causes ``max_exits`` exits first.
         """
-        if self.state in (VmState.CRASHED, VmState.ERROR, VmState.ENTRY_FAILED, VmState.SHUTDOWN):
+        if self.state in self._FINAL:
             return self._summary()
         self.state, self.message = VmState.RUNNING, ""
-        g, cpu = self.guest, self.cpu
+        g = self.guest
         start_insns, exits = g.counter.total, 0
         next_tick = g.counter.total + self.timer_period if self.timer_period else None
         while True:
+            if self.pending_exit is not None and not self.handle_pending_exit():
+                break
             used = g.counter.total - start_insns
             if used >= max_instructions:
                 self.stop(VmState.BUDGET, f"instruction budget exhausted: the guest ran {used:,} "
@@ -706,51 +749,60 @@ class VirtualMachine:
             budget = max_instructions - used
             if next_tick is not None:
                 budget = max(1, min(budget, next_tick - g.counter.total))
-            if cpu.operation is VmxOperation.NON_ROOT:
-                outcome = cpu.continue_guest(budget, step=step)
-            else:
-                launched = self.vmcs.launch_state.value == "launched"
-                self.trace.record_entry("VMRESUME" if launched else "VMLAUNCH", self.vmcs.get(F.GUEST_RIP),
-                                        g.counter.total)
-                outcome = cpu._enter("VMRESUME" if launched else "VMLAUNCH", budget) if not step else \
-                    self._step_entry(launched)
-            self.last_outcome = outcome
+            outcome = self._advance(budget)
             if outcome.status is Status.VM_EXIT:
                 exits += 1
-                if not self._dispatch(outcome.exit):
-                    break
-                if step:
-                    break
                 continue
-            if outcome.status is Status.ENTRY_FAILED:
-                self.trace.record_exit(outcome.exit, "(VM-entry failure)")
-                self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
-                          f"reason 33 (INVALID_STATE) | bit 31: {outcome.message}")
+            if self.state is not VmState.RUNNING:
                 break
-            if outcome.status in (Status.VMFAIL_VALID, Status.VMFAIL_INVALID, Status.FAULT):
-                self.stop(VmState.ENTRY_FAILED, str(outcome))
-                break
-            # PAUSED: the guest halted without exiting, a step ended, or the budget slice ran out
+            # PAUSED: the guest halted without exiting, or the budget slice ran out
             if next_tick is not None and g.counter.total >= next_tick:
                 self.raise_interrupt(self.timer_vector)
                 next_tick = g.counter.total + self.timer_period
                 continue
-            if step:
-                break
             if "HLT activity state" in outcome.message:
                 self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0) "
                           "and nothing will wake it")
                 break
-        if self.state is VmState.RUNNING and step:
-            self.state = VmState.READY
         return self._summary(exits, g.counter.total - start_insns)
 
-    def _step_entry(self, launched: bool) -> VmxOutcome:
-        return self.cpu._enter("VMRESUME" if launched else "VMLAUNCH", 1, step=True)
+    def next_exit(self, max_instructions: int = 10_000_000) -> VmExit | None:
+        """Handle the pending exit (if any), run the guest, and stop at the next VM exit
+        *before* its handler runs (it waits in :attr:`pending_exit`).  None if the VM stopped."""
+        if self.state in self._FINAL:
+            return None
+        if self.pending_exit is not None:
+            if not self.handle_pending_exit():
+                return None
+        self.state = VmState.RUNNING
+        outcome = self._advance(max_instructions)
+        if outcome.status is Status.VM_EXIT:
+            return outcome.exit
+        if self.state is VmState.RUNNING:
+            if "HLT activity state" in outcome.message:
+                self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0)")
+            else:
+                self.stop(VmState.BUDGET, outcome.message)
+        return None
 
-    def step(self) -> RunSummary:
-        """Execute one guest instruction (entering the guest first if needed)."""
-        return self.run(max_exits=1, max_instructions=1, step=True)
+    def step(self) -> VmxOutcome | None:
+        """One step: handle the pending exit if there is one, else run one guest instruction.
+
+        Returns the VMX outcome of the step (a VM exit, or PAUSED after one instruction).
+        """
+        if self.state in self._FINAL:
+            return None
+        if self.pending_exit is not None:
+            self.handle_pending_exit()
+            return self.last_outcome
+        self.state = VmState.RUNNING
+        outcome = self._advance(1, step=True)
+        if self.state is VmState.RUNNING and outcome.status is Status.PAUSED:
+            if "HLT activity state" in outcome.message:
+                self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0)")
+            else:
+                self.state = VmState.READY
+        return outcome
 
     def _summary(self, exits: int = 0, instructions: int = 0) -> RunSummary:
         self.trace.instructions_total = self.guest.counter.total
