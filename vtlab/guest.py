@@ -217,6 +217,8 @@ class Guest:
         self._pc = X.UC_X86_REG_RIP if self.mode is Mode.LONG else X.UC_X86_REG_EIP
         self._sp = X.UC_X86_REG_RSP if self.mode is Mode.LONG else X.UC_X86_REG_ESP
         self._uch = self.uc._uch
+        self._fast_ids: dict[str, int] = {}
+        self._scratch = ctypes.c_uint64(0)
         self.uc.mem_map(0, memory_size)
         self.programs: list[Program] = []
         self.exceptions: list[GuestException] = []
@@ -264,6 +266,12 @@ class Guest:
     # --------------------------------------------------------------- registers
     def reg(self, name: str) -> int:
         """Read a register by name (``rax``, ``eip``, ``cs``, ``cr0``, ``efer`` ...)."""
+        regid = self._fast_ids.get(name)
+        if regid is not None:  # hot path: a plain integer register, already resolved
+            value = self._scratch
+            if not _uc_reg_read(self._uch, regid, ctypes.byref(value)):
+                return value.value
+        original = name
         name = name.lower()
         if name == "efer":
             return self.uc.msr_read(Msr.IA32_EFER)
@@ -276,6 +284,7 @@ class Guest:
             raise ValueError(f"unknown register {name!r}") from None
         if regid in _MMR_REGS:
             return self.uc.reg_read(regid)
+        self._fast_ids[original] = regid
         return self._read_raw(regid)
 
     def _read_raw(self, regid: int) -> int:

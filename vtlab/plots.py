@@ -375,6 +375,7 @@ def technique_comparison(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_P
     ax.bar_label(bars, labels=[f"+{p:.0f}%" for p in comp["overhead_pct"]], padding=2)
     ax.yaxis.set_major_formatter(_CYCLES)
     ax.set_ylabel("cycles")
+    ax.set_xlabel("how the CPU is virtualized")
     ax.set_title(f"One guest, three techniques ({cost.get_profile(cpu).name}, '{use}' costs)")
     ax.legend(fontsize="small")
     ax.margins(y=0.15)

@@ -228,6 +228,29 @@ def _system_descriptor(base: int, limit: int, access: int, long_mode: bool) -> b
     return low + (struct.pack("<Q", base >> 32) if long_mode else bytes(8))
 
 
+_TABLE_OPS = ("lgdt", "lidt", "sgdt", "sidt")
+
+
+def assemble(source: str, address: int, bits: int) -> bytes:
+    """:func:`vtlab.asm.assemble`, with Keystone's LGDT/LIDT/SGDT/SIDT fixed in 32-bit code.
+
+    Keystone puts a 0x66 operand-size prefix on these four in 32-bit code, which makes
+    them 16-bit instructions: LGDT/LIDT then load only a 24-bit base (SDM Vol. 2A,
+    LGDT/LIDT "Operation") and QEMU's SGDT/SIDT store only 24 bits of it.  The prefix
+    is replaced by a segment-override prefix naming the segment the operand uses
+    anyway (DS, or SS for EBP/ESP-based operands), so the length and every label stay
+    the same and the instruction gets its 32-bit operand size back.
+    """
+    code = bytearray(asm.assemble(source, address, bits))
+    if bits != 32:
+        return bytes(code)
+    for insn in asm.disassemble(bytes(code), address, bits):
+        if insn.mnemonic in _TABLE_OPS and insn.bytes[:1] == b"\x66":
+            uses_stack = re.search(r"\b(ebp|esp)\b", insn.op_str) is not None
+            code[insn.address - address] = 0x36 if uses_stack else 0x3E
+    return bytes(code)
+
+
 def _install_tables(g: Guest, world: World) -> None:
     """Write the guest's GDT (plus this lab's entries), the VMM's copies, LDT and TSS."""
     long_mode = g.mode is Mode.LONG
@@ -309,10 +332,11 @@ def _run(text: str, world: World, mode: Mode) -> _Run:
     """Run ``text`` + ``hlt`` in a fresh guest set up as ``world``; observe the results."""
     g = Guest(mode)
     _install_tables(g, world)
-    prog = g.load(text + "\nhlt", PROBE_ADDRESS)
+    prog = g.load(assemble(text + "\nhlt", PROBE_ADDRESS, mode.bits), PROBE_ADDRESS)
     final_hlt = prog.instructions[-1].address
     probed = prog.instructions[-2] if len(prog.instructions) > 1 else None
-    g.load(_setup_source(g, world, prog.address), SETUP_ADDRESS)
+    g.load(assemble(_setup_source(g, world, prog.address), SETUP_ADDRESS, mode.bits),
+           SETUP_ADDRESS)
     start = _initial_gprs(mode)
     for name, value in start.items():
         g.set_reg(name, value)
@@ -771,14 +795,17 @@ def _red_pill_run(world: World, mode: Mode) -> dict:
     """Run the red pill in ``world``; at CPL 3 play a minimal trap-and-emulate VMM."""
     g = Guest(mode)
     _install_tables(g, world)
-    prog = g.load(_RED_PILL, PROBE_ADDRESS)
+    prog = g.load(assemble(_RED_PILL, PROBE_ADDRESS, 32), PROBE_ADDRESS)
     final_hlt = prog.instructions[-1].address
-    g.load(_setup_source(g, world, prog.address), SETUP_ADDRESS)
+    g.load(assemble(_setup_source(g, world, prog.address), SETUP_ADDRESS, 32), SETUP_ADDRESS)
     virtual_if, traps = 1, []
     result = g.run(SETUP_ADDRESS, 10_000)
     # The VMM's loop: privileged instructions trap (#GP) and are emulated against the
-    # guest's *virtual* state, then the guest resumes after them.
-    while result.exception is not None and result.exception.vector == 13:
+    # guest's *virtual* state, then the guest resumes after them.  Unicorn quirk: after
+    # one #GP went to the host hook (never delivered), QEMU still remembers it as the
+    # exception "being delivered", so the next #GP is reported as #DF (vector 8, the
+    # SDM Vol. 3A 6.15 Table 6-5 rule).  Both vectors mean "trapped" here.
+    while result.exception is not None and result.exception.vector in (13, 8):
         exc = result.exception
         insn = g.instruction_at(exc.rip)
         traps.append(insn.text)

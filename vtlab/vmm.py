@@ -645,6 +645,10 @@ class VirtualMachine:
         """A virtual device raises an external interrupt (delivered or exiting at the next entry)."""
         self.cpu.monitor.pending_interrupts.append(vector)
 
+    def raise_nmi(self) -> None:
+        """A virtual device raises an NMI (exits if "NMI exiting" is 1, else goes to guest vector 2)."""
+        self.cpu.monitor.pending_nmi = True
+
     def set_timer(self, period_instructions: int, vector: int = 0x20) -> None:
         """A periodic timer interrupt every ``period_instructions`` guest instructions (0: off)."""
         self.timer_period, self.timer_vector = period_instructions, vector
@@ -664,9 +668,9 @@ class VirtualMachine:
         self.last_exit = exit_
 
     def _state_summary(self) -> str:
-        g = self.guest
-        names = ("rax", "rbx", "rcx", "rdx", "rsp")
-        return " ".join(f"{n}={g.reg(n):#x}" for n in names) + f" rflags={g.reg('rflags'):#x} cpl={g.cpl}"
+        r = self.guest.reg
+        return (f"rax={r('rax'):#x} rbx={r('rbx'):#x} rcx={r('rcx'):#x} rdx={r('rdx'):#x} "
+                f"rsp={r('rsp'):#x} rflags={r('rflags'):#x} cpl={self.guest.cpl}")
 
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
