@@ -171,13 +171,17 @@ class VmxCapabilities:
 
 
 def _names(enum_cls, bits: int) -> str:
+    """``Cr0.PE|Cr0.PG``-style names of the set bits (unnamed ones as "bit N")."""
+    return "|".join(flag_names(enum_cls, bits))
+
+
+def flag_names(enum_cls, bits: int, width: int = 64) -> list[str]:
+    """Names of the bits set in ``bits``, lowest first; bits the enum does not name as "bit N"."""
     names = []
-    for b in range(64):
+    for b in range(width):
         if bits >> b & 1:
-            # IntFlag gives a pseudo-member with .name None for an undefined bit (3.11+).
             try:
-                name = enum_cls(1 << b).name
+                names.append(enum_cls(1 << b).name)
             except ValueError:
-                name = None
-            names.append(name or f"bit {b}")
-    return "|".join(names)
+                names.append(f"bit {b}")
+    return names

@@ -21,6 +21,7 @@ from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcB
 from .arch.exceptions import INTR_INFO_VALID, InterruptionType, IntrInfo
 from .arch.msrs import Cr0, Cr4, Efer
 from .arch.vmcs_fields import VmcsField as F
+from .capabilities import flag_names
 from .vmcs import INVALID_POINTER
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class Checker:
         must1, must0 = self.caps.allowed(cls).violations(value)
         for bits, verb in ((must1, "must be 1"), (must0, "must be 0")):
             if bits:
-                names = ", ".join(_flag_names(cls, bits))
+                names = ", ".join(flag_names(cls, bits, 32))
                 yield f"{field}: {names} {verb} on this CPU (capability MSR allowed-{'0' if verb == 'must be 1' else '1'} settings)"
 
     def _event_injection(self, info: IntrInfo) -> Iterable[str]:
@@ -270,20 +271,6 @@ class Checker:
         if v(F.VMCS_LINK_POINTER) != INVALID_POINTER:
             yield (f"VMCS_LINK_POINTER is {v(F.VMCS_LINK_POINTER):#x}; without VMCS shadowing it "
                    "must be FFFFFFFF_FFFFFFFFH", 4)
-
-
-def _flag_names(cls, bits: int) -> list[str]:
-    out = []
-    for b in range(32):
-        if bits >> b & 1:
-            # An IntFlag does not raise for a bit it has no member for: on Python >= 3.11
-            # it returns a pseudo-member whose .name is None (a reserved control bit).
-            try:
-                name = cls(1 << b).name
-            except ValueError:
-                name = None
-            out.append(name or f"bit {b}")
-    return out
 
 
 def entry_violations(cpu: "VmxCpu", vmcs: "Vmcs") -> list[Violation]:

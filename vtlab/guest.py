@@ -43,12 +43,6 @@ class Mode(str, enum.Enum):
     PAGED = "paged"
     LONG = "long"
 
-    def _engine_name(self, name: str) -> str:
-        """On a 16/32-bit engine the 64-bit names (rax, rip ...) address the 32-bit registers."""
-        if self.mode is not Mode.LONG and name in _R64_TO_32:
-            return _R64_TO_32[name]
-        return name
-
     @property
     def bits(self) -> int:
         """Default operand/address size of code in this mode."""
