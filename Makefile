@@ -58,3 +58,30 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# --- Teaching with nbgrader (see "Teach with vtlab" in the README) -------------------
+#   make assignments                 student versions -> course/release/<assignment>/
+#   make autograde SUBMISSIONS=dir   grade dir/<student>/<assignment>/<assignment>.ipynb,
+#                                    export all grades to course/grades.csv
+#   make validate-assignments        check the instructor solutions pass their tests
+# One assignment per nbgrader notebook in notebooks/, named after it; nbgrader_config.py
+# holds the settings; everything generated lands in course/ (git-ignored).
+COURSE_TOOL := $(PY) tools/nbgrader_course.py
+
+.PHONY: assignments autograde validate-assignments clean-binder
+
+assignments: venv
+	$(COURSE_TOOL) generate
+
+autograde: venv
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make autograde SUBMISSIONS=dir   (dir/<student>/<assignment>/<assignment>.ipynb)" >&2; exit 2; }
+	$(COURSE_TOOL) autograde "$(SUBMISSIONS)"
+
+validate-assignments: venv
+	$(COURSE_TOOL) validate
+
+# The Binder test's cached environment (tests/test_binder.py).
+clean-binder:
+	rm -rf .venv-binder
+
+distclean: clean-binder

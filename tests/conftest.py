@@ -40,3 +40,9 @@ def artifacts_dir() -> Path:
     """tests/artifacts/ (git-ignored): a place for screenshots, executed notebooks, logs."""
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS_DIR
+
+
+def pytest_configure(config):
+    # Markers for the classroom tests; select with e.g. `pytest -m nbgrader` / `-m "not binder"`.
+    config.addinivalue_line("markers", "nbgrader: nbgrader course pipeline (student versions, autograde, validate)")
+    config.addinivalue_line("markers", "binder: a fresh venv built only from binder/requirements.txt runs the notebooks")

@@ -25,6 +25,7 @@ _KS_MODE = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MO
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 _DATA = {"db": ".byte", "dw": ".short", "dd": ".long", "dq": ".quad"}
 _LABEL = re.compile(r"^\s*([A-Za-z_.$@?][\w.$@?]*)\s*:")
+_SIZE_NO_PTR = re.compile(r"\b(byte|word|dword|qword)\s+\[", re.I)
 _STRING = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 
@@ -102,6 +103,8 @@ def _translate(line: str) -> tuple[str, int | None, int | None]:
     head, _, rest = code.partition(" ")
     if head.lower() in _DATA:
         code = f"{_DATA[head.lower()]} {_data_operands(rest.strip())}"
+    else:
+        code = _SIZE_NO_PTR.sub(lambda m: f"{m.group(1)} ptr [", code)  # NASM "word [x]"
     return label + " " + code if label else code, None, None
 
 
@@ -150,11 +153,36 @@ def assemble(source: str, address: int = 0, bits: int = 16) -> bytes:
     except keystone.KsError as exc:
         encoding, error = None, str(exc)
     if error is None:
-        return bytes(encoding)
+        return _fix_keystone(bytes(encoding), address, bits)
     number, text, reason = _find_bad_line(lines, source_lines, bits, address)
     if number is None and error == "Keystone produced no code" and not any(l.strip() for l in lines):
         return b""
     raise AssemblyError(reason or error, number, text)
+
+
+# Keystone (0.9.2) emits an operand-size prefix (66H) where none belongs: on LGDT, LIDT,
+# SGDT and SIDT in 32-bit code (which then load/store only 24 bits of the base) and on
+# RETF in 16-bit code (which then pops 32-bit values).  The prefix is swapped for one
+# that changes nothing (DS, or SS for a stack-based operand, or a NOP before RETF), so
+# every length - and every label - stays as Keystone computed it.
+_DT_OPS = {"lgdt", "lidt", "sgdt", "sidt"}
+
+
+def _fix_keystone(code: bytes, address: int, bits: int) -> bytes:
+    if bits == 64 or b"\x66" not in code:
+        return code
+    out = bytearray(code)
+    for insn in disassemble(code, address, bits):
+        raw = insn.bytes
+        if raw[:1] != b"\x66":
+            continue
+        off = insn.address - address
+        if bits == 32 and insn.mnemonic in _DT_OPS:
+            stack = any(r in insn.op_str for r in ("esp", "ebp"))
+            out[off] = 0x36 if stack else 0x3E
+        elif bits == 16 and raw[1:2] == b"\xcb" and len(raw) == 2:
+            out[off] = 0x90
+    return bytes(out)
 
 
 def disassemble(code: bytes, address: int = 0, bits: int = 16, count: int = 0) -> list[Instruction]:

@@ -181,7 +181,8 @@ def flag_names(enum_cls, bits: int, width: int = 64) -> list[str]:
     for b in range(width):
         if bits >> b & 1:
             try:
-                names.append(enum_cls(1 << b).name)
+                name = enum_cls(1 << b).name  # an IntFlag's unnamed bit has name None
             except ValueError:
-                names.append(f"bit {b}")
+                name = None
+            names.append(name or f"bit {b}")
     return names

@@ -35,6 +35,7 @@ from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType
                                   IoQualification)
 from .arch.vmcs_fields import VmcsField as F
 from .asm import Instruction
+from .quirks import forget_exception
 
 if TYPE_CHECKING:
     from .guest import Guest, Program
@@ -764,6 +765,7 @@ class ExitMonitor:
                 exit_ = self.pending
                 break
             if self.event is not None:
+                forget_exception(g.uc)  # vtlab, not QEMU, delivers it (or exits)
                 exit_ = self._handle_event(*self.event)
                 if exit_ is not None:
                     break

@@ -32,6 +32,7 @@ from . import asm
 from .arch.exceptions import Vector
 from .arch.msrs import Cr0, Cr4, Efer, Msr
 from .counter import InstructionCounter
+from .quirks import forget_exception
 from .errors import BudgetExceeded, GuestFault
 
 
@@ -615,6 +616,7 @@ class Guest:
             self.rip = self.rip + 1  # HLT retires; the CPU would now wait for an interrupt
             return RunResult("hlt", stop[1], executed, cpl=self.cpl)
         exc = stop[1]
+        forget_exception(self.uc)  # the exception was reported, not delivered
         self.exceptions.append(exc)
         return RunResult("exception", exc.rip, executed, exc, cpl=exc.cpl)
 

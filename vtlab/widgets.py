@@ -19,6 +19,7 @@ that browser tests can find it.
 from __future__ import annotations
 
 import html
+import io
 from typing import Callable
 
 import ipywidgets as W
@@ -47,8 +48,11 @@ def _css(widget: W.Widget, *names: str) -> W.Widget:
     return widget
 
 
-def parse_ranges(text: str) -> list[int]:
-    """``"0x3f8-0x3ff, 0x60"`` -> [0x3f8, ..., 0x3ff, 0x60] (hex or decimal, inclusive ranges)."""
+def parse_ranges(text: str, maximum: int | None = None, max_count: int = 0x10000) -> list[int]:
+    """``"0x3f8-0x3ff, 0x60"`` -> [0x3f8, ..., 0x3ff, 0x60] (hex or decimal, inclusive ranges).
+
+    ValueError for a value above ``maximum`` or more than ``max_count`` values in all.
+    """
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
         lo, sep, hi = part.partition("-")
@@ -56,6 +60,10 @@ def parse_ranges(text: str) -> list[int]:
         b = int(hi.strip(), 0) if sep else a
         if b < a:
             raise ValueError(f"range {part!r} ends before it starts")
+        if maximum is not None and b > maximum:
+            raise ValueError(f"{b:#x} in {part!r} is above {maximum:#x}")
+        if len(out) + b - a + 1 > max_count:
+            raise ValueError(f"{part!r}: more than {max_count:,} values in all")
         out.extend(range(a, b + 1))
     return out
 
@@ -108,13 +116,12 @@ class ControlsPanel(_Base):
                 tip = f"{info.sdm_name} (bit {info.bit}): {info.description}"
                 cb = W.Checkbox(value=vm.control(flag), description=f"{flag.name} (bit {info.bit})",
                                 indent=False, layout=W.Layout(width="auto"))
-                cb.description_tooltip = tip
-                cb.tooltip = tip
+                cb.tooltip = tip  # ipywidgets 8: .tooltip (description_tooltip is deprecated)
                 if must1 or not may1:
                     cb.disabled = True
                     why = (f"fixed to 1: {_CAP_MSR[cls]} allowed-0 settings" if must1
                            else f"fixed to 0: {_CAP_MSR[cls]} allowed-1 settings (not supported by this CPU)")
-                    cb.description_tooltip = cb.tooltip = f"{tip} — {why}"
+                    cb.tooltip = f"{tip} — {why}"
                 _css(cb, "vtlab-control", f"vtlab-control-{cls.__name__}-{flag.name}")
                 cb.observe(self._make_handler(flag), names="value")
                 self.toggles[flag] = cb
@@ -189,7 +196,7 @@ class ControlsPanel(_Base):
 
     def _set_ports(self, intercept: bool) -> None:
         try:
-            ports = parse_ranges(self.io_ports.value)
+            ports = parse_ranges(self.io_ports.value, maximum=0xFFFF)
             self.vm.set_io_intercept(ports, intercept)
         except ValueError as exc:
             self.status.value = f"<span style='color:#D55E00'>I/O bitmap: {html.escape(str(exc))}</span>"
@@ -201,7 +208,7 @@ class ControlsPanel(_Base):
 
     def _set_msrs(self) -> None:
         try:
-            msrs = parse_ranges(self.msr_ranges.value)
+            msrs = parse_ranges(self.msr_ranges.value, maximum=0xFFFF_FFFF)
             for msr in msrs:
                 self.vm.set_msr_intercept(msr, read=self.msr_read.value, write=self.msr_write.value)
         except ValueError as exc:
@@ -253,10 +260,11 @@ class Stepper(_Base):
     # actions -------------------------------------------------------------
     def _guarded(self, action: Callable[[], object]) -> None:
         before = self._snapshot()
+        self._error = ""
         try:
             action()
         except VtlabError as exc:
-            self.exit_html.value = f"<b style='color:#D55E00'>{html.escape(str(exc))}</b>"
+            self._error = str(exc)
         self.refresh(before)
 
     def step(self) -> None:
@@ -274,6 +282,7 @@ class Stepper(_Base):
     def reset(self) -> None:
         """Build a fresh VM from the guest source."""
         self.vm = self.factory()
+        self._error = ""
         self.refresh(None)
 
     # display -------------------------------------------------------------
@@ -307,13 +316,16 @@ class Stepper(_Base):
             fields = "".join(f"<li>{html.escape(str(k))}: <code>{html.escape(_fmt(v))}</code></li>"
                              for k, v in exit_.decoded().items())
             pending = " <i>(handler not run yet)</i>" if vm.pending_exit is exit_ else ""
-            self.exit_html.value = (f"<b>last exit</b>{pending}: {html.escape(exit_.reason.name)} "
-                                    f"(reason {int(exit_.reason)}), guest RIP <code>{exit_.guest_rip:#x}</code>, "
-                                    f"instruction length {exit_.instruction_length}<ul>{fields}</ul>")
-        elif not self.exit_html.value:
-            self.exit_html.value = "<b>last exit</b>: none yet"
+            text = (f"<b>last exit</b>{pending}: {html.escape(exit_.reason.name)} "
+                    f"(reason {int(exit_.reason)}), guest RIP <code>{exit_.guest_rip:#x}</code>, "
+                    f"instruction length {exit_.instruction_length}<ul>{fields}</ul>")
+        else:
+            text = "<b>last exit</b>: none yet"
+        if getattr(self, "_error", ""):
+            text += f"<div class='vtlab-vm-error'><b style='color:#D55E00'>{html.escape(self._error)}</b></div>"
         if vm.message:
-            self.exit_html.value += f"<div class='vtlab-vm-message'>{html.escape(vm.message)}</div>"
+            text += f"<div class='vtlab-vm-message'>{html.escape(vm.message)}</div>"
+        self.exit_html.value = text
         after = self._snapshot()
         if before and after:
             changed = [f for f in _WATCHED if before.get(f) != after.get(f)]
@@ -361,8 +373,14 @@ class VmcsExplorer(_Base):
             return text
 
     def _decode(self) -> None:
+        text = self.encoding.value.strip()
+        if not text:
+            self.decoded.value = ""
+            return
         try:
-            enc = decode_encoding(int(self.encoding.value, 0))
+            if text.upper() in F.__members__:
+                text = str(int(F[text.upper()]))
+            enc = decode_encoding(int(text, 0))
             d = enc.as_dict()
             self.decoded.value = ("<small>" + ", ".join(f"{k}: <b>{html.escape(str(v))}</b>" for k, v in d.items())
                                   + (" · <b>read-only</b>" if enc.read_only else "") + "</small>")
@@ -559,7 +577,7 @@ class Dashboard(_Base):
         for flag in controls:
             cb = _css(W.Checkbox(description=flag.name, indent=False, layout=W.Layout(width="auto")),
                       "vtlab-dash-control", f"vtlab-dash-{flag.name}")
-            cb.description_tooltip = CONTROL_INFO[flag].description
+            cb.tooltip = CONTROL_INFO[flag].description
             self.toggles[flag] = cb
         self.run_button = _css(W.Button(description="run", icon="play", button_style="success"), "vtlab-run")
         self.counts_html = _css(W.HTML(), "vtlab-exit-counts")
@@ -577,7 +595,7 @@ class Dashboard(_Base):
         self.widget = _css(W.VBox([
             W.HBox([self.workload, self.profile, self.run_button]),
             W.GridBox(list(self.toggles.values()), layout=W.Layout(grid_template_columns="repeat(4, 1fr)")),
-            W.HBox([self.counts_html, self.summary_html]),
+            W.HBox([self.counts_html, self.summary_html], layout=W.Layout(grid_gap="3em")),
             self.plot]), "vtlab-dashboard")
         self.update()
 
@@ -626,9 +644,13 @@ class Dashboard(_Base):
             f"native: {attrs.get('native_cycles', 0):,.0f} cycles<br>"
             f"virtualization: {attrs.get('virtualization_cycles', est['total_cycles'].sum() if 'total_cycles' in est else 0):,.0f} cycles<br>"
             f"overhead: <b class='vtlab-overhead'>{attrs.get('overhead_pct', 0):.1f}%</b>")
+        fig = plots.cycle_breakdown(self.vm.trace, cpu=self.profile.value)
+        # A PNG, not the Figure: display(fig) shows "<Figure size ...>" as text unless the
+        # inline backend registered its formatter (not so under MPLBACKEND=Agg or ipympl).
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+        plt.close(fig)
         self.plot.clear_output(wait=True)
         with self.plot:
-            from IPython.display import display
-            fig = plots.cycle_breakdown(self.vm.trace, cpu=self.profile.value)
-            display(fig)
-            plt.close(fig)
+            from IPython.display import Image, display
+            display(Image(data=buf.getvalue(), format="png"))
