@@ -83,7 +83,7 @@ def test_innocuous(text):
 def test_rdtsc_clock_is_noise_not_privilege():
     p = rings.probe("rdtsc")
     assert p.category == "innocuous"
-    assert "ignored: EAX differ between two identical runs" in p.evidence
+    assert "ignored: EAX" in p.evidence and "merely takes longer" in p.evidence
 
 
 def test_int_n_is_untestable_under_unicorn():

@@ -451,6 +451,8 @@ _SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"
                    F[f"GUEST_{s.upper()}_LIMIT"], F[f"GUEST_{s.upper()}_AR_BYTES"]) for s in _SEGMENTS}
 _FIELD_SEG = {f: s for s, fs in _SEG_FIELDS.items() for f in fs}
 _EXCEPTION_VECTORS = set(range(32))
+#: The size a UC_HOOK_CODE callback receives for an instruction QEMU does not implement.
+_UNDECODED_SIZE = 0xF1F1F1F1
 _RIP_ONLY = frozenset({int(F.GUEST_RIP)})
 #: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
@@ -477,6 +479,7 @@ class ExitMonitor:
         g = self.guest
         g.on_interrupt = self._on_interrupt
         g.on_hlt = self._on_hlt
+        g.on_rdtsc = self._on_rdtsc
         g.on_hlt_stops_itself = True
         g.load_listeners.append(self.watch_program)
         for prog in g.programs:
@@ -492,8 +495,8 @@ class ExitMonitor:
             if insn.address in self._hooked or rule_key(insn) is None:
                 continue
             self._hooked[insn.address] = insn
-            if insn.mnemonic == "hlt":
-                continue  # the guest's own HLT hook calls _on_hlt, which checks the rule
+            if insn.mnemonic in ("hlt", "rdtsc", "rdtscp"):
+                continue  # the guest's own hook for these calls _on_hlt / _on_rdtsc
             self.guest.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_sensitive,
                                    begin=insn.address, end=insn.address)
 
@@ -507,7 +510,13 @@ class ExitMonitor:
         if self.pending is not None or self.vmcs is None:
             return False
         insn = self._hooked.get(address)
-        if insn is None or insn.size != size:
+        # Unicorn (QEMU) passes the size it decoded, except for instructions its
+        # translator turns straight into #UD (GETSEC, VMCALL and the other VMX
+        # instructions): their size is never filled in and arrives as the placeholder
+        # 0xF1F1F1F1.  Those are exactly instructions that must exit unconditionally,
+        # so trust the sweep's size for them (the byte comparison below still guards
+        # against self-modifying code).
+        if insn is None or (insn.size != size and size != _UNDECODED_SIZE):
             return False
         # Self-modifying code: trust the bytes that are there now, not the sweep.
         if self.guest.read(address, size) != insn.bytes:
@@ -534,6 +543,13 @@ class ExitMonitor:
             return True
         self.halted = True
         return True
+
+    def _on_rdtsc(self, address: int) -> bool:
+        """Called by the guest before RDTSC/RDTSCP: True if it exits (or faults) instead."""
+        if self.pending is not None or self.vmcs is None:
+            return False
+        insn = self._hooked.get(address)
+        return insn is not None and self._on_sensitive(self.guest.uc, address, insn.size, None)
 
     def _on_interrupt(self, vector: int) -> None:
         g = self.guest

@@ -502,6 +502,9 @@ class Guest:
             if insn.mnemonic == "hlt":
                 self._hlt_hooks.add(insn.address)
                 self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_hlt, begin=insn.address, end=insn.address)
+            elif insn.mnemonic in ("rdtsc", "rdtscp"):
+                self._hlt_hooks.add(insn.address)
+                self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_rdtsc, begin=insn.address, end=insn.address)
             elif insn.mnemonic.split()[-1] in _IO_MNEMONICS:  # "rep outsb" -> "outsb"
                 self._hlt_hooks.add(insn.address)
                 self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_io_check, begin=insn.address, end=insn.address)
@@ -528,6 +531,36 @@ class Guest:
             if self._stop is None and not self.on_hlt_stops_itself:
                 self._stop = ("hlt", address)
             uc.emu_stop()
+
+    def _on_rdtsc(self, uc, address, size, _user):
+        """RDTSC/RDTSCP read a *virtual* time-stamp counter: guest instructions retired.
+
+        Unicorn's own TSC follows the host clock, which would make every run different;
+        counting retired instructions keeps guests deterministic (and is roughly what a
+        1-instruction-per-cycle CPU would show).  CR4.TSD at CPL > 0 still faults.
+        """
+        if self._stop is not None or self.on_rdtsc(address):
+            return
+        if self.reg("cr4") & Cr4.TSD and self.cpl > 0:
+            return  # let the CPU raise #GP
+        tsc = self.read_tsc()
+        self.set_reg("rax", tsc & 0xFFFF_FFFF)
+        self.set_reg("rdx", tsc >> 32)
+        if size == 3:  # RDTSCP also loads IA32_TSC_AUX into ECX
+            self.set_reg("rcx", self.tsc_aux)
+        self.rip = self.rip + size
+
+    #: Added to the instruction count to form the TSC (IA32_TSC_ADJUST-like).
+    tsc_offset = 0
+    tsc_aux = 0
+
+    def read_tsc(self) -> int:
+        """The guest's time-stamp counter: instructions retired + :attr:`tsc_offset`."""
+        return (self.counter.total + self.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def on_rdtsc(self, address: int) -> bool:
+        """Called before RDTSC/RDTSCP; True means someone else (a VM exit) took it over."""
+        return False
 
     def _on_io_check(self, uc, address, size, _user):
         """IN/OUT/INS/OUTS privilege check (SDM Vol. 1 19.5.1), which Unicorn skips.

@@ -287,8 +287,8 @@ def handle_ept_violation(vm: "VirtualMachine", exit: VmExit) -> bool:
 
 
 def handle_rdtsc(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """RDTSC/RDTSCP: a virtual TSC = guest instructions retired + TSC offset."""
-    tsc = vm.guest.counter.total + vm.tsc_offset
+    """RDTSC/RDTSCP: the guest's virtual TSC (instructions retired) + the VMM's TSC offset."""
+    tsc = vm.guest.read_tsc() + vm.tsc_offset
     vm.regs.rax, vm.regs.rdx = tsc & 0xFFFF_FFFF, tsc >> 32
     if exit.reason is ExitReason.RDTSCP:
         vm.regs.rcx = vm.msrs.get(Msr.IA32_TSC_AUX, 0) & 0xFFFF_FFFF
