@@ -126,6 +126,7 @@ class JupyterLab:
         self.port = 0
         self.log = None
         self.descendants: set[int] = set()
+        self._lock = threading.Lock()  # stop() may race with the watchdog thread
         config = base / "config"
         (config / "labconfig").mkdir(parents=True, exist_ok=True)
         (config / "labconfig" / "page_config.json").write_text(json.dumps(
@@ -203,6 +204,10 @@ class JupyterLab:
 
     def stop(self) -> None:
         """Shut down cleanly, then kill the process group and any kernel still alive."""
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         proc = self.proc
         if proc is None:
             return
@@ -264,6 +269,16 @@ def _own_children() -> set[int]:
         return set()
 
 
+def _expect(page, selector: str, timeout_ms: float, what: str) -> None:
+    """wait_for_selector with a message that says what was missing and why it may be."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector(selector, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        raise AssertionError(f"{what}: no {selector!r} within {timeout_ms / 1000:.0f} s") from None
+
+
 def _total(page) -> int:
     text = page.locator(TOTAL).first.inner_text(timeout=5000)
     return int(re.sub(r"[^\d]", "", text))
@@ -313,13 +328,12 @@ def test_dashboard_in_jupyterlab(artifacts_dir):
 
     notebook = pick_notebook()
     deadline = Deadline(HARD_TIMEOUT)
-    SERVER_LOG.write_bytes(b"")
     before_children = _own_children()
     base = Path(tempfile.mkdtemp(prefix="vtlab-browser-"))
     root = base / "notebooks"
     root.mkdir()
     shutil.copy(notebook, root / notebook.name)
-    server = JupyterLab(root, base, SERVER_LOG)
+    server = JupyterLab(root, base, base / "jupyter.log")
     timed_out = threading.Event()
 
     def watchdog():  # last resort: never let CI hang on a wedged server or browser
@@ -342,11 +356,14 @@ def test_dashboard_in_jupyterlab(artifacts_dir):
                 page.set_default_timeout(deadline.ms(60))
                 page.goto(f"{server.url}/lab/tree/{notebook.name}?token={server.token}",
                           timeout=deadline.ms(PAGE_TIMEOUT), wait_until="domcontentloaded")
-                page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=deadline.ms(PAGE_TIMEOUT))
-                page.wait_for_selector(IDLE, timeout=deadline.ms(PAGE_TIMEOUT))  # kernel started
+                _expect(page, ".jp-NotebookPanel .jp-Cell", deadline.ms(PAGE_TIMEOUT),
+                        "JupyterLab did not show the notebook")
+                _expect(page, IDLE, deadline.ms(PAGE_TIMEOUT), "the kernel did not start")
 
                 _run_all_cells(page, deadline)
-                page.wait_for_selector(TOTAL, timeout=deadline.ms(RUN_ALL_TIMEOUT))
+                _expect(page, TOTAL, deadline.ms(RUN_ALL_TIMEOUT),
+                        "Run All Cells rendered no dashboard exit total (a cell failed, or the "
+                        "widget manager did not render the Dashboard)")
                 _wait_all_executed(page, deadline, RUN_ALL_TIMEOUT)
                 errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] "
                                       ":text('Traceback')")
@@ -355,6 +372,8 @@ def test_dashboard_in_jupyterlab(artifacts_dir):
                 dashboard = page.locator(DASHBOARD).first
                 dashboard.scroll_into_view_if_needed()
                 before = _total(page)
+                _expect(page, CONTROL, deadline.ms(10), "the dashboard has no HLT_EXITING checkbox "
+                        "(Dashboard(controls=...) must include ProcBased.HLT_EXITING)")
                 checkbox = page.locator(CONTROL).first
                 was_checked = checkbox.is_checked()
                 checkbox.click()
@@ -393,9 +412,14 @@ def test_dashboard_in_jupyterlab(artifacts_dir):
         timer.cancel()
         server.stop()
         _kill_pids(_own_children() - before_children)
+        log_tail = server.log_tail()
+        try:
+            shutil.copyfile(server.log_path, SERVER_LOG)
+        except OSError:
+            pass
         shutil.rmtree(base, ignore_errors=True)
     if failure is not None or timed_out.is_set():
         why = f"hard timeout of {HARD_TIMEOUT + 30} s hit; " if timed_out.is_set() else ""
         pytest.fail(f"{why}browser test on {notebook.relative_to(REPO)} failed: {failure!r}\n"
-                    f"screenshot: {FAILURE_SCREENSHOT}\n--- JupyterLab log (tail) ---\n{server.log_tail()}",
+                    f"screenshot: {FAILURE_SCREENSHOT}\nlog: {SERVER_LOG}\n--- JupyterLab log (tail) ---\n{log_tail}",
                     pytrace=False)

@@ -299,6 +299,18 @@ def test_student_version_has_no_solutions_or_hidden_tests(graded):
     assert not with_outputs, f"{graded.name}: student version has outputs in cells {with_outputs}"
 
 
+def test_leak_check_sees_solutions_and_hidden_tests():
+    """The leak check itself: on the fixture it finds every marked solution/hidden line."""
+    instructor = nbformat.read(FIXTURE, as_version=4)
+    lines, blocks = protected_text(instructor)
+    for i in (1, 2, 3):
+        assert any(f"fixture-solution-marker-{i}" in l for l in lines)
+        assert any(f"fixture-hidden-marker-{i}" in l for l in lines)
+    assert len(blocks) == 6
+    # the template line around a solution region is not protected
+    assert not any(l.startswith("def cpl_of") for l in lines)
+
+
 def test_student_version_keeps_every_exercise(graded):
     """Same answer and test cells, same order; visible asserts kept, answers stubbed."""
     ids = lambda nb, pred: [nbg(c)["grade_id"] for c in nb.cells if pred(c)]  # noqa: E731

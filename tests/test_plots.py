@@ -227,3 +227,14 @@ def test_draws_into_given_axes():
     ax = fig.subplots()
     assert plots.exit_counts(trace_a(), ax=ax) is fig
     assert len(ax.patches) == 5
+
+
+def test_make_cost_figure_script(tmp_path, repo_root):
+    import runpy
+
+    script = runpy.run_path(str(repo_root / "benchmarks" / "make_cost_figure.py"), run_name="not_main")
+    out = script["main"](["--out", str(tmp_path / "fig.png"), "--cpu", "skylake"])
+    assert out.read_bytes().startswith(b"\x89PNG")
+    trace = script["hand_made_trace"]()
+    assert len(trace) == sum(n for *_, n in script["MIX"]) + 1
+    assert trace["reason"].iloc[-1] == "HLT"

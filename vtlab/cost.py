@@ -433,7 +433,7 @@ PROFILES: Mapping[str, CpuProfile] = MappingProxyType({p.name: p for p in [
                "the Sandy Bridge range, widened."),
         notes="Xeon E5 v2 adds APIC virtualization (fewer interrupt-related exits)."),
     CpuProfile("haswell", "4th-gen Core, Xeon E5 v3", 2013, "Haswell (22 nm)", _MODERN,
-               notes="Adds VMCS shadowing (cheaper nested VMREAD/VMWRITE) and VMFUNC."),
+               notes="Adds VMCS shadowing (cheaper nested VMREAD/VMWRITE) and VMFUNC. " + _MITIGATIONS),
     CpuProfile("broadwell", "5th-gen Core, Xeon E5 v4", 2014, "Broadwell (14 nm)", _MODERN,
                notes="Adds page-modification logging (PML). " + _MITIGATIONS),
     CpuProfile("skylake", "6th-gen Core, Xeon Scalable (Skylake-SP)", 2015, "Skylake (14 nm)",

@@ -129,7 +129,8 @@ def _ring0(m: "ExitMonitor") -> bool:
 
 
 def unconditional(reason: ExitReason) -> Rule:
-    """CPUID, GETSEC, INVD, XSETBV and the VMX instructions always exit (SDM 26.1.2)."""
+    """CPUID, GETSEC and VMCALL always exit (SDM 26.1.2; INVD, XSETBV and the other VMX
+    instructions exit unconditionally too, after their own fault checks - see below)."""
     def rule(m, insn):
         return _exit(m, insn, reason)
     rule.__doc__ = f"{reason.name}: exits unconditionally"
@@ -143,6 +144,62 @@ def when(control, reason: ExitReason, privileged: bool = True) -> Rule:
             return None
         return _exit(m, insn, reason) if m.control_on(control) else None
     rule.__doc__ = f"{reason.name}: exits if {control.name} is 1"
+    return rule
+
+
+def rule_invd(m, insn):
+    """INVD exits unconditionally (SDM 26.1.2) - but it is privileged, and a #GP at
+    CPL > 0 has priority over the VM exit (SDM 26.1.1)."""
+    if not _ring0(m):
+        return None  # the CPU raises #GP(0)
+    return _exit(m, insn, ExitReason.INVD)
+
+
+def rule_xsetbv(m, insn):
+    """XSETBV exits unconditionally (SDM 26.1.2) once its own fault checks pass.
+
+    XSETBV raises #UD if CR4.OSXSAVE = 0 and #GP(0) at CPL > 0 (SDM Vol. 2, XSETBV);
+    both have priority over the VM exit (SDM 26.1.1: invalid-opcode exceptions and
+    faults based on privilege level come first).
+    """
+    if not m.guest.reg("cr4") & Cr4.OSXSAVE:
+        return m.raise_exception(Vector.UD, "XSETBV with CR4.OSXSAVE = 0 raises #UD")
+    if not _ring0(m):
+        return None  # the CPU raises #GP(0)
+    return _exit(m, insn, ExitReason.XSETBV)
+
+
+def rule_rdpmc(m, insn):
+    """RDPMC exits if "RDPMC exiting" is 1 (SDM 26.1.3), after the CPL/CR4.PCE #GP check.
+
+    With the control 0 the CPU reads the counter.  QEMU (Unicorn) does not implement
+    RDPMC at all - it raises #UD - so vtlab carries it out: no counters are running,
+    so EDX:EAX = 0.
+    """
+    g = m.guest
+    if g.cpl > 0 and not g.reg("cr4") & Cr4.PCE:
+        return None  # #GP(0) (SDM Vol. 2, RDPMC), before any exit
+    if m.proc & ProcBased.RDPMC_EXITING:
+        return _exit(m, insn, ExitReason.RDPMC)
+    g.set_reg("rax", 0)
+    g.set_reg("rdx", 0)
+    return "emulated"
+
+
+def _monitor_mwait(control, reason: ExitReason) -> Rule:
+    """MONITOR / MWAIT exit if their control is 1 (SDM 26.1.3); both are #UD at CPL > 0
+    here (IA32_MISC_ENABLE gives no user-mode MONITOR/MWAIT), which comes first.
+
+    With the control 0 the CPU executes them.  vtlab's CPUID reports MONITOR/MWAIT
+    (CPUID.1:ECX[3] = 1) but QEMU (Unicorn) raises #UD for both, so vtlab carries them
+    out: MONITOR arms a monitor nobody watches, and MWAIT returns at once, as the SDM
+    allows it to on any implementation-specific event (KVM does the same: MWAIT as NOP).
+    """
+    def rule(m, insn):
+        if not _ring0(m):
+            return None
+        return _exit(m, insn, reason) if m.proc & control else "emulated"
+    rule.__doc__ = f"{reason.name}: exits if {control.name} is 1, else executes (as a NOP)"
     return rule
 
 
@@ -183,11 +240,14 @@ def _cr_operands(insn: Instruction) -> tuple[int, str, bool]:
 
 
 def _gpr_index(reg: str) -> int:
+    """SDM register number (GPR_ORDER) of any width's name: rbx/ebx/bx -> 3, r9d/r9w -> 9."""
     reg = reg.lower()
     names32 = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
     if reg in names32:
         return names32[reg]
-    return GPR_ORDER.index(reg.rstrip("d")) if reg.rstrip("d") in GPR_ORDER else 0
+    if "r" + reg in GPR_ORDER[:8]:  # 16-bit names: ax, cx, dx, bx, sp, bp, si, di
+        return GPR_ORDER.index("r" + reg)
+    return GPR_ORDER.index(reg.rstrip("dwb")) if reg.rstrip("dwb") in GPR_ORDER else 0
 
 
 def rule_mov_cr(m, insn):
@@ -325,8 +385,30 @@ def rule_io(m, insn):
         return None
     kw = {}
     if q.string:
-        kw["guest_linear_address"] = m.guest.reg("rsi" if q.direction is IoDirection.OUT else "rdi")
+        kw["guest_linear_address"] = _string_io_linear_address(m, insn, q)
     return _exit(m, insn, ExitReason.IO_INSTRUCTION, q.encode(), **kw)
+
+
+def _string_io_linear_address(m: "ExitMonitor", insn: Instruction, q: IoQualification) -> int:
+    """Linear address of the memory operand of INS/OUTS (the guest-linear-address field).
+
+    A *linear* address: segment base plus offset (SDM 28.2.1) - ES:rDI for INS (ES
+    cannot be overridden), DS:rSI for OUTS unless a segment prefix names another
+    segment; the offset register has the instruction's address size (SI, ESI or RSI).
+    """
+    ops = insn.op_str.lower()
+    index = "di" if q.direction is IoDirection.IN else "si"
+    seg = "es" if q.direction is IoDirection.IN else "ds"
+    for s in ("es", "cs", "ss", "ds", "fs", "gs"):
+        if f"{s}:[" in ops.replace(" ", ""):
+            seg = s if q.direction is IoDirection.OUT else "es"
+    if f"[r{index}]" in ops:
+        offset = m.guest.reg("r" + index)
+    elif f"[e{index}]" in ops:
+        offset = m.guest.reg("r" + index) & 0xFFFF_FFFF
+    else:
+        offset = m.guest.reg("r" + index) & 0xFFFF
+    return (m.guest.segment(seg).base + offset) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
@@ -373,44 +455,65 @@ def rule_descriptor_table(m, insn):
     which is how a VMM can hide its own tables from a curious guest.
     """
     base = insn.mnemonic
+    gdtr_idtr = base in ("sgdt", "sidt", "lgdt", "lidt")
+    if not gdtr_idtr and (not m.guest.reg("cr0") & Cr0.PE or m.guest.reg("eflags") & (1 << 17)):
+        return None  # LLDT/LTR/SLDT/STR are #UD in real and virtual-8086 mode (SDM Vol. 2)
     if base.startswith("l") and not _ring0(m):
         return None
     if not m.proc2 & ProcBased2.DESC:
         return None
-    reason = ExitReason.GDTR_IDTR if base in ("sgdt", "sidt", "lgdt", "lidt") else ExitReason.LDTR_TR
-    info = _DESC_IDENTITY[base] << 28
-    disp = m.displacement(insn)
-    return _exit(m, insn, reason, disp, instruction_info=info)
+    reason = ExitReason.GDTR_IDTR if gdtr_idtr else ExitReason.LDTR_TR
+    info = m.instruction_information(insn, gdtr_idtr) | _DESC_IDENTITY[base] << 28
+    return _exit(m, insn, reason, m.displacement(insn), instruction_info=info)
 
 
 def _vmx_rule(reason: ExitReason) -> Rule:
-    return unconditional(reason)
+    """VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON,
+    INVEPT, INVVPID: a VM exit in non-root operation - after the #UD checks.
+
+    Their pseudo-code (SDM Vol. 3C 31.3, Vol. 2 for INVEPT/INVVPID) tests
+    ``(CR0.PE = 0) or (RFLAGS.VM = 1) or (IA32_EFER.LMA = 1 and CS.L = 0)`` -> #UD
+    *before* ``ELSIF in VMX non-root operation THEN VM exit``, and invalid-opcode
+    exceptions have priority over VM exits (SDM 26.1.1).  So an (unrestricted) real-mode
+    guest, a virtual-8086 task or compatibility-mode code gets #UD, not an exit.
+    VMCALL has no such check and exits in every mode (rule ``unconditional``).
+    """
+    def rule(m, insn):
+        g = m.guest
+        if (not g.reg("cr0") & Cr0.PE or g.reg("eflags") & (1 << 17)
+                or (g.reg("efer") & Efer.LMA and g.bits != 64)):
+            return m.raise_exception(Vector.UD, f"{insn.mnemonic.upper()} with CR0.PE = 0, "
+                                     "RFLAGS.VM = 1 or in compatibility mode raises #UD")
+        # Exit qualification: the displacement of the memory operand (SDM 28.2.1).
+        return _exit(m, insn, reason, m.displacement(insn))
+    rule.__doc__ = f"{reason.name}: exits unless a #UD condition comes first"
+    return rule
 
 
 RULES: dict[str, Rule] = {
     "cpuid": unconditional(ExitReason.CPUID),
     "getsec": unconditional(ExitReason.GETSEC),
-    "invd": unconditional(ExitReason.INVD),
-    "xsetbv": unconditional(ExitReason.XSETBV),
+    "invd": rule_invd,
+    "xsetbv": rule_xsetbv,
     "vmcall": unconditional(ExitReason.VMCALL),
-    "vmclear": unconditional(ExitReason.VMCLEAR),
-    "vmlaunch": unconditional(ExitReason.VMLAUNCH),
-    "vmptrld": unconditional(ExitReason.VMPTRLD),
-    "vmptrst": unconditional(ExitReason.VMPTRST),
-    "vmread": unconditional(ExitReason.VMREAD),
-    "vmresume": unconditional(ExitReason.VMRESUME),
-    "vmwrite": unconditional(ExitReason.VMWRITE),
-    "vmxoff": unconditional(ExitReason.VMOFF),
-    "vmxon": unconditional(ExitReason.VMON),
-    "invept": unconditional(ExitReason.INVEPT),
-    "invvpid": unconditional(ExitReason.INVVPID),
+    "vmclear": _vmx_rule(ExitReason.VMCLEAR),
+    "vmlaunch": _vmx_rule(ExitReason.VMLAUNCH),
+    "vmptrld": _vmx_rule(ExitReason.VMPTRLD),
+    "vmptrst": _vmx_rule(ExitReason.VMPTRST),
+    "vmread": _vmx_rule(ExitReason.VMREAD),
+    "vmresume": _vmx_rule(ExitReason.VMRESUME),
+    "vmwrite": _vmx_rule(ExitReason.VMWRITE),
+    "vmxoff": _vmx_rule(ExitReason.VMOFF),
+    "vmxon": _vmx_rule(ExitReason.VMON),
+    "invept": _vmx_rule(ExitReason.INVEPT),
+    "invvpid": _vmx_rule(ExitReason.INVVPID),
     "hlt": rule_hlt,
     "invlpg": rule_invlpg,
-    "rdpmc": when(ProcBased.RDPMC_EXITING, ExitReason.RDPMC, privileged=False),
+    "rdpmc": rule_rdpmc,
     "rdtsc": rule_rdtsc,
     "rdtscp": rule_rdtscp,
-    "mwait": when(ProcBased.MWAIT_EXITING, ExitReason.MWAIT_INSTRUCTION),
-    "monitor": when(ProcBased.MONITOR_EXITING, ExitReason.MONITOR_INSTRUCTION),
+    "mwait": _monitor_mwait(ProcBased.MWAIT_EXITING, ExitReason.MWAIT_INSTRUCTION),
+    "monitor": _monitor_mwait(ProcBased.MONITOR_EXITING, ExitReason.MONITOR_INSTRUCTION),
     "pause": when(ProcBased.PAUSE_EXITING, ExitReason.PAUSE_INSTRUCTION, privileged=False),
     "wbinvd": when(ProcBased2.WBINVD_EXITING, ExitReason.WBINVD),
     "rdrand": when(ProcBased2.RDRAND_EXITING, ExitReason.RDRAND, privileged=False),
@@ -453,6 +556,11 @@ _FIELD_SEG = {f: s for s, fs in _SEG_FIELDS.items() for f in fs}
 _EXCEPTION_VECTORS = set(range(32))
 #: The size a UC_HOOK_CODE callback receives for an instruction QEMU does not implement.
 _UNDECODED_SIZE = 0xF1F1F1F1
+#: Rules of instructions QEMU does not implement (it raises #UD for them), so the size it
+#: reports to a code hook says nothing about the instruction.
+_NOT_IN_QEMU = frozenset({"getsec", "vmcall", "vmclear", "vmlaunch", "vmptrld", "vmptrst",
+                          "vmread", "vmresume", "vmwrite", "vmxoff", "vmxon", "invept",
+                          "invvpid"})
 _RIP_ONLY = frozenset({int(F.GUEST_RIP)})
 #: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
@@ -512,14 +620,16 @@ class ExitMonitor:
         insn = self._hooked.get(address)
         # Unicorn (QEMU) passes the size it decoded, except for instructions its
         # translator turns straight into #UD (GETSEC, VMCALL and the other VMX
-        # instructions): their size is never filled in and arrives as the placeholder
-        # 0xF1F1F1F1.  Those are exactly instructions that must exit unconditionally,
-        # so trust the sweep's size for them (the byte comparison below still guards
-        # against self-modifying code).
-        if insn is None or (insn.size != size and size != _UNDECODED_SIZE):
+        # instructions): their size arrives as the placeholder 0xF1F1F1F1, or as the
+        # length of the part QEMU decoded before giving up (2 for VMREAD 0F 78 /r).
+        # Those are exactly instructions that exit unconditionally, so trust the
+        # sweep's size for them (the byte comparison below still guards against
+        # self-modifying code).
+        if insn is None or (insn.size != size and size != _UNDECODED_SIZE
+                            and rule_key(insn) not in _NOT_IN_QEMU):
             return False
         # Self-modifying code: trust the bytes that are there now, not the sweep.
-        if self.guest.read(address, size) != insn.bytes:
+        if self.guest.read(address, insn.size) != insn.bytes:
             return False
         result = RULES[rule_key(insn)](self, insn)
         if result is None:
@@ -610,15 +720,71 @@ class ExitMonitor:
                 return (self.guest.segment(seg).base + addr) & 0xFFFF_FFFF_FFFF_FFFF
         return 0
 
-    def displacement(self, insn: Instruction) -> int:
-        """The displacement of ``insn``'s memory operand (descriptor-table exits report it)."""
+    def _detail(self, insn: Instruction):
+        """Capstone's detailed decode of ``insn`` in the guest's current code size."""
         mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[self.guest.bits]
         self._cs.mode = mode
-        d = next(self._cs.disasm(insn.bytes, insn.address, 1), None)
-        for op in (d.operands if d else []):
-            if op.type == capstone.x86.X86_OP_MEM:
-                return op.mem.disp & 0xFFFF_FFFF_FFFF_FFFF
-        return 0
+        return next(self._cs.disasm(insn.bytes, insn.address, 1), None)
+
+    def displacement(self, insn: Instruction) -> int:
+        """The exit qualification of descriptor-table and VMX-instruction exits (SDM 28.2.1).
+
+        It is the instruction's displacement field, sign-extended to 64 bits, or 0 when
+        there is none (a register operand, or a memory operand without displacement).
+        RIP-relative addressing is the exception: the qualification is then the
+        displacement plus the RIP of the following instruction.
+        """
+        d = self._detail(insn)
+        mem = [op for op in (d.operands if d else []) if op.type == capstone.x86.X86_OP_MEM]
+        if not mem or not d.disp_size:
+            return 0
+        raw = d.bytes[d.disp_offset:d.disp_offset + d.disp_size]
+        disp = int.from_bytes(raw, "little", signed=True)
+        if mem[0].mem.base and d.reg_name(mem[0].mem.base) == "rip":
+            disp += insn.address + insn.size
+        return disp & 0xFFFF_FFFF_FFFF_FFFF
+
+    def instruction_information(self, insn: Instruction, gdtr_idtr: bool) -> int:
+        """VM-exit instruction-information field for LGDT/LIDT/SGDT/SIDT (SDM Table 28-10)
+        and LLDT/LTR/SLDT/STR (Table 28-11), without the identity bits 29:28.
+
+        Bits 1:0 scaling, 9:7 address size (0 16-bit, 1 32-bit, 2 64-bit), 17:15 segment
+        register (ES, CS, SS, DS, FS, GS), 21:18 index register, 22 index invalid, 26:23
+        base register, 27 base invalid.  Table 28-10 adds bit 11, the operand size (0
+        16-bit, 1 32-bit); Table 28-11 has bit 10 (1 = register operand, given in bits
+        6:3).  Bits the SDM calls undefined are left 0.
+        """
+        d = self._detail(insn)
+        if d is None:
+            return 0
+        info = 0
+        if gdtr_idtr and self.guest.bits != 64:
+            operand32 = (self.guest.bits == 32) != (0x66 in d.prefix)
+            info |= int(operand32) << 11
+        for op in d.operands:
+            if op.type == capstone.x86.X86_OP_REG and not gdtr_idtr:
+                return info | _gpr_index(d.reg_name(op.reg)) << 3 | 1 << 10
+            if op.type != capstone.x86.X86_OP_MEM:
+                continue
+            mem = op.mem
+            info |= {1: 0, 2: 1, 4: 2, 8: 3}.get(mem.scale, 0)
+            info |= {2: 0, 4: 1, 8: 2}.get(d.addr_size, 0) << 7
+            base = d.reg_name(mem.base) if mem.base else None
+            if mem.segment:
+                seg = d.reg_name(mem.segment)
+            else:  # default segment: SS for rBP/rSP-based addresses, DS otherwise
+                seg = "ss" if base and base.lstrip("re").rstrip("lwd") in ("bp", "sp") else "ds"
+            info |= ("es", "cs", "ss", "ds", "fs", "gs").index(seg) << 15
+            if mem.index:
+                info |= _gpr_index(d.reg_name(mem.index)) << 18
+            else:
+                info |= 1 << 22
+            if base and base != "rip":
+                info |= _gpr_index(base) << 23
+            else:
+                info |= 1 << 27
+            return info
+        return info
 
     def raise_exception(self, vector: Vector, note: str = "") -> str:
         """Make the current instruction raise ``vector`` (used for #UD of disabled features)."""

@@ -173,7 +173,6 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
         left += value
     top.xaxis.set_major_formatter(_CYCLES)
     top.set_xlabel("cycles")
-    top.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
     top.set_title(f"{a['exits']:,} exits on {_profile_label(profile)}, '{use}' costs", fontsize="medium")
     fig.suptitle(f"Where the cycles go: virtualization overhead {a['overhead_pct']:.1f}% of native time")
 
@@ -187,6 +186,9 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
     bottom.xaxis.set_major_formatter(_CYCLES)
     bottom.set_xlabel("cycles")
     bottom.set_ylabel("exit reason")
+    # one legend for both panels (the top bar's parts, with their shares), where the
+    # shortest bars leave room
+    bottom.legend(*top.get_legend_handles_labels(), loc="lower right", fontsize="small")
     bottom.set_title("Virtualization cycles by exit reason")
     if not len(body):
         bottom.text(0.5, 0.5, "no VM exits", transform=bottom.transAxes, ha="center", va="center")

@@ -6,7 +6,7 @@ plots use); ``include_entries=True`` interleaves the entries too.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from .arch.exit_reasons import EXIT_REASON_INFO
@@ -42,6 +42,8 @@ class Trace:
         self.events: list[TraceEvent] = []
         self.instructions_total = 0
         self.enabled = True
+        self._frame = None
+        self._frame_key = None
 
     def _next(self) -> int:
         return len(self.events)
@@ -73,6 +75,7 @@ class Trace:
 
     def clear(self) -> None:
         self.events.clear()
+        self._frame_key = None
 
     def counts(self):
         """Exits per reason, most frequent first (a pandas Series)."""
@@ -83,12 +86,21 @@ class Trace:
         return df["reason"].value_counts().rename("exits")
 
     def to_dataframe(self, include_entries: bool = False):
-        """One row per exit (and entry, if asked), columns as in :class:`TraceEvent`."""
+        """One row per exit (and entry, if asked), columns as in :class:`TraceEvent`.
+
+        The frame is cached until the trace grows; callers get a copy they may change.
+        """
         import pandas as pd
 
-        rows = [asdict(e) for e in self.events if include_entries or e.event == "exit"]
-        columns = list(TraceEvent.__dataclass_fields__)
-        df = pd.DataFrame(rows, columns=columns)
+        key = (len(self.events), include_entries, self.instructions_total)
+        if self._frame_key != key:
+            columns = list(TraceEvent.__dataclass_fields__)
+            rows = [tuple(getattr(e, c) for c in columns) for e in self.events
+                    if include_entries or e.event == "exit"]
+            df = pd.DataFrame.from_records(rows, columns=columns)
+            df.attrs["instructions_total"] = self.instructions_total
+            self._frame, self._frame_key = df, key
+        df = self._frame.copy()
         df.attrs["instructions_total"] = self.instructions_total
         return df
 

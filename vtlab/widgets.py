@@ -209,6 +209,10 @@ class ControlsPanel(_Base):
     def _set_msrs(self) -> None:
         try:
             msrs = parse_ranges(self.msr_ranges.value, maximum=0xFFFF_FFFF)
+            outside = [m for m in msrs if not (m <= 0x1FFF or 0xC000_0000 <= m <= 0xC000_1FFF)]
+            if outside:  # check everything before changing anything
+                raise ValueError(f"MSR {outside[0]:#x} is outside the ranges the MSR bitmap covers "
+                                 "(0-1FFFH, C0000000H-C0001FFFH): it always exits")
             for msr in msrs:
                 self.vm.set_msr_intercept(msr, read=self.msr_read.value, write=self.msr_write.value)
         except ValueError as exc:
@@ -533,6 +537,8 @@ class VmxConsole(_Base):
                 raise ValueError(name)
         except VtlabError as exc:
             text = str(exc)
+        except Exception as exc:  # never fail silently in front of a learner
+            text = f"internal error in the console: {type(exc).__name__}: {exc}"
         self.entries.append(text)
         self.refresh()
         return text

@@ -328,7 +328,7 @@ The firmware (BIOS/UEFI) normally sets these bits and locks the MSR during boot.
 raises #GP unless the lock bit **and** the enable bit for the current mode are both 1. Locked
 with bit 2 clear is what "VT-x disabled in the BIOS setup" means: no software can change it
 before the next reset. If the firmware left the MSR *unlocked*, the OS may set bit 2 and the
-lock bit itself — which is what KVM does. Below, every possible value of the three bits on a
+lock bit itself — Linux does so at boot. Below, every possible value of the three bits on a
 fresh vtlab processor:
 """)
 
@@ -627,7 +627,8 @@ Every VMX instruction ends in one of the SDM's outcomes, reported in RFLAGS:
 
 A successful VMLAUNCH or VMRESUME does not "return": the guest runs until a VM exit, and the
 VMM continues at its HOST_RIP. In non-root operation none of these instructions executes —
-each one causes a VM exit. Which outcome you get depends on the state the processor is in;
+each one causes a VM exit (VMREAD and VMWRITE can be spared that by VMCS shadowing, a later
+feature). Which outcome you get depends on the state the processor is in;
 the table below is produced by executing every instruction in every state.
 """)
 

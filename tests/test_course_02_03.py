@@ -1,0 +1,322 @@
+"""Key results of the course notebooks 02_vmx_modes and 03_vmcs.
+
+Each notebook is executed once (a copy with one extra cell appended that prints the
+notebook's key variables as JSON) through ``nbrun.run_notebook``; the tests then check
+what a learner would read off the tables, widgets and plots. nbgrader is checked too:
+the metadata follows docs/NOTEBOOKS.md, the instructor version validates (every
+solution passes its tests) and the student version (solutions replaced by
+``raise NotImplementedError()``) runs to the end without hanging and passes no test.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nbrun import code_outputs, run_notebook
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+BUILDERS = REPO / "tools" / "notebooks"
+MARK = "@@KEY-RESULTS@@"
+
+PROBES = {
+    "02_vmx_modes": """
+import json as _json
+print("@@KEY-RESULTS@@" + _json.dumps({
+    "stepper_mode": stepper.mode_text,
+    "ring_walk": {"mode": ring_walk["mode"].tolist(), "cpl": [int(c) for c in ring_walk["CPL"]],
+                  "event": ring_walk["event"].tolist()},
+    "cpuid_vmx_bits": [cpuid_row("a", VmxCpu())["ECX bit 5 (VMX)"],
+                       cpuid_row("b", VmxCpu(vmx_supported=False))["ECX bit 5 (VMX)"]],
+    "feature_control": feature_control_table["VMXON as firmware left it"].to_dict(),
+    "feature_control_after": feature_control_table["VMXON afterwards"].to_dict(),
+    "enable": enable_steps[["action", "outcome", "afterwards"]].to_dict(orient="records"),
+    "state_table": {s: state_table.loc[s].to_dict() for s in state_table.index},
+    "console": {"entries": console.entries, "state": console.state},
+    "hypercall_result": int(hypercall_result),
+    "vmcall_root": [with_vmcs.status.value, int(with_vmcs.error), without_vmcs.status.value],
+    "first_exit_fields": first_exit_fields.to_dict(),
+    "boot_steps": {"mode": boot_steps["mode"].tolist(), "event": boot_steps["event"].tolist()},
+}))
+""",
+    "03_vmcs": """
+import json as _json
+print("@@KEY-RESULTS@@" + _json.dumps({
+    "n_fields": len(F),
+    "area_counts": {a: int(area_counts.loc[a, "all widths"]) for a in area_counts.index},
+    "encodings": encodings.reset_index().to_dict(orient="records"),
+    "rules": vmread_vmwrite_rules.reset_index().to_dict(orient="records"),
+    "primary": primary.reset_index()[["bit", "control", "TRUE MSR", "original MSR"]].to_dict(orient="records"),
+    "forbidden": [forbidden_outcome.status.value, int(forbidden_outcome.error)],
+    "entry_checks": entry_checks.reset_index().astype(str).to_dict(orient="records"),
+    "boot_output": boot_vm().run(max_exits=50, max_instructions=10_000).output,
+    "violations": [str(v) for v in several.cpu.entry_violations()],
+    "launch_story": launch_story.reset_index().astype(str).to_dict(orient="records"),
+}))
+""",
+}
+
+
+def _build(stem: str) -> nbformat.NotebookNode:
+    """The notebook as its builder script makes it (without writing any file)."""
+    return runpy.run_path(str(BUILDERS / f"{stem}.py"), run_name="builder")["build"]()
+
+
+def _execute(stem: str, tmp_path_factory):
+    """Run a copy of the notebook with the probe cell appended: (stem, notebook, key results)."""
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    probe = nbformat.v4.new_code_cell(PROBES[stem].strip())
+    probe.id = "key-results-probe"
+    nb.cells.append(probe)
+    path = tmp_path_factory.mktemp(stem) / f"{stem}.ipynb"
+    nbformat.write(nb, path)
+    start = time.perf_counter()
+    done = run_notebook(path)
+    seconds = time.perf_counter() - start
+    text = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
+    assert MARK in text, f"probe printed nothing: {text!r}"
+    results = json.loads(text.split(MARK, 1)[1])
+    results["_seconds"] = seconds
+    return stem, done, results
+
+
+@pytest.fixture(scope="module")
+def nb02(tmp_path_factory):
+    return _execute("02_vmx_modes", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def nb03(tmp_path_factory):
+    return _execute("03_vmcs", tmp_path_factory)
+
+
+# ----------------------------------------------------------------------- both notebooks
+@pytest.mark.parametrize("fixture", ["nb02", "nb03"])
+def test_runs_fast_and_shows_widget_table_and_plot(fixture, request):
+    stem, nb, results = request.getfixturevalue(fixture)
+    assert results["_seconds"] < 60, f"{stem} took {results['_seconds']:.0f} s"
+    outputs = code_outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    mimes = {m for o in outputs for m in o.get("data", {})}
+    assert "application/vnd.jupyter.widget-view+json" in mimes, "no widget displayed"
+    assert "image/png" in mimes, "no plot"
+    assert "text/html" in mimes, "no table"
+
+
+@pytest.mark.parametrize("stem", sorted(PROBES))
+def test_stored_notebook_is_what_the_builder_makes(stem):
+    stored = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    built = _build(stem)
+    assert [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in stored.cells] == \
+           [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in built.cells], \
+        f"notebooks/{stem}.ipynb is stale: run python tools/notebooks/{stem}.py"
+
+
+@pytest.mark.parametrize("stem", sorted(PROBES))
+def test_nbgrader_metadata(stem):
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    prefix = "ex" + stem[:2] + "_"
+    meta = [c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata]
+    ids = [m["grade_id"] for m in meta]
+    assert len(ids) == len(set(ids))
+    keys = {"grade", "grade_id", "locked", "schema_version", "solution", "task"}
+    for cell in nb.cells:
+        m = cell.metadata.get("nbgrader")
+        if m is None:
+            continue
+        assert keys <= set(m) and m["schema_version"] == 3 and m["task"] is False, m
+        if m["solution"]:
+            assert cell.cell_type == "code" and not m["grade"] and not m["locked"]
+            assert m["grade_id"].startswith(prefix)
+            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
+        elif m["grade"]:
+            assert cell.cell_type == "code" and m["locked"] and m["points"] > 0
+            assert m["grade_id"].startswith(prefix)
+            visible, _, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
+            assert visible.strip() and "### END HIDDEN TESTS" in hidden
+            assert hidden.split("### END HIDDEN TESTS")[0].strip(), "empty hidden tests"
+        else:
+            assert m["locked"], m
+    answers = [m["grade_id"] for m in meta if m["solution"]]
+    graded = [m["grade_id"] for m in meta if m["grade"]]
+    assert 3 <= len(graded) <= 6 and len(answers) == len(graded)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Learning objectives" in text and "## Recap" in text
+
+
+@pytest.mark.parametrize("stem", sorted(PROBES))
+def test_nbgrader_validates_instructor_version(stem):
+    from nbgrader.validator import Validator
+
+    results = Validator().validate(str(NOTEBOOKS / f"{stem}.ipynb"))
+    assert results == {}, json.dumps(results, indent=1)[:3000]
+
+
+@pytest.mark.parametrize("stem", sorted(PROBES))
+def test_student_version_ends_and_passes_nothing(stem, tmp_path):
+    """Solutions replaced by ``raise NotImplementedError()``: the notebook must run to the
+    end (no hang) and no test cell may pass."""
+    from nbgrader.preprocessors import ClearHiddenTests, ClearOutput, ClearSolutions
+    from nbgrader.validator import Validator
+
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    resources: dict = {}
+    for pp in (ClearSolutions(), ClearHiddenTests(), ClearOutput()):
+        nb, resources = pp.preprocess(nb, resources)
+    assert sum("raise NotImplementedError()" in c.source for c in nb.cells) >= 3
+    path = tmp_path / f"{stem}.ipynb"
+    nbformat.write(nb, path)
+    start = time.perf_counter()
+    results = Validator(invert=True).validate(str(path))
+    assert time.perf_counter() - start < 120
+    assert "passed" not in results, [r["source"][:80] for r in results["passed"]]
+
+
+# ------------------------------------------------------------------------ 02_vmx_modes
+def test_02_guest_keeps_ring_0_in_non_root(nb02):
+    r = nb02[2]
+    assert r["stepper_mode"].startswith("VMX non-root operation (guest) · guest CPL 0")
+    walk = r["ring_walk"]
+    cells = {(m, c) for m, c in zip(walk["mode"], walk["cpl"])}
+    assert ("non-root", 0) in cells and ("non-root", 3) in cells
+    assert {c for m, c in cells if m == "root"} == {0}
+    exits = [e for e in walk["event"] if "VM exit" in e]
+    assert exits == ["VM exit: CPUID (10)", "VM exit: CPUID (10)", "VM exit: VMCALL (18)"]
+
+
+def test_02_detection_and_feature_control(nb02):
+    r = nb02[2]
+    assert r["cpuid_vmx_bits"] == [1, 0]
+    first, after = r["feature_control"], r["feature_control_after"]
+    ready = {k for k, v in first.items() if v == "VMsucceed"}
+    assert ready == {"0b101", "0b111"}                      # locked + enabled outside SMX
+    assert all(v == "fault #GP" for k, v in first.items() if k not in ready)
+    assert after["0b000"] == "VMsucceed"                    # unlocked: the OS can fix it
+    assert after["0b001"] == "fault" and after["0b011"] == "fault"   # locked off: nothing to do
+
+
+def test_02_enable_step_by_step(nb02):
+    r = nb02[2]
+    vmxon = [(s["outcome"], s["afterwards"]) for s in r["enable"] if s["action"].startswith("VMXON")]
+    assert [o for o, _ in vmxon] == ["fault #UD", "fault #GP", "fault #GP", "VMfailInvalid",
+                                     "VMfailInvalid", "VMsucceed", "VMfailInvalid"]
+    assert vmxon[-2][1] == "VMX root operation"
+    assert r["enable"][-1]["outcome"] == "fault #GP"        # CR4.VMXE cannot be cleared now
+
+
+def test_02_state_machine_table(nb02):
+    r = nb02[2]
+    t = r["state_table"]
+    outside, none = t["outside VMX operation"], t["root, no current VMCS"]
+    clear, launched = t["root, current VMCS clear"], t["root, current VMCS launched"]
+    guest = t["non-root (guest running)"]
+    assert outside["VMXON"] == "VMsucceed"
+    assert all(v == "#UD" for k, v in outside.items() if k != "VMXON")
+    assert none["VMLAUNCH"] == none["VMREAD"] == none["VMCALL"] == none["VMXON"] == "VMfailInvalid"
+    assert none["VMCLEAR"] == none["VMPTRLD"] == "VMsucceed"
+    assert clear["VMLAUNCH"] == "VMsucceed: guest ran" and clear["VMRESUME"] == "VMfailValid (5)"
+    assert launched["VMLAUNCH"] == "VMfailValid (4)" and launched["VMRESUME"] == "VMsucceed: guest ran"
+    assert clear["VMXON"] == launched["VMXON"] == "VMfailValid (15)"
+    assert clear["VMCALL"] == "VMfailValid (1)"
+    assert clear["VMREAD"] == clear["VMWRITE"] == "VMsucceed"
+    assert guest == {"VMXON": "VM exit 27", "VMXOFF": "VM exit 26", "VMCLEAR": "VM exit 19",
+                     "VMPTRLD": "VM exit 21", "VMLAUNCH": "VM exit 20", "VMRESUME": "VM exit 24",
+                     "VMREAD": "VM exit 23", "VMWRITE": "VM exit 25", "VMCALL": "VM exit 18"}
+
+
+def test_02_console_hypercall_and_vmcall_in_root(nb02):
+    r = nb02[2]
+    entries = r["console"]["entries"]
+    assert "#UD" in entries[0] and "VMsucceed" in entries[2]
+    assert "VM-instruction error 4" in entries[5] and entries[6].endswith("0x4")
+    assert r["console"]["state"] == "launched"
+    assert r["hypercall_result"] == 42
+    assert r["vmcall_root"] == ["VMfailValid", 1, "VMfailInvalid"]
+
+
+def test_02_first_entry_and_exits(nb02):
+    r = nb02[2]
+    f = r["first_exit_fields"]
+    assert f["after the first VM exit"]["VM_EXIT_REASON"] == "0xa"
+    assert f["after the first VM exit"]["VM_EXIT_INSTRUCTION_LEN"] == "0x2"
+    assert f["before VMLAUNCH"]["HOST_RIP"] == f["after the first VM exit"]["HOST_RIP"]
+    modes, events = r["boot_steps"]["mode"], r["boot_steps"]["event"]
+    assert events[0] == "VM entry (VMLAUNCH)" and modes[0] == "non-root"
+    exits = [e.split("VM exit: ")[1] for e in events if "VM exit" in e]
+    assert exits == ["CPUID (10)", "VMCALL (18)", "HLT (12)"]
+    assert all("VMRESUME" in e for e in events[1:] if "VM entry" in e)
+    for event, mode in zip(events, modes):      # exits and handlers leave the CPU in root
+        if "VM exit" in event or event.startswith("VMM handles"):
+            assert mode == "root"
+
+
+# ----------------------------------------------------------------------------- 03_vmcs
+def test_03_areas_and_encodings(nb03):
+    r = nb03[2]
+    counts = r["area_counts"]
+    assert counts["all areas"] == r["n_fields"]
+    assert len(counts) == 7 and all(v > 0 for v in counts.values())
+    enc = {e["field"]: e for e in r["encodings"]}
+    assert enc["GUEST_RIP"]["encoding"] == "0x681e" and enc["GUEST_RIP"]["index"] == 15
+    assert enc["GUEST_RIP"]["width"] == "NATURAL" and enc["GUEST_RIP"]["type"] == "GUEST_STATE"
+    assert enc["TSC_OFFSET_HIGH"]["access"] == "HIGH"
+    assert enc["VM_EXIT_REASON"]["type"] == "EXIT_INFORMATION"
+
+
+def test_03_vmread_vmwrite_rules(nb03):
+    r = nb03[2]
+    rules = {x["attempt"].split(" (")[0].split(" =")[0]: x for x in r["rules"]}
+    assert rules["VMWRITE GUEST_ES_SELECTOR"]["value / read back"] == "0x2345"     # truncated
+    assert rules["VMREAD 0x2011"]["value / read back"] == "0x11223344"           # high half
+    assert rules["VMWRITE VM_EXIT_REASON"]["error"] == 13
+    for a in ("VMREAD 0x0830", "VMREAD 0x681F", "VMREAD 0x1234"):
+        assert rules[a]["outcome"] == "VMfailValid" and rules[a]["error"] == 12
+
+
+def test_03_capabilities(nb03):
+    r = nb03[2]
+    primary = {p["control"]: p for p in r["primary"]}
+    assert primary["TPR_SHADOW"]["TRUE MSR"] == "fixed to 0"
+    assert primary["CR3_LOAD_EXITING"]["original MSR"] == "fixed to 1"
+    assert primary["CR3_LOAD_EXITING"]["TRUE MSR"] == "free"
+    assert primary["HLT_EXITING"]["TRUE MSR"] == "free"
+    assert r["forbidden"] == ["VMfailValid", 7]
+
+
+def test_03_entry_checks(nb03):
+    r = nb03[2]
+    assert r["boot_output"] == "boot ok"
+    rows = {x["rule broken"]: x for x in r["entry_checks"]}
+    guest_state = ["RFLAGS bit 1 = 0", "CR0.PG = 1 while CR0.PE = 0", "CR0.NE = 0 (IA32_VMX_CR0_FIXED0)",
+                   "unrestricted guest off (real-mode CR0)", "CS access rights: accessed bit clear",
+                   "SS access rights: not present", "VMCS link pointer = 0"]
+    for rule in guest_state:
+        assert rows[rule]["outcome"] == "VM-entry failure", rule
+        assert rows[rule]["exit reason"] == "0x80000021", rule
+        assert rows[rule]["guest instructions run"] == "0", rule
+    assert rows["VMCS link pointer = 0"]["qualification"] == "4"
+    assert rows["EPT off, unrestricted guest on"]["VM-instruction error"] == "7"
+    assert rows["TPR shadow on (fixed to 0)"]["VM-instruction error"] == "7"
+    assert rows["HOST_CS_SELECTOR = 0"]["VM-instruction error"] == "8"
+    assert rows["HOST_CR0.NE = 0"]["VM-instruction error"] == "8"
+    assert "enable EPT" in rows["EPT off, unrestricted guest on"]["what the check says"]
+    groups = [v.split("]")[0].lstrip("[").split(",")[0] for v in r["violations"]]
+    assert groups == ["controls", "host-state", "guest-state", "guest-state"]
+
+
+def test_03_launch_state(nb03):
+    r = nb03[2]
+    story = [(s["instruction"], s["outcome"], s["error"], s["launch state of V"], s["current-VMCS pointer"])
+             for s in r["launch_story"]]
+    assert story[0][:3] == ("VMRESUME", "VMfailValid", "5")
+    assert story[1][1] == "VM exit" and story[1][3] == "launched"
+    assert story[2][:3] == ("VMLAUNCH", "VMfailValid", "4")
+    assert story[4][0] == "VMCLEAR V" and story[4][3] == "clear" and story[4][4] == "0xffffffffffffffff"
+    assert story[5][1] == "VMfailInvalid"
+    assert story[7][:3] == ("VMRESUME", "VMfailValid", "5")
+    assert story[8][:2] == ("VMLAUNCH", "VM exit") and story[8][3] == "launched"
