@@ -46,3 +46,4 @@ def pytest_configure(config):
     # Markers for the classroom tests; select with e.g. `pytest -m nbgrader` / `-m "not binder"`.
     config.addinivalue_line("markers", "nbgrader: nbgrader course pipeline (student versions, autograde, validate)")
     config.addinivalue_line("markers", "binder: a fresh venv built only from binder/requirements.txt runs the notebooks")
+    config.addinivalue_line("markers", "needs_vm: runs a workload under vtlab.VirtualMachine")

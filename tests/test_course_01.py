@@ -100,7 +100,9 @@ def test_stored_clean_with_widgets_and_plots(executed):
     pngs = [o for o in rich if "image/png" in o.get("data", {})]
     widgets = [o for o in rich if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(pngs) >= 2, "expected the category/heat-map figure and the technique figure"
-    assert len(widgets) >= 2, "expected the probe widget (and the progress bar / card)"
+    assert widgets, "expected the probe widget"
+    html_cards = [o for o in rich if "sensitive-unprivileged" in "".join(o.get("data", {}).get("text/html", ""))]
+    assert html_cards, "expected the static SMSW card (and the styled tables)"
 
 
 def test_exercises_follow_the_conventions():
@@ -237,5 +239,7 @@ def test_student_version_fails_only_in_exercises_and_never_hangs(tmp_path):
             if out.get("output_type") == "error":
                 errored[nbg(cell).get("grade_id", f"cell {i}")] = out["ename"]
     assert "CellTimeoutError" not in errored.values()
-    exercise_cells = {nbg(c)["grade_id"] for c in nb.cells if nbg(c).get("solution") or nbg(c).get("grade")}
-    assert set(errored) == exercise_cells, f"unexpected errors: {errored}"
+    answers = {nbg(c)["grade_id"] for c in nb.cells if nbg(c).get("solution")}
+    test_cells = {nbg(c)["grade_id"] for c in nb.cells if nbg(c).get("grade")}
+    assert set(errored) <= answers | test_cells, f"errors outside the exercises: {errored}"
+    assert test_cells <= set(errored), f"test cells that pass without an answer: {test_cells - set(errored)}"

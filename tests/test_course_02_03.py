@@ -33,6 +33,7 @@ print("@@KEY-RESULTS@@" + _json.dumps({
                   "event": ring_walk["event"].tolist()},
     "cpuid_vmx_bits": [cpuid_row("a", VmxCpu())["ECX bit 5 (VMX)"],
                        cpuid_row("b", VmxCpu(vmx_supported=False))["ECX bit 5 (VMX)"]],
+    "cr4_without_vmx": cpuid_row("b", VmxCpu(vmx_supported=False))["MOV CR4 with VMXE = 1"],
     "feature_control": feature_control_table["VMXON as firmware left it"].to_dict(),
     "feature_control_after": feature_control_table["VMXON afterwards"].to_dict(),
     "enable": enable_steps[["action", "outcome", "afterwards"]].to_dict(orient="records"),
@@ -53,8 +54,10 @@ print("@@KEY-RESULTS@@" + _json.dumps({
     "rules": vmread_vmwrite_rules.reset_index().to_dict(orient="records"),
     "primary": primary.reset_index()[["bit", "control", "TRUE MSR", "original MSR"]].to_dict(orient="records"),
     "forbidden": [forbidden_outcome.status.value, int(forbidden_outcome.error)],
+    "missing": [missing_outcome.status.value, int(missing_outcome.error)],
     "entry_checks": entry_checks.reset_index().astype(str).to_dict(orient="records"),
     "boot_output": boot_vm().run(max_exits=50, max_instructions=10_000).output,
+    "reset_cr0": [reset_cr0.state.value, reset_cr0.vmread(F.VM_EXIT_REASON)],
     "violations": [str(v) for v in several.cpu.entry_violations()],
     "launch_story": launch_story.reset_index().astype(str).to_dict(orient="records"),
 }))
@@ -192,6 +195,7 @@ def test_02_guest_keeps_ring_0_in_non_root(nb02):
 def test_02_detection_and_feature_control(nb02):
     r = nb02[2]
     assert r["cpuid_vmx_bits"] == [1, 0]
+    assert r["cr4_without_vmx"].startswith("#GP")
     first, after = r["feature_control"], r["feature_control_after"]
     ready = {k for k, v in first.items() if v == "VMsucceed"}
     assert ready == {"0b101", "0b111"}                      # locked + enabled outside SMX
@@ -285,12 +289,14 @@ def test_03_capabilities(nb03):
     assert primary["CR3_LOAD_EXITING"]["original MSR"] == "fixed to 1"
     assert primary["CR3_LOAD_EXITING"]["TRUE MSR"] == "free"
     assert primary["HLT_EXITING"]["TRUE MSR"] == "free"
-    assert r["forbidden"] == ["VMfailValid", 7]
+    assert r["forbidden"] == ["VMfailValid", 7]      # a must-be-0 control set
+    assert r["missing"] == ["VMfailValid", 7]        # a must-be-1 control cleared
 
 
 def test_03_entry_checks(nb03):
     r = nb03[2]
     assert r["boot_output"] == "boot ok"
+    assert r["reset_cr0"] == ["entry-failed", 0x80000021]       # CR0 = 0x60000010 lacks NE
     rows = {x["rule broken"]: x for x in r["entry_checks"]}
     guest_state = ["RFLAGS bit 1 = 0", "CR0.PG = 1 while CR0.PE = 0", "CR0.NE = 0 (IA32_VMX_CR0_FIXED0)",
                    "unrestricted guest off (real-mode CR0)", "CS access rights: accessed bit clear",

@@ -342,7 +342,10 @@ def test_instructor_solutions_get_full_marks(graded):
     score, max_score = graded.score("full")
     assert max_score == graded.max_points > 0
     lost = {gid: s for gid, s in graded.cells["full"].items() if s[0] != s[1]}
-    assert score == max_score, f"{graded.name}: solutions scored {score}/{max_score}; test cells losing points: {lost}"
+    assert score == max_score, (
+        f"{graded.name}: solutions scored {score}/{max_score}; test cells losing points: {lost} "
+        f"(executed copies: {graded.root / 'autograded'})"
+    )
 
 
 def test_untouched_student_version_gets_zero(graded):
@@ -351,7 +354,7 @@ def test_untouched_student_version_gets_zero(graded):
     scored = {gid: s for gid, s in graded.cells["blank"].items() if s[0]}
     assert score == 0 and max_score == graded.max_points, (
         f"{graded.name}: the untouched student version scored {score}/{max_score}; "
-        f"these test cells pass without an answer: {scored}"
+        f"these test cells pass without an answer: {scored} (executed copies: {graded.root / 'autograded'})"
     )
     timeouts = [
         nbg(c).get("grade_id") or i
@@ -366,6 +369,7 @@ def test_first_answer_only_gets_partial_marks(graded):
     assert not graded.failures, "\n".join(graded.failures)
     score, max_score = graded.score("partial")
     assert 0 < score < max_score, f"{graded.name}: first answer only scored {score}/{max_score}"
+    assert graded.first_test, f"{graded.name}: no test cell after the first answer cell {graded.first_answer}"
     got, worth = graded.cells["partial"][graded.first_test]
     assert got == worth, (
         f"{graded.name}: with answer {graded.first_answer} filled in, its test cell "
@@ -427,6 +431,82 @@ def test_endless_loop_in_an_answer_is_interrupted(tmp_path):
     assert grades["sample_ex1_test"][0] == 0
     assert grades["sample_ex2_test"] == (3, 3) and grades["sample_ex3_test"] == (1, 1)
     assert float(rows[(name, "looper")]["score"]) == 4
+
+
+def _vtlab_loops_notebook() -> nbformat.NotebookNode:
+    """A two-exercise nbgrader notebook on vtlab's public API: run a guest, handle CPUID."""
+
+    def meta(gid, **kw):
+        m = {"grade": False, "grade_id": gid, "locked": False, "schema_version": 3, "solution": False, "task": False}
+        m.update(kw)
+        return {"nbgrader": m}
+
+    cells = [
+        ("from vtlab import VirtualMachine, ExitReason, VmState", meta("loops_setup", locked=True)),
+        (
+            "def run_guest():\n    ### BEGIN SOLUTION\n"
+            "    vm = VirtualMachine('mov eax, 1\\nhlt', mode='real')\n"
+            "    return vm.run(max_instructions=1000)\n    ### END SOLUTION",
+            meta("loops_ex1_answer", solution=True),
+        ),
+        ("assert run_guest().state is VmState.HALTED", meta("loops_ex1_test", grade=True, locked=True, points=1)),
+        (
+            "def install(vm):\n    @vm.handler(ExitReason.CPUID)\n    def on_cpuid(vm, exit):\n"
+            "        ### BEGIN SOLUTION\n        vm.skip_instruction()\n        return True\n        ### END SOLUTION",
+            meta("loops_ex2_answer", solution=True),
+        ),
+        (
+            "vm = VirtualMachine('mov eax, 0\\ncpuid\\nhlt', mode='real')\ninstall(vm)\n"
+            "assert vm.run(max_exits=10).state is VmState.HALTED",
+            meta("loops_ex2_test", grade=True, locked=True, points=1),
+        ),
+    ]
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    for src, md in cells:
+        cell = nbformat.v4.new_code_cell(src)
+        cell.metadata.update(md)
+        nb.cells.append(cell)
+    return nb
+
+
+def test_runaway_guest_and_handler_do_not_hang_the_autograder(tmp_path):
+    """The issue's promise: a guest that never stops ends with vtlab's budget error, a
+    handler that never returns is interrupted at the cell timeout; grading goes on."""
+    pytest.importorskip("vtlab")
+    name = "vtlab_loops"
+    src = tmp_path / "notebooks" / f"{name}.ipynb"
+    src.parent.mkdir()
+    instructor = _vtlab_loops_notebook()
+    nbformat.write(instructor, src)
+    cfg = course.load_config(tmp_path / "course", timeout=5)
+    release = course.generate(cfg, {name: src})[name]
+    student = nbformat.read(release, as_version=4)
+    looper = submission_from(student, instructor)
+    for cell in looper.cells:
+        gid = nbg(cell).get("grade_id")
+        if gid == "loops_ex1_answer":  # no budget given: vtlab's default budget ends it
+            cell.source = "def run_guest():\n    return VirtualMachine('spin: jmp spin', mode='real').run()"
+        elif gid == "loops_ex2_answer":  # a handler that never returns
+            cell.source = (
+                "def install(vm):\n    @vm.handler(ExitReason.CPUID)\n    def on_cpuid(vm, exit):\n"
+                "        while True:\n            pass"
+            )
+    for who, nb in {"solved": submission_from(student, instructor), "looper": looper}.items():
+        out = tmp_path / "subs" / who / name / f"{name}.ipynb"
+        out.parent.mkdir(parents=True)
+        nbformat.write(nb, out)
+    failures = course.autograde(cfg, course.collect(cfg, tmp_path / "subs"), src.parent)
+    assert not failures, failures
+    assert cell_grades(cfg, name, "solved") == {"loops_ex1_test": (1, 1), "loops_ex2_test": (1, 1)}
+    assert cell_grades(cfg, name, "looper") == {"loops_ex1_test": (0, 1), "loops_ex2_test": (0, 1)}
+    errors = {
+        nbg(c).get("grade_id"): o.get("ename")
+        for c in nbformat.read(tmp_path / "course" / "autograded" / "looper" / name / f"{name}.ipynb", as_version=4).cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    }
+    assert errors.get("loops_ex1_test") == "AssertionError", errors  # budget state, not a hang
+    assert errors.get("loops_ex2_test") in ("KeyboardInterrupt", "CellTimeoutError"), errors
 
 
 def test_command_line_generate_and_autograde(tmp_path, capsys):

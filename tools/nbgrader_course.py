@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     NBGRADER_LOG.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        # Test cells with hidden tests never match the checksum of the instructor version,
+        # so nbgrader warns about every one of them; it grades with the instructor's test
+        # cells anyway (a student cannot change them), so the warning is only noise.
+        NBGRADER_LOG.addFilter(lambda record: "Attribute 'checksum' for cell" not in record.getMessage())
 
     cfg = load_config(args.course, args.timeout)
     csv_path = args.csv or course_root(cfg) / "grades.csv"

@@ -33,10 +33,13 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 # ctx layout (u64 each): base, window size, total, blocks, outside_blocks, prefix_ptr,
 # outside_bytes, stop_at (instruction budget), address of uc_emu_stop
 _CTX_FIELDS = ("base", "limit", "total", "blocks", "outside_blocks", "prefix", "outside_bytes",
-               "stop_at", "emu_stop")
+               "stop_at", "emu_stop", "last_block", "last_size")
 
 # SysV ABI: rdi = uc, rsi = block address, edx = block size, rcx = user data (ctx)
 _HOOK_ASM = """
+    mov qword ptr [rcx + 72], rsi
+    mov r8d, edx
+    mov qword ptr [rcx + 80], r8
     mov rax, rsi
     sub rax, qword ptr [rcx]
     cmp rax, qword ptr [rcx + 8]
@@ -132,6 +135,7 @@ class InstructionCounter:
 
     def _python_hook(self, uc, address, size, _user):
         c = self._ctx
+        c[9], c[10] = address, size
         off = address - c[0]
         if 0 <= off and off + size <= c[1]:
             c[2] += int(self._prefix[off + size] - self._prefix[off])
@@ -142,6 +146,24 @@ class InstructionCounter:
             c[6] += size
         if c[2] >= c[7]:
             uc.emu_stop()
+
+    def unretire_rest_of_block(self, address: int, retired_here: bool = False) -> None:
+        """Emulation left the current block at ``address``: take back what was counted ahead.
+
+        The hook counts a whole block when it starts; if a VM exit or an exception stops
+        the CPU before the instruction at ``address`` (or vtlab emulated it and jumped past
+        it, ``retired_here=True``), the instructions from there to the end of the block
+        were counted but did not run here.
+        """
+        c = self._ctx
+        start, size = int(c[9]), int(c[10])
+        if not start <= address < start + size:
+            return
+        off, end = address - int(c[0]), start + size - int(c[0])
+        if 0 <= off and end <= int(c[1]):
+            over = int(self._prefix[end] - self._prefix[off]) - (1 if retired_here else 0)
+            if over > 0:
+                c[2] = max(0, int(c[2]) - over)
 
     @property
     def total(self) -> int:

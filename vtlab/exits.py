@@ -635,10 +635,12 @@ class ExitMonitor:
         if result is None:
             return False
         if result == "emulated":
+            self.guest.counter.unretire_rest_of_block(address, retired_here=True)
             self.guest.rip = self.guest.rip + insn.size  # the rule did the work; skip it
             return False
         if result == "emulated-fault":
             return True
+        self.guest.counter.unretire_rest_of_block(address)  # it exits instead of retiring
         result.guest_instructions = self.guest.counter.total
         result.cpl = self.guest.cpl
         self.pending = result
@@ -666,6 +668,9 @@ class ExitMonitor:
         rip = g.rip
         software = self._software_interrupt_at(rip, vector)
         self.event = (vector, rip, software)
+        if vector == Vector.PF and not software and g.page_fault is not None:
+            # #PF: the error code and faulting address the guest captured (see Guest._on_intr)
+            self.event = (vector, rip, software, g.page_fault[1], 0, g.page_fault[0])
         g.uc.emu_stop()
 
     def _software_interrupt_at(self, rip: int, vector: int) -> bool:
@@ -794,9 +799,16 @@ class ExitMonitor:
 
     # --------------------------------------------------- guest state <-> VMCS
     def save_guest_state(self, vmcs: "Vmcs") -> None:
-        """Store the CPU's guest state into the guest-state area (SDM 28.3)."""
+        """Store the CPU's guest state into the guest-state area (SDM 28.3).
+
+        Fields software already rewrote since the exit (``vmcs.dirty``, e.g. GUEST_RIP
+        advanced by the VMM) keep the software's value: on hardware the save happened
+        before the VMM ran, so its VMWRITEs came after.
+        """
         g = self.guest
-        put = vmcs.save_guest
+        dirty = vmcs.dirty
+        save = vmcs.save_guest
+        put = (lambda f, value: None if int(f) in dirty else save(f, value)) if dirty else save
         for name, f in (("cr0", F.GUEST_CR0), ("cr3", F.GUEST_CR3), ("cr4", F.GUEST_CR4),
                         ("rsp", F.GUEST_RSP), ("rip", F.GUEST_RIP), ("rflags", F.GUEST_RFLAGS),
                         ("dr7", F.GUEST_DR7)):
@@ -935,6 +947,7 @@ class ExitMonitor:
             single = step or mtf
             self.pending, self.event = None, None
             rip_before = g.rip
+            cr2 = g.uc.reg_read(X.UC_X86_REG_CR2)  # QEMU overwrites it when it raises #PF
             try:
                 g.emulate(1 if single else remaining, exact=single)
             except unicorn.UcError as exc:
@@ -948,8 +961,13 @@ class ExitMonitor:
                 break
             if self.event is not None:
                 forget_exception(g.uc)  # vtlab, not QEMU, delivers it (or exits)
+                g.counter.unretire_rest_of_block(g.linear_rip())
                 exit_ = self._handle_event(*self.event)
                 if exit_ is not None:
+                    if self.event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
+                        # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
+                        # address is in the exit qualification instead.
+                        g.uc.reg_write(X.UC_X86_REG_CR2, cr2)
                     break
                 continue
             if self.halted:
@@ -969,8 +987,13 @@ class ExitMonitor:
         return self._handle_event(int(e.vector), self.guest.rip, False, error_code=e.error_code)
 
     def _handle_event(self, vector: int, rip: int, software: bool, error_code: int | None = None,
-                      depth: int = 0) -> VmExit | None:
-        """An exception or INT n: exit through the exception bitmap, or deliver it (SDM 26.2)."""
+                      depth: int = 0, fault_address: int | None = None) -> VmExit | None:
+        """An exception or INT n: exit through the exception bitmap, or deliver it (SDM 26.2).
+
+        ``fault_address`` is the linear address of a #PF: the exit qualification of a #PF
+        exit (SDM 28.2.1) - such an exit leaves CR2 alone (SDM 28.1) - and the value
+        loaded into CR2 when the #PF is delivered to the guest instead.
+        """
         g = self.guest
         if vector < 32 and not software and error_code is None and vector in (8, 10, 11, 12, 13, 14, 17, 21):
             error_code = 0
@@ -980,9 +1003,12 @@ class ExitMonitor:
             info = IntrInfo(vector, kind, error_code is not None).encode()
             insn = g.instruction_at()
             at = rip - (2 if software and vector not in (3, 4) else 1) if software else rip
-            return VmExit(ExitReason.EXCEPTION_NMI, 0, (rip - at) if software else 0, at,
+            qualification = fault_address if vector == Vector.PF and fault_address is not None else 0
+            return VmExit(ExitReason.EXCEPTION_NMI, qualification, (rip - at) if software else 0, at,
                           insn.text if insn and not software else "", intr_info=info,
                           intr_error_code=error_code, guest_instructions=g.counter.total, cpl=g.cpl)
+        if vector == Vector.PF and not software and fault_address is not None:
+            g.uc.reg_write(X.UC_X86_REG_CR2, fault_address)
         problem = g.deliver_interrupt(vector, error_code if is_exception and not software else None, rip)
         if problem is None:
             return None

@@ -138,6 +138,8 @@ class GuestException:
     error_code: int | None = None
     cpl: int = 0
     instruction: str = ""
+    #: #PF only: the linear address that caused it (what the CPU loads into CR2).
+    address: int | None = None
 
     @property
     def name(self) -> str:
@@ -190,6 +192,33 @@ _ERROR_CODE_VECTORS = {Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Ve
                        Vector.AC, Vector.CP}
 
 
+_STACK_WRITERS = frozenset({"push", "pushf", "pushfd", "pushfq", "pusha", "pushal", "call",
+                            "enter"})
+
+
+def _decode_detail(guest: "Guest", linear: int):
+    """Capstone's detailed decode of the instruction at ``linear`` (None if unreadable)."""
+    import capstone
+
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[guest.bits]
+    cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    cs.detail = True
+    try:
+        return next(cs.disasm(guest.read(linear, 15), linear, 1), None)
+    except unicorn.UcError:
+        return None
+
+
+def _writes_memory(detail) -> bool:
+    """Does the decoded instruction write memory (an operand, or the stack)?"""
+    import capstone
+
+    if detail.mnemonic in _STACK_WRITERS:
+        return True
+    return any(op.type == capstone.x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE
+               for op in detail.operands)
+
+
 class Guest:
     """A real x86 CPU (Unicorn) with memory, set up in one of the four :class:`Mode` s.
 
@@ -215,6 +244,13 @@ class Guest:
         self._fast_ids: dict[str, int] = {}
         self._scratch = ctypes.c_uint64(0)
         self.uc.mem_map(0, memory_size)
+        # No "until" address: when emulation stops Unicorn looks up the address before
+        # ``until``, and with guest paging on and that address unmapped (as the customary
+        # 0xFFFF_FFFF_FFFF_FFFF is) QEMU's page walk leaves it in CR2, as if the guest had
+        # page-faulted.  An empty exit list makes emu_start ignore ``until`` altogether;
+        # runs end by HLT, hooks, the instruction budget or ``count``.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         self.programs: list[Program] = []
         self.exceptions: list[GuestException] = []
         self.counter = InstructionCounter(self.uc)
@@ -222,7 +258,9 @@ class Guest:
         # Hooks the VMX layer can take over; defaults serve a bare run.
         self.on_interrupt = self._record_interrupt
         self._hlt_hooks: set[int] = set()
-        self.uc.hook_add(unicorn.UC_HOOK_INTR, lambda uc, n, _: self.on_interrupt(n))
+        #: (linear address, error code) of the last #PF, captured when Unicorn raised it.
+        self.page_fault: tuple[int, int] | None = None
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, lambda uc, n, _: self._on_intr(n))
         #: Port I/O that reaches the "hardware" (no VM exit): set by the VMM's device bus.
         self.io_read = lambda port, size: (1 << (8 * size)) - 1   # floating bus: all ones
         self.io_write = lambda port, size, value: None
@@ -264,6 +302,7 @@ class Guest:
         regid = self._fast_ids.get(name)
         if regid is not None:  # hot path: a plain integer register, already resolved
             value = self._scratch
+            value.value = 0  # Unicorn writes only 1-2 bytes for AL, DX ...
             if not _uc_reg_read(self._uch, regid, ctypes.byref(value)):
                 return value.value
         original = name
@@ -349,7 +388,12 @@ class Guest:
 
     # ---------------------------------------------------------------- segments
     def _descriptor_at(self, table_base: int, selector: int) -> int:
-        return self.read_u64(table_base + (selector & ~7))
+        """The 8-byte descriptor ``selector`` names; 0 if the table lies outside memory
+        (a guest may have pointed GDTR anywhere after loading its segments)."""
+        try:
+            return self.read_u64(table_base + (selector & ~7))
+        except unicorn.UcError:
+            return 0
 
     def segment(self, name: str) -> Segment:
         """The segment register ``name`` with base, limit and VMX access rights."""
@@ -548,6 +592,7 @@ class Guest:
         self.set_reg("rdx", tsc >> 32)
         if size == 3:  # RDTSCP also loads IA32_TSC_AUX into ECX
             self.set_reg("rcx", self.tsc_aux)
+        self.counter.unretire_rest_of_block(address, retired_here=True)
         self.rip = self.rip + size
 
     #: Added to the instruction count to form the TSC (IA32_TSC_ADJUST-like).
@@ -589,6 +634,67 @@ class Guest:
         """Called before a HLT executes; return True to stop there (bare runs do)."""
         return True
 
+    def _on_intr(self, vector: int) -> None:
+        # A #PF: QEMU has just put the faulting address in CR2 (the value does not survive
+        # the end of the run) and Unicorn never reports the error code - capture both now.
+        self.page_fault = self._page_fault_info() if vector == Vector.PF else None
+        self.on_interrupt(vector)
+
+    def _page_fault_info(self) -> tuple[int, int]:
+        """(linear address, error code) of the page fault being raised (SDM Vol. 3A 4.7).
+
+        The error code is rebuilt as the SDM defines it: bit 0 P (0: a non-present
+        translation, 1: a protection violation), bit 1 W/R (a write), bit 2 U/S (CPL 3),
+        bit 4 I/D (an instruction fetch, reported with PAE + EFER.NXE or CR4.SMEP).  The
+        access kind comes from the faulting instruction: a fetch if the address lies in
+        its own bytes (or it cannot be read), a write if it writes a memory operand or
+        the stack.  RSVD (bit 3) is never set: vtlab's page tables have no reserved bits.
+        """
+        address = self.uc.reg_read(X.UC_X86_REG_CR2)
+        linear = self.linear_rip()
+        detail = _decode_detail(self, linear)
+        write = detail is not None and _writes_memory(detail)
+        fetch = detail is None or (linear <= address < linear + detail.size and not write)
+        cr4, efer = self.reg("cr4"), self.reg("efer")
+        code = int(self._translation_present(address)) | int(write) << 1 | int(self.cpl == 3) << 2
+        if fetch and ((efer & Efer.NXE and cr4 & Cr4.PAE) or cr4 & Cr4.SMEP):
+            code |= 1 << 4
+        return address, code
+
+    def _translation_present(self, linear: int) -> bool:
+        """Does the guest's paging structure map ``linear`` at every level (P = 1)?"""
+        cr0, cr3, cr4 = self.reg("cr0"), self.reg("cr3"), self.reg("cr4")
+        if not cr0 & Cr0.PG:
+            return True
+        frame = 0x000F_FFFF_FFFF_F000
+        try:
+            if self.reg("efer") & Efer.LMA:  # 4-level paging: PML4, PDPT, PD, PT
+                table = cr3 & frame
+                for shift in (39, 30, 21, 12):
+                    entry = self.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
+                    if not entry & 1:
+                        return False
+                    if shift in (30, 21) and entry & 0x80:  # 1-GByte / 2-MByte page
+                        return True
+                    table = entry & frame
+                return True
+            if cr4 & Cr4.PAE:  # PAE paging: PDPTE, PD, PT
+                pdpte = self.read_u64((cr3 & 0xFFFF_FFE0) + ((linear >> 30) & 3) * 8)
+                if not pdpte & 1:
+                    return False
+                pde = self.read_u64((pdpte & frame) + ((linear >> 21) & 0x1FF) * 8)
+                if not pde & 1 or pde & 0x80:  # absent, or a 2-MByte page
+                    return bool(pde & 1)
+                return bool(self.read_u64((pde & frame) + ((linear >> 12) & 0x1FF) * 8) & 1)
+            entry = self.read_u32((cr3 & 0xFFFF_F000) + ((linear >> 22) & 0x3FF) * 4)  # 32-bit
+            if not entry & 1:
+                return False
+            if entry & 0x80 and cr4 & Cr4.PSE:  # 4-MByte page
+                return True
+            return bool(self.read_u32((entry & 0xFFFF_F000) + ((linear >> 12) & 0x3FF) * 4) & 1)
+        except unicorn.UcError:  # a paging structure outside guest memory
+            return False
+
     def _record_interrupt(self, vector: int) -> None:
         """Default UC_HOOK_INTR handler: remember the exception and stop the run."""
         self._stop = ("exception", self.make_exception(vector))
@@ -600,7 +706,10 @@ class Guest:
         rip = self.rip
         insn = self.instruction_at()
         code = 0 if vector in _ERROR_CODE_VECTORS else None
-        return GuestException(vector, rip, code, self.cpl, insn.text if insn else "")
+        address = None
+        if vector == Vector.PF and self.page_fault is not None:
+            address, code = self.page_fault
+        return GuestException(vector, rip, code, self.cpl, insn.text if insn else "", address)
 
     def emulate(self, budget: int, *, exact: bool = False) -> None:
         """One call into Unicorn from the current RIP, bounded by ``budget`` instructions.
@@ -612,7 +721,8 @@ class Guest:
         begin = self.rip
         if not self.reg("cr0") & Cr0.PE:
             begin &= 0xFFFF
-        until = 0xFFFF_FFFF_FFFF_FFFF
+        # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
+        until = 0
         if exact:
             self.counter.stop_at = (1 << 64) - 1
             self.uc.emu_start(begin, until, count=budget)
@@ -636,8 +746,13 @@ class Guest:
             self.emulate(max_instructions)
         except unicorn.UcError as exc:
             self._stop = self._stop or ("exception", self._unicorn_error(exc))
-        executed = self.counter.total - before
         stop = self._stop
+        if stop is not None:  # the CPU stopped at RIP: nothing from there on retired
+            where = stop[1] if stop[0] == "hlt" else stop[1].rip
+            # HLT itself retires (the CPU then waits); a faulting instruction does not
+            self.counter.unretire_rest_of_block(self.segment("cs").base + where,
+                                                retired_here=stop[0] == "hlt")
+        executed = self.counter.total - before
         self._stop = None
         if stop is None:
             if not self.counter.exhausted and self.read(self.linear_rip() - 1, 1) == b"\xf4":
@@ -650,6 +765,8 @@ class Guest:
             return RunResult("hlt", stop[1], executed, cpl=self.cpl)
         exc = stop[1]
         forget_exception(self.uc)  # the exception was reported, not delivered
+        if exc.address is not None:  # a #PF loads CR2 when it is raised (SDM Vol. 3A 4.7)
+            self.uc.reg_write(X.UC_X86_REG_CR2, exc.address)
         self.exceptions.append(exc)
         return RunResult("exception", exc.rip, executed, exc, cpl=exc.cpl)
 

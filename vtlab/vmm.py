@@ -233,8 +233,8 @@ def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
 def handle_hlt(vm: "VirtualMachine", exit: VmExit) -> bool:
     """HLT: the vCPU would sleep until an interrupt; with nothing to wake it, stop here."""
     vm.skip_instruction()
-    if vm.timer_period:
-        return True  # the timer will deliver an interrupt
+    if vm.timer_period and vm.vmread(F.GUEST_RFLAGS) & (1 << 9):
+        return True  # IF = 1: the timer's next interrupt wakes the guest
     vm.stop(VmState.HALTED, f"the guest executed HLT at {exit.guest_rip:#x}")
     return False
 
@@ -267,6 +267,10 @@ def handle_exception(vm: "VirtualMachine", exit: VmExit) -> bool:
         return True
     if info.type is InterruptionType.SOFTWARE_EXCEPTION:
         vm.vmwrite(F.VM_ENTRY_INSTRUCTION_LEN, exit.instruction_length)
+    if info.vector == Vector.PF and info.type is InterruptionType.HARDWARE_EXCEPTION:
+        # Neither the #PF exit nor the injection loads CR2 (SDM 28.1, 27.6.1): the VMM
+        # sets it from the exit qualification, the faulting linear address (as KVM does).
+        vm.guest.set_reg("cr2", exit.qualification)
     return vm.inject_exception(info.vector, exit.intr_error_code, kind=info.type)
 
 
@@ -794,7 +798,7 @@ class VirtualMachine:
 
         Returns the VMX outcome of the step (a VM exit, or PAUSED after one instruction).
         """
-        if self.state in self._FINAL:
+        if self.state in self._FINAL or (self.state is VmState.HALTED and self.pending_exit is None):
             return None
         if self.pending_exit is not None:
             self.handle_pending_exit()

@@ -308,9 +308,12 @@ class Stepper(_Base):
         colour = "#0072B2" if vm.cpu.operation is VmxOperation.NON_ROOT else "#E69F00"
         self.mode_html.value = (f"<div style='padding:4px;border-left:6px solid {colour}'>"
                                 f"<b>{html.escape(self.mode_text)}</b></div>")
-        insn = g.instruction_at()
+        where = g.linear_rip()
+        if vm.cpu.operation is not VmxOperation.NON_ROOT:  # the VMM may have advanced GUEST_RIP
+            where = g.segment("cs").base + vm.vmcs.get(F.GUEST_RIP)
+        insn = g.instruction_at(where)
         self.next_html.value = ("next guest instruction: <code>" +
-                                html.escape(f"{g.linear_rip():#x}: {insn.text}" if insn else "(undecodable)")
+                                html.escape(f"{where:#x}: {insn.text}" if insn else "(undecodable)")
                                 + "</code>")
         names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rip", "rflags"]
         rows = "".join(f"<tr><td>{n}</td><td><code>{g.reg(n):#x}</code></td></tr>" for n in names)

@@ -105,12 +105,12 @@ import struct
 import ipywidgets as W
 import numpy as np
 import pandas as pd
-from IPython.display import display
+from IPython.display import HTML, display
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import vtlab
-from vtlab import ExitReason, Guest, Hypercall, VirtualMachine, VmState, bt, cost, plots, rings
+from vtlab import Guest, Hypercall, VirtualMachine, VmState, bt, cost, plots, rings
 from vtlab.plots import OKABE_ITO
 
 pd.set_option("display.max_colwidth", 120)
@@ -124,28 +124,6 @@ CATEGORY_COLOURS = {
     "untestable": OKABE_ITO["yellow"],
 }
 
-
-def _vmcall_exits() -> bool:
-    vm = VirtualMachine("mov eax, 0\nvmcall\nhlt", mode="protected")
-    ex = vm.next_exit(max_instructions=10)
-    return ex is not None and ex.reason is ExitReason.VMCALL
-
-
-# Workaround for vtlab 0.1.0 (reported; harmless once fixed): for VMCALL, Unicorn hands the
-# exit monitor a placeholder instruction size, and the monitor then compared that many
-# bytes of guest memory with the instruction, so VMCALL raised #UD instead of causing the
-# VM exit the SDM requires. Give the monitor the size it decoded itself.
-if not _vmcall_exits():
-    from vtlab.exits import ExitMonitor
-
-    _on_sensitive = ExitMonitor._on_sensitive
-
-    def _on_sensitive_fixed(self, uc, address, size, user):
-        insn = self._hooked.get(address)
-        return _on_sensitive(self, uc, address, insn.size if insn is not None else size, user)
-
-    ExitMonitor._on_sensitive = _on_sensitive_fixed
-    assert _vmcall_exits()
 print("vtlab", vtlab.__version__, "ready")
 """, lock="ex01_setup")
 
@@ -287,7 +265,7 @@ pd.DataFrame([(f.key, f.phrase) for f in rings.FACTORS],
 """)
 
 md(r"""
-Four instructions, one of each kind (and one that cannot be tested — see section 4):
+Four instructions to start with: one privileged, two sensitive-unprivileged, one innocuous.
 """)
 
 code(r"""
@@ -301,7 +279,7 @@ pd.DataFrame([{"instruction": name, **{k: v for k, v in rings.probe(text).as_dic
 md(r"""
 * **CLI** faults at CPL 3: privileged, the VMM gets its trap. (The evidence also notes that it
   *would* run at CPL 3 if the real IOPL were 3 — CLI, STI, IN and OUT are guarded by the I/O
-  privilege level in EFLAGS, so a VMM must keep the real IOPL at 0.)
+  privilege level (IOPL) in EFLAGS, so a VMM must keep the real IOPL below the guest's CPL.)
 * **SGDT** stores the GDTR — base and limit of the global descriptor table — and runs at
   CPL 3. When the VMM has moved the real GDT into its own memory, the guest reads the VMM's
   address instead of its own.
@@ -374,11 +352,12 @@ W.VBox([W.HBox([preset, where]), W.HBox([source, go]), card])
 """)
 
 md(r"""
-If you read this without a live kernel, here is the card the widget shows for SMSW:
+Widgets need a live kernel. In case you are reading a saved copy, here is the card the widget
+shows for SMSW, as plain HTML:
 """)
 
 code(r"""
-display(W.HTML(probe_card(rings.probe("smsw ax"))))
+display(HTML(probe_card(rings.probe("smsw ax"))))
 """)
 
 md(r"""
@@ -513,13 +492,12 @@ CPL (and on descriptor DPLs).*
 md(r"""
 ## 4 · Our table beside Robin & Irvine (2000)
 
-In 2000 John Scott Robin and Cynthia Irvine went through the Pentium's instruction set by hand
-("Analysis of the Intel Pentium's Ability to Support a Secure Virtual Machine Monitor", USENIX
-Security 2000) and reported **seventeen sensitive, unprivileged instructions** in two groups:
-ones that read or change *sensitive registers* and ones that depend on the *protection
-system*. The grouped list they give names eighteen mnemonics (so one of them must have been
-counted with a neighbour); `rings.ROBIN_IRVINE_2000` keeps all eighteen, so the comparison
-has a row for each.
+In 2000 John Scott Robin and Cynthia Irvine analysed the Pentium's instruction set ("Analysis
+of the Intel Pentium's Ability to Support a Secure Virtual Machine Monitor", USENIX Security
+2000) and reported **seventeen sensitive, unprivileged instructions** in two groups: ones that
+read or change *sensitive registers* and ones that depend on the *protection system*. The
+grouped list the paper is quoted with names eighteen mnemonics; `rings.ROBIN_IRVINE_2000` keeps
+all eighteen, so the comparison below has a row for each.
 
 `rings.compare_with_robin_irvine(table)` puts our experimental verdict next to each one
 ("ours" is sensitive-unprivileged if any of our probes for that mnemonic was).
@@ -977,13 +955,18 @@ md(r"""
 *Figure: estimated cycles for `KERNEL` under each technique on the 2005 Pentium 4 (left) and a
 modern core (right); the blue part is the guest's own work, the hatched part the overhead,
 labelled in percent. Look at the VT-x bar: on the first VT-x processor a VM exit cost about
-2,400 cycles and VT-x came out **behind** binary translation — VMware measured exactly that in
-2006 — while on a modern core, with exits several times cheaper, it is the cheapest of the
-three.*
+2,400 cycles, and for this kernel VT-x comes out **behind** binary translation — the surprise
+VMware reported in 2006 for many workloads — while on a modern core, with exits several times
+cheaper, it is the cheapest of the three.*
 
-And in the table above, look along each row: the overhead of every technique falls as the
-amount of ordinary work between two sensitive operations grows. The cost is paid per
-*sensitive event*, not per instruction — a lesson that returns in notebook 04.
+Now read the table above along each row: the overhead of every technique falls as the amount
+of ordinary work between two sensitive operations grows. The cost is paid per *sensitive
+event*, not per instruction — a lesson that returns in notebook 04. The ranking depends on the
+workload, too: at `WORK=10000` binary translation is the most expensive, because the model
+charges translated code a 10 % slowdown (its middle estimate). Our toy executed only about
+0.5 % more instructions, but a real translator also pays for looking up the targets of
+indirect jumps and returns, for translating code as it is first reached, and for keeping the
+translation cache consistent.
 """)
 
 # ========================================================================== section 9

@@ -74,8 +74,8 @@ md("""
 Notebook 01 ended with a dead end: the four x86 rings cannot hold two kernels at once. The
 hypervisor needs ring 0 to control the machine, and so does every guest operating system,
 because that is where it was written to run. Intel VT-x (Virtualization Technology for x86,
-whose processor part is called **VMX**, the Virtual-Machine Extensions) does not try to
-share the rings more cleverly. It adds a second, independent dimension.
+introduced in 2005; its processor part is called **VMX**, the Virtual-Machine Extensions)
+does not try to share the rings more cleverly. It adds a second, independent dimension.
 
 In this notebook you run that dimension on vtlab's processor: a real x86 guest executed by
 Unicorn, with vtlab playing the VMX logic of the CPU and a small VMM written in Python.
@@ -284,13 +284,19 @@ flag of `/proc/cpuinfo` comes from it (`grep -E 'vmx|svm' /proc/cpuinfo` — `sv
 counterpart), `lsmod | grep kvm` shows whether KVM is loaded and
 `/sys/module/kvm_intel/parameters/nested` whether it lets guests use VMX themselves; on
 Windows, `systeminfo` and Sysinternals' `coreinfo -v` report it. vtlab can model both kinds
-of processor:
+of processor, and on the one without VMX even setting CR4.VMXE faults:
 """)
 
 code("""
 def cpuid_row(name, cpu):
     eax, ebx, ecx, edx = cpu.cpuid(1)
-    return {"processor": name, "CPUID.1:ECX": f"{ecx:#010x}", "ECX bit 5 (VMX)": ecx >> 5 & 1}
+    try:
+        cpu.write_cr4(cpu.cr4 | Cr4.VMXE)
+        cr4 = "accepted"
+    except VmxFailure as exc:
+        cr4 = f"#{exc.outcome.vector.name}: {exc.outcome.message}"
+    return {"processor": name, "CPUID.1:ECX": f"{ecx:#010x}", "ECX bit 5 (VMX)": ecx >> 5 & 1,
+            "MOV CR4 with VMXE = 1": cr4}
 
 
 pd.DataFrame([cpuid_row("VmxCpu()", VmxCpu()),
@@ -928,7 +934,7 @@ code("""
 boot_vm = VirtualMachine(BOOT_GUEST, mode="real")
 watched = [F.GUEST_RIP, F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.HOST_RIP]
 before = {f.name: boot_vm.vmread(f) for f in watched}
-boot_vm.next_exit()                          # VMLAUNCH ... up to the first exit, handler not run
+boot_vm.next_exit(max_instructions=1_000)   # VMLAUNCH ... up to the first exit; its handler has not run
 after = {f.name: boot_vm.vmread(f) for f in watched}
 first_exit_fields = pd.DataFrame({"before VMLAUNCH": before, "after the first VM exit": after}).map(hex)
 print("pending exit:", boot_vm.pending_exit)

@@ -155,7 +155,9 @@ VMCS), and the second dword is the **VMX-abort indicator**, where the processor 
 a VM exit could not complete. Everything else is the processor's private format, and a
 processor may keep parts of the active VMCS in internal storage rather than in memory. So
 software reads and writes fields only with **VMREAD** and **VMWRITE**, naming each field by a
-32-bit *encoding*, never by an offset. vtlab makes the point literally — the region in
+32-bit *encoding*, never by an offset. (That caching is also why VMCS accesses show up in a
+hypervisor's performance: each VMREAD/VMWRITE is an instruction with a cost, and KVM, for one,
+keeps copies of often-read fields in software.) vtlab makes the point literally — the region in
 memory holds nothing but those two dwords:
 """)
 
@@ -583,7 +585,9 @@ widgets.ControlsPanel(boot_vm())
 md("""
 What if a VMM ignores the capability MSRs? VM entry checks every control against them, and a
 bad control makes VMLAUNCH fail with **VMfailValid, error 7** ("VM entry with invalid control
-field(s)"). The guest never runs and the VMM continues with the next instruction:
+field(s)"). The guest never runs and the VMM continues with the next instruction. Both
+directions count: setting a must-be-0 control (TPR shadow) and clearing a must-be-1 one (the
+reserved bit 1):
 """)
 
 code("""
@@ -593,6 +597,12 @@ summary = bad.run(max_exits=10, max_instructions=10_000)
 forbidden_outcome = bad.last_outcome
 print(summary)
 print("VM-instruction error field:", bad.vmread(F.VM_INSTRUCTION_ERROR))
+
+missing = boot_vm()                              # clear bit 1, which is fixed to 1
+missing.vmwrite(F.CPU_BASED_VM_EXEC_CONTROL, missing.vmread(F.CPU_BASED_VM_EXEC_CONTROL) & ~0x2)
+missing.run(max_exits=10, max_instructions=10_000)
+missing_outcome = missing.last_outcome
+print(missing_outcome)
 """)
 
 # ------------------------------------------------------------------ exercise 2
@@ -667,6 +677,20 @@ guest_setup = pd.Series({f.name: f"{vm.vmread(f):#x}" for f in
 guest_setup["secondary controls"] = ", ".join(control_names(ProcBased2, vm.vmread(F.SECONDARY_VM_EXEC_CONTROL)))
 display(guest_setup.to_frame())
 print(vm.run(max_exits=50, max_instructions=10_000), "| guest output:", repr(vm.output))
+""")
+
+md("""
+The CR0 value matters. A processor fresh out of reset has CR0 = 0x60000010 — caches disabled
+(CD, NW), protection and paging off, ET set. Hand that value to VM entry unchanged and it is
+refused: even an unrestricted guest must keep CR0.NE = 1, as IA32_VMX_CR0_FIXED0 demands. A VMM
+therefore ORs the FIXED0 bits into GUEST_CR0 and lets the guest read its own idea of CR0
+through the CR0 read shadow:
+""")
+
+code("""
+reset_cr0 = boot_vm()
+reset_cr0.vmwrite(F.GUEST_CR0, 0x60000010)
+print(reset_cr0.run(max_exits=5, max_instructions=1_000))
 """)
 
 md("""
