@@ -615,8 +615,8 @@ class ExitMonitor:
 
     def _on_sensitive(self, uc, address, size, _user) -> bool:
         """Decide, just before a sensitive instruction executes, whether it exits."""
-        if self.pending is not None or self.vmcs is None:
-            return False
+        if self.pending is not None or self.vmcs is None or self.event is not None:
+            return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
         insn = self._hooked.get(address)
         # Unicorn (QEMU) passes the size it decoded, except for instructions its
         # translator turns straight into #UD (GETSEC, VMCALL and the other VMX

@@ -617,9 +617,10 @@ class Guest:
             return
         iopl = (self.reg("eflags") >> 12) & 3
         if self.cpl > iopl:
-            self._stop = ("exception", GuestException(Vector.GP, self.rip, 0, self.cpl,
-                                                      self.instruction_at().text))
-            uc.emu_stop()
+            # #GP(0), raised like any other exception: a bare run records it, and in VMX
+            # non-root operation the exit monitor takes it through the exception bitmap -
+            # it has priority over an I/O-instruction VM exit (SDM Vol. 3C 26.1.1).
+            self.on_interrupt(Vector.GP)
 
     def _on_in(self, uc, port, size, _user):
         return self.io_read(port, size) & ((1 << (8 * size)) - 1)

@@ -31,8 +31,18 @@ class TraceEvent:
     cpl: int = 0
     entry_failure: bool = False
     device: str | None = None
-    state: str = ""                 #: guest register summary
+    state: str | tuple = ""         #: guest register summary (formatted on first use)
     note: str = ""
+
+
+_STATE_NAMES = ("rax", "rbx", "rcx", "rdx", "rsp", "rflags", "cpl")
+
+
+def format_state(state: str | tuple) -> str:
+    """``(rax, rbx, rcx, rdx, rsp, rflags, cpl)`` -> ``"rax=0x1 ... cpl=0"``."""
+    if isinstance(state, str):
+        return state
+    return " ".join(f"{n}={v:#x}" if n != "cpl" else f"cpl={v}" for n, v in zip(_STATE_NAMES, state))
 
 
 class Trace:
@@ -97,6 +107,8 @@ class Trace:
             columns = list(TraceEvent.__dataclass_fields__)
             rows = [tuple(getattr(e, c) for c in columns) for e in self.events
                     if include_entries or e.event == "exit"]
+            at = columns.index("state")
+            rows = [r[:at] + (format_state(r[at]),) + r[at + 1:] for r in rows]
             df = pd.DataFrame.from_records(rows, columns=columns)
             df.attrs["instructions_total"] = self.instructions_total
             self._frame, self._frame_key = df, key

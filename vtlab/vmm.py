@@ -671,10 +671,10 @@ class VirtualMachine:
     def _on_exit(self, exit_: VmExit) -> None:
         self.last_exit = exit_
 
-    def _state_summary(self) -> str:
+    def _state_summary(self) -> tuple:
+        """Registers for the trace, kept raw; :func:`vtlab.trace.format_state` prints them."""
         r = self.guest.reg
-        return (f"rax={r('rax'):#x} rbx={r('rbx'):#x} rcx={r('rcx'):#x} rdx={r('rdx'):#x} "
-                f"rsp={r('rsp'):#x} rflags={r('rflags'):#x} cpl={self.guest.cpl}")
+        return (r("rax"), r("rbx"), r("rcx"), r("rdx"), r("rsp"), r("rflags"), self.guest.cpl)
 
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
