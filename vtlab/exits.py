@@ -984,6 +984,16 @@ class ExitMonitor:
     def _cpu_error(self, exc: unicorn.UcError) -> VmExit | None:
         """A Unicorn error with no hook involved: an unmapped access or an invalid opcode."""
         e = self.guest._unicorn_error(exc)
+        if e.vector == Vector.UD:
+            # Unicorn reports every vector-6 event as UC_ERR_INSN_INVALID, without calling
+            # the interrupt hook - including INT 6 (CD 06), which is a software interrupt
+            # (type 4): it skips the exception bitmap and returns past the INT (SDM 26.2).
+            try:
+                raw = self.guest.read(self.guest.linear_rip(), 2)
+            except unicorn.UcError:
+                raw = b""
+            if raw == b"\xcd\x06":
+                return self._handle_event(int(Vector.UD), self.guest.rip + 2, True)
         return self._handle_event(int(e.vector), self.guest.rip, False, error_code=e.error_code)
 
     def _handle_event(self, vector: int, rip: int, software: bool, error_code: int | None = None,
