@@ -15,7 +15,7 @@ for the learner).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
 from .arch.exceptions import INTR_INFO_VALID, InterruptionType, IntrInfo
@@ -254,7 +254,7 @@ class Checker:
                    f"{', or 3 for a 16-bit TSS' if not ia32e else ''}), S = 0", 0)
         ldtr_sel, _, _, ldtr_ar = _seg(self.vmcs, "LDTR")
         if not ldtr_ar & (1 << 16) and ((ldtr_ar & 0xF) != 2 or ldtr_ar & 0x10 or not ldtr_ar & 0x80):
-            yield f"GUEST_LDTR is usable, so it must be a present LDT descriptor (type 2, S = 0)", 0
+            yield "GUEST_LDTR is usable, so it must be a present LDT descriptor (type 2, S = 0)", 0
         for t in ("GDTR", "IDTR"):
             if v(F[f"GUEST_{t}_LIMIT"]) >> 16:
                 yield f"GUEST_{t}_LIMIT bits 31:16 must be 0", 0

@@ -19,7 +19,7 @@ and VM exit (SDM 27.3.2 and 28.3).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import capstone
@@ -27,7 +27,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from .arch.exceptions import IntrInfo, InterruptionType, Vector, EXCEPTION_INFO
+from .arch.exceptions import IntrInfo, InterruptionType, Vector
 from .arch.exit_reasons import EXIT_REASON_INFO, ExitReason
 from .arch.msrs import Cr0, Cr4, Efer, Msr
 from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType,
@@ -552,8 +552,6 @@ def rule_key(insn: Instruction) -> str | None:
 _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
 _SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"],
                    F[f"GUEST_{s.upper()}_LIMIT"], F[f"GUEST_{s.upper()}_AR_BYTES"]) for s in _SEGMENTS}
-_FIELD_SEG = {f: s for s, fs in _SEG_FIELDS.items() for f in fs}
-_EXCEPTION_VECTORS = set(range(32))
 #: The size a UC_HOOK_CODE callback receives for an instruction QEMU does not implement.
 _UNDECODED_SIZE = 0xF1F1F1F1
 #: Rules of instructions QEMU does not implement (it raises #UD for them), so the size it

@@ -20,7 +20,6 @@ exit; the VM, its VMCS and its trace stay inspectable.
 from __future__ import annotations
 
 import enum
-import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ from .arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
 from .arch.exceptions import InterruptionType, IntrInfo, Vector
 from .arch.exit_reasons import ExitReason
-from .arch.msrs import Cr0, Cr4, Efer, Msr
+from .arch.msrs import Cr0, Cr4, Msr
 from .arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification
 from .arch.vmcs_fields import VmcsField as F
 from .devices import DeviceBus, standard_devices
-from .errors import HandlerError, VmxFailure
+from .errors import HandlerError
 from .exits import VmExit
 from .guest import Guest, Mode
 from .trace import Trace
@@ -124,7 +123,7 @@ class Registers:
 # ----------------------------------------------------------------------------- handlers
 def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
     """CPUID: the host's answer, minus VMX, plus "hypervisor present" and a vendor leaf."""
-    leaf, subleaf = vm.regs.eax & 0xFFFF_FFFF, vm.regs.ecx & 0xFFFF_FFFF
+    leaf = vm.regs.eax & 0xFFFF_FFFF
     if leaf == HYPERVISOR_BASE_LEAF:
         ebx, ecx, edx = vendor_signature(HYPERVISOR_SIGNATURE)
         eax = HYPERVISOR_BASE_LEAF + 1

@@ -26,19 +26,18 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from unicorn import x86_const as X
 
-from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from .arch.controls import EntryControl
 from .arch.errors import VmInstructionError
 from .arch.exceptions import Vector
 from .arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
 from .arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
-from .arch.vmcs_fields import FieldType, VmcsField as F
+from .arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
 from .entry_checks import Violation, entry_violations
 from .errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
-from .vmcs import INVALID_POINTER, LaunchState, Vmcs, lookup
+from .vmcs import INVALID_POINTER, LaunchState, Vmcs
 
 if TYPE_CHECKING:
     from .exits import ExitMonitor, VmExit
@@ -115,13 +114,6 @@ class VmxOutcome:
     __repr__ = __str__
 
 
-# Guest-state fields that mirror guest registers, and the segment field quadruples.
-_SEGMENT_FIELDS = {
-    seg: (F[f"GUEST_{seg.upper()}_SELECTOR"], F[f"GUEST_{seg.upper()}_BASE"],
-          F[f"GUEST_{seg.upper()}_LIMIT"], F[f"GUEST_{seg.upper()}_AR_BYTES"])
-    for seg in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
-}
-_SEGMENT_OF = {f: seg for seg, fs in _SEGMENT_FIELDS.items() for f in fs}
 
 
 class VmxCpu:
@@ -307,18 +299,26 @@ class VmxCpu:
         self.current_vmcs_pointer = INVALID_POINTER
         return self._succeed("VMXOFF", "left VMX operation")
 
+    def _check_vmcs_pointer(self, insn: str, address: int, invalid: VmInstructionError,
+                            vmxon: VmInstructionError) -> VmxOutcome | None:
+        """The operand checks VMCLEAR and VMPTRLD share (SDM 31.3): alignment/width, not VMXON's region."""
+        if not self.memory.valid_address(address):
+            return self._fail(insn, invalid,
+                              f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
+        if address == self.vmxon_pointer:
+            return self._fail(insn, vmxon, "that is the VMXON region")
+        return None
+
     def vmclear(self, address: int) -> VmxOutcome:
         """VMCLEAR (SDM 31.3): flush the VMCS at ``address`` to memory and set its launch state to clear."""
         insn = "VMCLEAR"
         bad = self._common_checks(insn)
         if bad is not None:
             return bad
-        if not self.memory.valid_address(address):
-            return self._fail(insn, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
-                              f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
-        if address == self.vmxon_pointer:
-            return self._fail(insn, VmInstructionError.VMCLEAR_VMXON_POINTER,
-                              "that is the VMXON region")
+        bad = self._check_vmcs_pointer(insn, address, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
+                                       VmInstructionError.VMCLEAR_VMXON_POINTER)
+        if bad is not None:
+            return bad
         if self.monitor is not None and self.monitor.vmcs is self.regions.get(address):
             self.monitor.materialize()  # VMCLEAR writes the VMCS data back to memory
         self._vmcs_at(address).clear()
@@ -334,11 +334,10 @@ class VmxCpu:
         bad = self._common_checks(insn)
         if bad is not None:
             return bad
-        if not self.memory.valid_address(address):
-            return self._fail(insn, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
-                              f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
-        if address == self.vmxon_pointer:
-            return self._fail(insn, VmInstructionError.VMPTRLD_VMXON_POINTER, "that is the VMXON region")
+        bad = self._check_vmcs_pointer(insn, address, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
+                                       VmInstructionError.VMPTRLD_VMXON_POINTER)
+        if bad is not None:
+            return bad
         rev = self.memory.read_u32(address)
         if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31:
             return self._fail(insn, VmInstructionError.VMPTRLD_INCORRECT_VMCS_REVISION_ID,

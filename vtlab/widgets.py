@@ -27,11 +27,9 @@ import ipywidgets as W
 from .arch.controls import (CONTROL_FIELD, CONTROL_INFO, EntryControl, ExitControl, PinBased,
                             ProcBased, ProcBased2)
 from .arch.exceptions import Vector
-from .arch.vmcs_fields import VmcsArea, VmcsField as F, decode_encoding, field_area
-from .asm import decode_one
+from .arch.vmcs_fields import VmcsArea, VmcsField as F, decode_encoding
 from .errors import VtlabError
-from .vmcs import lookup
-from .vmm import VirtualMachine, VmState
+from .vmm import VirtualMachine
 from .vmx import Status, VmxCpu, VmxOperation
 
 _CLASSES = (PinBased, ProcBased, ProcBased2, ExitControl, EntryControl)
