@@ -243,6 +243,8 @@ class Guest:
         self._uch = self.uc._uch
         self._fast_ids: dict[str, int] = {}
         self._scratch = ctypes.c_uint64(0)
+        self._scratch_w = ctypes.c_uint64(0)
+        self._fast_write_ids: dict[str, int] = {}
         self.uc.mem_map(0, memory_size)
         # No "until" address: when emulation stops Unicorn looks up the address before
         # ``until``, and with guest paging on and that address unmapped (as the customary
@@ -331,6 +333,12 @@ class Guest:
 
     def set_reg(self, name: str, value: int) -> None:
         """Write a register by name; segment registers load their descriptor."""
+        regid = self._fast_write_ids.get(name)
+        if regid is not None:  # hot path: a general register seen before
+            self._scratch_w.value = value & 0xFFFF_FFFF_FFFF_FFFF
+            if not _uc_reg_write(self._uch, regid, ctypes.byref(self._scratch_w)):
+                return
+        original = name
         name = name.lower()
         if name == "efer":
             self.uc.msr_write(Msr.IA32_EFER, value)
@@ -341,6 +349,7 @@ class Guest:
             regid = _REGS[name]
             if regid not in _MMR_REGS and name not in _CONTROL_REGS:
                 if not _uc_reg_write(self._uch, regid, ctypes.byref(ctypes.c_uint64(value & 0xFFFF_FFFF_FFFF_FFFF))):
+                    self._fast_write_ids[original] = regid
                     return
             self.uc.reg_write(_REGS[name], value)
         else:
