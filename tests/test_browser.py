@@ -280,7 +280,9 @@ def _expect(page, selector: str, timeout_ms: float, what: str) -> None:
 
 
 def _total(page) -> int:
-    text = page.locator(TOTAL).first.inner_text(timeout=5000)
+    # textContent, not innerText: innerText is '' while JupyterLab skips drawing an
+    # off-screen cell (content-visibility), which made the read racy.
+    text = page.locator(TOTAL).first.text_content(timeout=5000) or ""
     return int(re.sub(r"[^\d]", "", text))
 
 

@@ -171,23 +171,37 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
     return True
 
 
+#: MSRs whose guest value lives in the VMCS guest-state area (SDM 25.4.2): VM entry loads
+#: them into the CPU, so a read that the MSR bitmap lets through sees the VMCS value.
+GUEST_STATE_MSRS: dict[int, F] = {
+    Msr.IA32_SYSENTER_CS: F.GUEST_SYSENTER_CS, Msr.IA32_SYSENTER_ESP: F.GUEST_SYSENTER_ESP,
+    Msr.IA32_SYSENTER_EIP: F.GUEST_SYSENTER_EIP, Msr.IA32_PAT: F.GUEST_IA32_PAT,
+}
+
+
 def handle_msr_read(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """RDMSR: answer from the VMM's MSR store; an unknown MSR gets #GP, as on hardware."""
+    """RDMSR: guest-state MSRs from the VMCS, others from the VMM's MSR store (#GP if unknown)."""
     msr = vm.regs.ecx & 0xFFFF_FFFF
-    if msr not in vm.msrs:
+    if msr in GUEST_STATE_MSRS:
+        value = vm.vmread(GUEST_STATE_MSRS[msr])
+    elif msr in vm.msrs:
+        value = vm.msrs[msr]
+    else:
         return vm.inject_exception(Vector.GP, 0)
-    value = vm.msrs[msr]
     vm.regs.rax, vm.regs.rdx = value & 0xFFFF_FFFF, value >> 32
     vm.skip_instruction()
     return True
 
 
 def handle_msr_write(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """WRMSR: store EDX:EAX in the VMM's MSR store (#GP for MSRs it does not know)."""
+    """WRMSR: store EDX:EAX (in the VMCS too for guest-state MSRs); #GP for unknown MSRs."""
     msr = vm.regs.ecx & 0xFFFF_FFFF
-    if msr not in vm.msrs:
+    if msr not in vm.msrs and msr not in GUEST_STATE_MSRS:
         return vm.inject_exception(Vector.GP, 0)
-    vm.msrs[msr] = ((vm.regs.rdx & 0xFFFF_FFFF) << 32) | (vm.regs.rax & 0xFFFF_FFFF)
+    value = ((vm.regs.rdx & 0xFFFF_FFFF) << 32) | (vm.regs.rax & 0xFFFF_FFFF)
+    vm.msrs[msr] = value
+    if msr in GUEST_STATE_MSRS:  # VM entry loads it, so pass-through reads see it too
+        vm.vmwrite(GUEST_STATE_MSRS[msr], value)
     vm.skip_instruction()
     return True
 

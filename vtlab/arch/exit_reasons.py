@@ -186,7 +186,7 @@ EXIT_REASON_INFO: dict[ExitReason, ExitReasonInfo] = {
     _R.OTHER_SMI: _i("An SMI arrived that was not an I/O SMI (dual-monitor SMM).", "other"),
     _R.INTERRUPT_WINDOW: _i("The guest became able to take interrupts and 'interrupt-window exiting' was set.", "interrupt"),
     _R.NMI_WINDOW: _i("The guest became able to take an NMI and 'NMI-window exiting' was set.", "interrupt"),
-    _R.TASK_SWITCH: _i("The guest tried a hardware task switch (always exits).", "other"),
+    _R.TASK_SWITCH: _i("The guest tried a hardware task switch (not an instruction exit: every task switch exits, SDM 26.2).", "other"),
     _R.CPUID: _i("The guest executed CPUID.", "benign", True),
     _R.GETSEC: _i("The guest executed GETSEC (Safer Mode Extensions).", "instruction", True),
     _R.HLT: _i("The guest executed HLT and 'HLT exiting' was set.", "benign"),

@@ -1,0 +1,335 @@
+"""Key results of the course notebook 04_exits.
+
+The notebook is executed once (a copy with one extra cell appended that prints its key
+variables as JSON) through ``nbrun.run_notebook``; the tests then check what a learner
+would read off its tables, widgets and plots: which instructions exit with the controls
+off and on, the decoded qualifications, the endless exits of a handler that forgets to
+advance RIP, the learner's handlers (solutions) at work, the dashboard, the cost tables and
+the "best exit is no exit" measurements. nbgrader is checked too: metadata as
+docs/NOTEBOOKS.md says, the instructor version validates, and the student version runs to
+the end without hanging and passes no test.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nbrun import code_outputs, run_notebook
+
+REPO = Path(__file__).resolve().parent.parent
+STEM = "04_exits"
+NOTEBOOK = REPO / "notebooks" / f"{STEM}.ipynb"
+BUILDER = REPO / "tools" / "notebooks" / f"{STEM}.py"
+MARK = "@@KEY-RESULTS@@"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+PROBE = """
+import json as _json
+_dash_default = dashboard.exit_counts
+dashboard.toggles[ProcBased.HLT_EXITING].value = not dashboard.toggles[ProcBased.HLT_EXITING].value
+_dash_flipped = dashboard.exit_counts
+_cpuid_vm, _cpuid_run = run_cpuid_guest(my_cpuid)
+_serial_vm, _serial_run, _serial_bytes, _uart = run_serial_guest()
+_msr_vm, _msr_run, _msr_writes = run_sysenter_guest()
+_tuned = conservative_vm()
+tune(_tuned)
+_tuned.run(max_exits=5_000, max_instructions=100_000)
+print("@@KEY-RESULTS@@" + _json.dumps({
+    "exit_table": exit_table.reset_index().astype(str).to_dict(orient="records"),
+    "on_off": on_off_table.reset_index().astype(str).to_dict(orient="records"),
+    "decoded": [{"reason": r, "qualification": q, "length": int(n), "decoded": {k: str(v) for k, v in d.items()}}
+                for r, q, n, d in zip(decoded_exits["reason"], decoded_exits["qualification"],
+                                      decoded_exits["instruction_length"], decoded_exits["decoded"])],
+    "forgetful": [forgetful.state.value, forgetful.message, forgetful.exits],
+    "ept": [ept_exits["reason"].tolist(), [int(r) for r in ept_exits["guest_rip"]]],
+    "cpuid": [_cpuid_run.state.value, list(struct.unpack("<8I", _cpuid_vm.guest.read(0x600, 32))),
+              _cpuid_vm.guest.read(0x614, 12).decode("latin-1"), counts(_cpuid_vm)],
+    "serial_table": serial_table.astype(str).to_dict(orient="index"),
+    "serial_ex": [_serial_run.state.value, bytes(_serial_bytes).decode("latin-1"), bytes(_uart.output).decode(),
+                  counts(_serial_vm)],
+    "msr_table": msr_table.astype(int).to_dict(orient="index"),
+    "msr_ex": [_msr_run.state.value, counts(_msr_vm), _msr_writes[:3], int(_msr_vm.regs.ebx)],
+    "dashboard": [_dash_default, _dash_flipped, type(dashboard).__name__],
+    "handling": handling_table.astype(str).to_dict(orient="index"),
+    "workload_costs": workload_costs.astype(str).to_dict(orient="index"),
+    "io_per_exit": io_per_exit,
+    "generations": generations[["year", "roundtrip_low", "roundtrip_high", "kind"]].astype(str).to_dict(orient="index"),
+    "paging": {k: len(v.trace) for k, v in paging.items()},
+    "best_exit": best_exit_table.astype(str).to_dict(orient="index"),
+    "tuned": [_tuned.state.value, _tuned.output, counts(_tuned)],
+}))
+"""
+
+UNCONDITIONAL = ["CPUID", "GETSEC", "INVD", "XSETBV", "VMCALL", "VMXON", "VMPTRLD", "VMLAUNCH"]
+NEVER = ["CLI", "PUSHFD / POPFD", "MOV from CR0"]
+
+
+def _build() -> nbformat.NotebookNode:
+    """The notebook as its builder script makes it (without writing any file)."""
+    return runpy.run_path(str(BUILDER), run_name="builder")["build"]()
+
+
+@pytest.fixture(scope="module")
+def nb04(tmp_path_factory):
+    """(executed notebook, key results) of a copy of 04_exits with the probe cell appended."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    probe = nbformat.v4.new_code_cell(PROBE.strip())
+    probe.id = "key-results-probe"
+    nb.cells.append(probe)
+    path = tmp_path_factory.mktemp(STEM) / f"{STEM}.ipynb"
+    nbformat.write(nb, path)
+    start = time.perf_counter()
+    done = run_notebook(path)
+    seconds = time.perf_counter() - start
+    text = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
+    assert MARK in text, f"probe printed nothing: {text!r}"
+    results = json.loads(text.split(MARK, 1)[1])
+    results["_seconds"] = seconds
+    return done, results
+
+
+# ------------------------------------------------------------------------ the notebook
+def test_runs_fast_and_shows_widget_table_and_plot(nb04):
+    nb, results = nb04
+    assert results["_seconds"] < 60, f"{STEM} took {results['_seconds']:.0f} s"
+    outputs = code_outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    mimes = {m for o in outputs for m in o.get("data", {})}
+    assert "image/png" in mimes, "no plot"
+    assert "text/html" in mimes, "no table"
+
+
+def test_exactly_one_dashboard_with_default_workloads(nb04):
+    """The browser test toggles HLT exiting in the first .vtlab-dashboard: there is one,
+    built by Dashboard() with the default workload list, in a cell that says Dashboard(."""
+    nb, results = nb04
+    views = [(i, c) for i, c in enumerate(nb.cells[:-1]) if c.cell_type == "code"
+             for o in c.get("outputs", []) if WIDGET_MIME in o.get("data", {})]
+    assert len(views) == 1, f"expected one widget (the Dashboard), got cells {[i for i, _ in views]}"
+    assert "Dashboard()" in views[0][1].source
+    assert sum("Dashboard(" in c.source for c in nb.cells[:-1] if c.cell_type == "code") == 1
+    default, flipped, kind = results["dashboard"]
+    assert kind == "Dashboard"
+    assert default == {"CPUID": 2000, "HLT": 1}          # cpuid-loop, vtlab's default controls
+    assert flipped == {"CPUID": 2000}                    # HLT exiting off: CPUID still exits
+
+
+def test_markdown_after_every_plot_is_a_caption(nb04):
+    nb, _ = nb04
+    cells = nb.cells[:-1]
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+            nxt = cells[i + 1]
+            assert nxt.cell_type == "markdown" and nxt.source.startswith("*Figure:"), (i, nxt.source[:80])
+            assert "look" in nxt.source.lower(), f"caption of cell {i} does not say what to look for"
+
+
+def test_stored_notebook_is_what_the_builder_makes():
+    stored = nbformat.read(NOTEBOOK, as_version=4)
+    built = _build()
+    assert [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in stored.cells] == \
+           [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in built.cells], \
+        f"notebooks/{STEM}.ipynb is stale: run python tools/notebooks/{STEM}.py"
+
+
+def test_stored_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert not [i for i, c in enumerate(nb.cells)
+                if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+
+
+# ---------------------------------------------------------------------------- nbgrader
+def test_nbgrader_metadata():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    meta = [c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata]
+    ids = [m["grade_id"] for m in meta]
+    assert len(ids) == len(set(ids))
+    keys = {"grade", "grade_id", "locked", "schema_version", "solution", "task"}
+    for cell in nb.cells:
+        m = cell.metadata.get("nbgrader")
+        if m is None:
+            continue
+        assert keys <= set(m) and m["schema_version"] == 3 and m["task"] is False, m
+        if m["solution"]:
+            assert cell.cell_type == "code" and not m["grade"] and not m["locked"]
+            assert m["grade_id"].startswith("ex04_")
+            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
+        elif m["grade"]:
+            assert cell.cell_type == "code" and m["locked"] and m["points"] > 0
+            assert m["grade_id"].startswith("ex04_")
+            visible, _, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
+            assert visible.strip() and "### END HIDDEN TESTS" in hidden
+            assert hidden.split("### END HIDDEN TESTS")[0].strip(), "empty hidden tests"
+        else:
+            assert m["locked"], m
+    answers = [m["grade_id"] for m in meta if m["solution"]]
+    graded = [m["grade_id"] for m in meta if m["grade"]]
+    assert 3 <= len(graded) <= 6 and len(answers) == len(graded)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Learning objectives" in text and "## Recap" in text
+
+
+def test_nbgrader_validates_instructor_version():
+    from nbgrader.validator import Validator
+
+    results = Validator().validate(str(NOTEBOOK))
+    assert results == {}, json.dumps(results, indent=1)[:3000]
+
+
+def test_student_version_ends_and_passes_nothing(tmp_path):
+    """Solutions replaced by ``raise NotImplementedError()``: the notebook runs to the end
+    (no hang: every guest run has budgets) and no test cell passes."""
+    from nbgrader.preprocessors import ClearHiddenTests, ClearOutput, ClearSolutions
+    from nbgrader.validator import Validator
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    resources: dict = {}
+    for pp in (ClearSolutions(), ClearHiddenTests(), ClearOutput()):
+        nb, resources = pp.preprocess(nb, resources)
+    assert sum("raise NotImplementedError()" in c.source for c in nb.cells) >= 3
+    path = tmp_path / f"{STEM}.ipynb"
+    nbformat.write(nb, path)
+    start = time.perf_counter()
+    results = Validator(invert=True).validate(str(path))
+    assert time.perf_counter() - start < 120
+    assert "passed" not in results, [r["source"][:80] for r in results["passed"]]
+
+
+# ------------------------------------------------------------------- 1 · which exit
+def test_unconditional_and_conditional_exits(nb04):
+    _, r = nb04
+    rows = {x["instruction"]: x for x in r["exit_table"]}
+    for name, row in rows.items():
+        if name in UNCONDITIONAL:
+            assert row["controls off"] == row["controls on"] == "exit", row
+            assert row["SDM: always exits"] == "True", row
+        elif name in NEVER:
+            assert row["controls off"] == row["controls on"] == "runs", row
+            assert row["exit reason"] == "-"
+        else:
+            assert (row["controls off"], row["controls on"]) == ("runs", "exit"), row
+            assert row["SDM: always exits"] == "False", row
+    for name in ("HLT", "OUT 80H, AL", "IN AL, DX (3FDH)", "MOV to CR3", "MOV from CR3", "MOV to CR0 (set TS)",
+                 "RDMSR 174H", "WRMSR 174H", "RDTSC", "INVLPG", "SGDT", "LIDT"):
+        assert name in rows, name
+    assert rows["CPUID"]["exit reason"] == "CPUID (10)" and rows["CPUID"]["length (bytes)"] == "2"
+    assert rows["VMCALL"]["exit reason"] == "VMCALL (18)" and rows["VMCALL"]["length (bytes)"] == "3"
+    assert rows["LIDT"]["exit reason"] == "GDTR_IDTR (46)"
+    assert rows["RDMSR 174H"]["exit reason"] == "MSR_READ (31)"
+
+
+def test_one_control_decides_a_workload(nb04):
+    _, r = nb04
+    got = {(x["workload"], x["RDTSC exiting"], x["HLT exiting"]): x for x in r["on_off"]}
+    assert got[("rdtsc-loop", "True", "True")]["RDTSC"] == "2000"
+    assert got[("rdtsc-loop", "False", "True")]["exits"] == "1"        # only the final HLT
+    assert got[("rdtsc-loop", "False", "False")]["exits"] == "0"
+    for rdtsc in ("True", "False"):
+        for hlt in ("True", "False"):
+            assert got[("cpuid-loop", rdtsc, hlt)]["CPUID"] == "2000"
+
+
+# --------------------------------------------------------- 2 · reason, qualification
+def test_decoded_qualifications(nb04):
+    _, r = nb04
+    d = r["decoded"]
+    assert [x["reason"] for x in d] == ["IO_INSTRUCTION"] * 6 + ["CR_ACCESS"] * 5 + ["HLT"]
+    assert d[0]["qualification"] == "0x00800040" and d[0]["decoded"]["operand"] == "immediate"
+    assert d[1]["qualification"] == "0x03fd0008" and d[1]["decoded"]["direction"] == "IN"
+    assert [x["decoded"]["size"] for x in d[:4]] == ["1", "1", "2", "4"]
+    assert d[4]["decoded"]["string"] == "True" and d[4]["decoded"]["rep"] == "True"
+    assert d[5]["decoded"]["string"] == "True" and d[5]["decoded"]["rep"] == "False"
+    assert d[8]["qualification"] == "0x00000313" and d[8]["decoded"] == {
+        "cr": "3", "access_type": "MOV_FROM_CR", "register": "rbx"}
+    assert d[7]["decoded"]["access_type"] == "MOV_TO_CR" and d[10]["decoded"]["access_type"] == "CLTS"
+    assert [x["length"] for x in d] == [2, 1, 2, 1, 2, 1, 3, 3, 3, 3, 2, 1]
+
+
+# ------------------------------------------------------------------ 3 · advancing RIP
+def test_forgetting_to_advance_rip_ends_at_the_exit_budget(nb04):
+    _, r = nb04
+    state, message, exits = r["forgetful"]
+    assert state == "budget" and exits == 25
+    assert message.startswith("exit budget exhausted")
+
+
+def test_ept_violation_is_retried_without_advancing_rip(nb04):
+    _, r = nb04
+    reasons, rips = r["ept"]
+    assert reasons == ["EPT_VIOLATION", "HLT"]
+    assert rips[0] == 0x1000                                # the faulting instruction, retried
+
+
+# -------------------------------------------------------------- exercises (solutions)
+def test_cpuid_handler_hides_vmx_and_reports_the_vendor(nb04):
+    _, r = nb04
+    state, regs, signature, counts = r["cpuid"]
+    assert state == "halted"
+    ecx = regs[2]
+    assert not ecx >> 5 & 1 and ecx >> 31 & 1
+    assert regs[4] == 0x4000_0001 and signature == "vtlab-course"
+    assert counts == {"CPUID": 2, "HLT": 1}
+
+
+def test_serial_port_behind_io_exits(nb04):
+    _, r = nb04
+    table = r["serial_table"]
+    assert table["unconditional I/O exiting"]["I/O exits"] == "2496"
+    assert table["I/O bitmap: only 3F8H exits"]["I/O exits"] == "1248"
+    state, received, uart, counts = r["serial_ex"]
+    assert state == "halted" and received == "Hello from the guest!\r\n" and uart == ""
+    assert counts == {"IO_INSTRUCTION": 2 * len(received), "HLT": 1}
+
+
+def test_msr_bitmap(nb04):
+    _, r = nb04
+    t = r["msr_table"]
+    assert t["no MSR bitmaps"]["MSR_READ"] == t["no MSR bitmaps"]["MSR_WRITE"] == 1000
+    assert t["bitmap: 175H reads pass"]["MSR_READ"] == 0 and t["bitmap: 175H reads pass"]["MSR_WRITE"] == 1000
+    assert t["bitmap: 175H reads and writes pass"]["MSR_WRITE"] == 0
+    state, counts, writes, last = r["msr_ex"]
+    assert state == "halted" and counts == {"MSR_WRITE": 50, "HLT": 1}
+    assert writes == [[0x174, 400], [0x174, 392], [0x174, 384]] and last == 8
+
+
+def test_tuned_boot_guest(nb04):
+    _, r = nb04
+    state, output, counts = r["tuned"]
+    assert state == "halted" and output == "boot ok\r\n"
+    assert sum(counts.values()) <= 12 and counts["IO_INSTRUCTION"] == len(output)
+
+
+# --------------------------------------------------------------------------- costs
+def test_categories_and_workload_costs(nb04):
+    _, r = nb04
+    assert set(r["handling"]) == {"benign", "instruction", "memory", "userspace-device", "interrupt", "fatal"}
+    costs = {k: float(v["overhead %"]) for k, v in r["workload_costs"].items()}
+    assert max(costs, key=costs.get) == "io-userspace"
+    assert costs["syscall-heavy"] < 100 < costs["cpuid-loop"]
+    assert r["io_per_exit"]["io-userspace"] > 5 * r["io_per_exit"]["io-vmm"]
+
+
+def test_cost_by_generation(nb04):
+    _, r = nb04
+    g = r["generations"]
+    assert float(g["prescott"]["roundtrip_low"]) == 2409 and g["prescott"]["kind"] == "measured"
+    chart = ["prescott", "merom", "penryn", "nehalem", "westmere", "sandy-bridge"]
+    highs = [float(g[p]["roundtrip_high"]) for p in chart]
+    assert highs == sorted(highs, reverse=True)
+
+
+def test_the_best_exit_is_no_exit(nb04):
+    _, r = nb04
+    assert r["paging"]["shadow-paging controls"] > 1000 and r["paging"]["EPT (vtlab default)"] == 1
+    best = r["best_exit"]
+    steps = list(best)
+    exits = [int(best[s]["exits"]) for s in steps]
+    assert exits == sorted(exits, reverse=True) and exits[0] > 700 and exits[-1] == 10
+    assert {best[s]["output"] for s in steps} == {"boot ok\r\n"}
+    overheads = [float(best[s]["overhead %"]) for s in steps]
+    assert overheads == sorted(overheads, reverse=True) and overheads[0] > 50 * overheads[-1]
