@@ -171,11 +171,12 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
     return True
 
 
-#: MSRs whose guest value lives in the VMCS guest-state area (SDM 25.4.2): VM entry loads
-#: them into the CPU, so a read that the MSR bitmap lets through sees the VMCS value.
+#: MSRs whose guest value lives in the VMCS guest-state area and that every VM entry loads
+#: (SDM 27.3.2.1), so a read that the MSR bitmap lets through sees the VMCS value.  (PAT,
+#: EFER and DEBUGCTL are loaded only under their VM-entry controls.)
 GUEST_STATE_MSRS: dict[int, F] = {
     Msr.IA32_SYSENTER_CS: F.GUEST_SYSENTER_CS, Msr.IA32_SYSENTER_ESP: F.GUEST_SYSENTER_ESP,
-    Msr.IA32_SYSENTER_EIP: F.GUEST_SYSENTER_EIP, Msr.IA32_PAT: F.GUEST_IA32_PAT,
+    Msr.IA32_SYSENTER_EIP: F.GUEST_SYSENTER_EIP,
 }
 
 

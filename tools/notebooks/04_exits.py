@@ -894,7 +894,7 @@ when the guest *changes* something. But it has a catch. A read that does not exi
 served by the hardware from the guest's real MSR, which VM entry loads from the VMCS — for
 IA32_SYSENTER_CS/ESP/EIP the guest-state fields `GUEST_SYSENTER_CS/ESP/EIP`. So the write
 handler must put the new value *there* — vtlab's built-in WRMSR handler does that for the
-MSRs that live in the guest-state area (SYSENTER_CS/ESP/EIP, PAT), besides keeping its own
+MSRs that every VM entry loads from the guest-state area (SYSENTER_CS/ESP/EIP), besides keeping its own
 table `vm.msrs`. A guest that writes 10H to IA32_SYSENTER_CS and reads it back:
 """)
 
