@@ -76,7 +76,7 @@ def _exit_status(state: VmState) -> int:
 
 
 def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]], controls,
-              as_json: bool, max_exits: int, max_instructions: int) -> int:
+              as_json: bool, max_exits: int, max_instructions: int, show_exits: int = 40) -> int:
     vm = VirtualMachine(program, mode=mode, load=load)
     for flag, on in controls:
         vm.set_control(flag, on)
@@ -103,10 +103,19 @@ def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]],
         if vm.output:
             print(vm.output, end="" if vm.output.endswith("\n") else "\n")
         print(f"--- {len(exits)} VM exits ---")
-        for e in vm.trace.exits:
+        shown = vm.trace.exits
+        if len(shown) > show_exits:  # the first ones and the last few tell the story
+            shown = shown[:show_exits - 5] + [None] + shown[-5:]
+        for e in shown:
+            if e is None:
+                print(f"  ... {len(exits) - show_exits} more (--show-exits N to see more)")
+                continue
             text = f" '{e.instruction}'" if e.instruction else ""
             print(f"{e.seq:5d}  {e.reason:<18} ({e.reason_number:2d})  rip={e.guest_rip:#x}{text}"
                   f"  qual={e.qualification:#x}  len={e.instruction_length}")
+        if exits:
+            counts = ", ".join(f"{reason} {n}" for reason, n in vm.trace.counts().items())
+            print(f"--- exits by reason: {counts}")
         print(f"--- {summary}")
     return _exit_status(vm.state)
 
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--max-exits", type=int, default=100_000)
     run.add_argument("--max-instructions", type=int, default=50_000_000)
+    run.add_argument("--show-exits", type=int, default=40, help="list at most this many exits")
     demo = sub.add_parser("demo", help="run the built-in greeting guest")
     demo.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         controls = [parse_control(c) for c in args.control]
         regs = [parse_reg(r) for r in args.reg]
         return run_guest(program, args.mode, args.load, regs, controls, args.json,
-                         args.max_exits, args.max_instructions)
+                         args.max_exits, args.max_instructions, max(args.show_exits, 6))
     except (ValueError, VtlabError) as exc:
         print(f"vtlab: error: {exc}", file=sys.stderr)
         return 2
