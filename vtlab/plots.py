@@ -174,7 +174,7 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
     top.xaxis.set_major_formatter(_CYCLES)
     top.set_xlabel("cycles")
     top.set_title(f"{a['exits']:,} exits on {_profile_label(profile)}, '{use}' costs", fontsize="medium")
-    fig.suptitle(f"Where the cycles go: virtualization overhead {a['overhead_pct']:.1f}% of native time")
+    fig.suptitle(f"Where the cycles go: virtualization overhead {a['overhead_pct']:,.1f}% of native time")
 
     order = body.iloc[::-1]
     labels = order.index.tolist()
@@ -188,7 +188,8 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
     bottom.set_ylabel("exit reason")
     # one legend for both panels (the top bar's parts, with their shares), where the
     # shortest bars leave room
-    bottom.legend(*top.get_legend_handles_labels(), loc="lower right", fontsize="small")
+    bottom.legend(*top.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  fontsize="small")  # outside the axes: never on top of a bar
     bottom.set_title("Virtualization cycles by exit reason")
     if not len(body):
         bottom.text(0.5, 0.5, "no VM exits", transform=bottom.transAxes, ha="center", va="center")
@@ -270,7 +271,7 @@ def overhead_vs_exit_rate(cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE,
     for i, (name, trace) in enumerate((traces or {}).items()):
         a = cost.estimate(trace, profile, cpi=cpi).attrs
         ax.scatter([a["exits_per_1k_instructions"]], [a["overhead_pct"]], marker=markers[i % len(markers)],
-                   color=OKABE_ITO["black"], zorder=3, label=f"{name}: {a['overhead_pct']:.1f}%")
+                   color=OKABE_ITO["black"], zorder=3, label=f"{name}: {a['overhead_pct']:,.1f}%")
     ax.axhline(100, color=OKABE_ITO["black"], linewidth=0.8, linestyle=":")
     ax.text(rates[0], 100, " 2x slower", va="bottom", fontsize="small")
     ax.set_xscale("log")
@@ -349,11 +350,11 @@ def compare_settings(trace_a: Any, trace_b: Any, labels: tuple[str, str] = ("bef
     right.yaxis.set_major_formatter(_CYCLES)
     right.set_ylabel("cycles")
     right.set_title("Cycles per run")
-    right.legend(fontsize="small")
+    right.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     a, b = (e.attrs for e in est)
     profile = cost.get_profile(cpu)
     fig.suptitle(f"{labels[0]} vs {labels[1]} on {_profile_label(profile)}: exits {a['exits']:,} -> "
-                 f"{b['exits']:,}, overhead {a['overhead_pct']:.1f}% -> {b['overhead_pct']:.1f}%")
+                 f"{b['exits']:,}, overhead {a['overhead_pct']:,.1f}% -> {b['overhead_pct']:,.1f}%")
     return fig
 
 

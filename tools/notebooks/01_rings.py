@@ -369,7 +369,7 @@ runs each take a second or two.
 """)
 
 code(r"""
-table = rings.probe_all(progress=True)
+table = rings.probe_all()
 table["category"].value_counts().reindex(rings.CATEGORIES, fill_value=0).to_frame("instructions")
 """)
 
@@ -430,6 +430,7 @@ tests("ex01_classify_tests", 3, r"""
 assert classify("ok", "#GP(0)", "") == "privileged"
 assert classify("ok", "ok", "GDTR") == "sensitive-unprivileged"
 assert classify("ok", "ok", "") == "innocuous"
+assert classify("assembly error", "assembly error", "") == "untestable"
 ### BEGIN HIDDEN TESTS
 assert classify("#UD", "#UD", "") == "untestable"
 assert classify("INT 0x80", "INT 0x80", "") == "untestable"
@@ -660,6 +661,7 @@ def image_of(run):
 
 assert red_pill_clues(image_of(pill["native"]), pill["native"]["eflags"]) == []
 assert red_pill_clues(image_of(pill["vmm"]), pill["vmm"]["eflags"]) == ["idt-high", "if-still-set"]
+assert red_pill_clues(struct.pack("<HI", 0x7FF, 0x0009_1000), 0x1002) == ["iopl-not-0"]   # IOPL = 1
 ### BEGIN HIDDEN TESTS
 assert red_pill_clues(struct.pack("<HI", 0x7FF, 0xCFFF_FFFF), 0x2) == []
 assert red_pill_clues(struct.pack("<HI", 0x7FF, 0xD000_0000), 0x2) == ["idt-high"]
@@ -844,9 +846,9 @@ md(r"""
 
 Write `HELLO_PV`, 32-bit assembly for a paravirtual guest that prints `OK` on the VMM console
 with the PUTCHAR hypercall (one character per call, character code in BL) and then switches
-itself off with the SHUTDOWN hypercall. It must not touch I/O ports and needs no HLT. The test
-runs it with `VirtualMachine(HELLO_PV, mode="protected")` under small budgets, so a mistake ends
-with a budget message rather than a hung kernel.
+itself off with the SHUTDOWN hypercall — three hypercalls in all. It must not touch I/O
+ports and needs no HLT. The test runs it with `VirtualMachine(HELLO_PV, mode="protected")`
+under small budgets, so a mistake ends with a budget message rather than a hung kernel.
 """, lock="ex01_hello_task")
 
 answer("ex01_hello", r"""

@@ -95,6 +95,8 @@ Unicorn, with vtlab playing the VMX logic of the CPU and a small VMM written in 
 
 code("""
 %matplotlib inline
+from pathlib import Path
+
 import pandas as pd
 from IPython.display import display
 from matplotlib.figure import Figure
@@ -108,27 +110,6 @@ from vtlab.plots import OKABE_ITO
 pd.set_option("display.max_colwidth", 110)
 
 
-def _vmx_instructions_exit_in_guest() -> bool:
-    vm = VirtualMachine("vmcall\\nhlt", mode="protected")
-    ex = vm.next_exit(max_instructions=10)
-    return ex is not None and ex.reason is ExitReason.VMCALL
-
-
-# Workaround for vtlab 0.1.0 (reported upstream; harmless once fixed). For instructions
-# its CPU model cannot execute (VMCALL and the other VMX instructions) Unicorn hands the
-# exit monitor a bogus instruction length, and the monitor then let them raise #UD
-# instead of causing the VM exit the SDM requires. Trust the disassembly's length.
-if not _vmx_instructions_exit_in_guest():
-    from vtlab.exits import ExitMonitor
-
-    _on_sensitive = ExitMonitor._on_sensitive
-
-    def _on_sensitive_fixed(self, uc, address, size, user):
-        insn = self._hooked.get(address)
-        return _on_sensitive(self, uc, address, insn.size if insn is not None else size, user)
-
-    ExitMonitor._on_sensitive = _on_sensitive_fixed
-    assert _vmx_instructions_exit_in_guest()
 print("vtlab", vtlab.__version__, "ready")
 """, lock="nb02_setup")
 
@@ -148,9 +129,11 @@ Each side has all four rings. So the guest kernel no longer has to be pushed out
 it runs at CPL 0 *in non-root operation*, where it may change control registers, mask
 interrupts and load its descriptor tables as it was written to do. Non-root operation is
 not a debugging or tracing aid bolted on top; it is an execution mode the hardware
-enforces. Whatever a ring-0 guest executes, it does not reach the physical machine
-directly, and the processor hands control back to the VMM whenever a configured condition
-occurs. (Rings 1 and 2 stay unused in practice, on both sides.)
+enforces. It does not by itself wall the guest off from the hardware, though (a claim you
+may read elsewhere): which I/O ports, MSRs and physical memory a ring-0 guest reaches
+directly is whatever the VMM allowed through the I/O bitmaps, MSR bitmaps and EPT, and for
+everything else the processor hands control back to the VMM — notebooks 03 and 04 show the
+controls. (Rings 1 and 2 stay unused in practice, on both sides.)
 """)
 
 code("""
@@ -305,9 +288,11 @@ pd.DataFrame([cpuid_row("VmxCpu()", VmxCpu()),
 
 md("""
 Inside a virtual machine the answer is whatever the VMM decides, because CPUID exits.
-vtlab's VMM clears the VMX bit and sets bit 31, which Intel reserves for "a hypervisor is
-present". That is why running a hypervisor *inside* a guest (nested virtualization) needs
-the outer VMM's cooperation, for KVM the `nested=1` option of `kvm_intel`:
+vtlab's VMM clears the VMX bit and sets bit 31. Intel's SDM lists that bit as unused
+(always 0 on real hardware); hypervisors agreed to set it to mean "a hypervisor is present"
+(AMD's manual reserves it for exactly that), and Linux shows it as the `hypervisor` flag.
+That is why running a hypervisor *inside* a guest (nested virtualization) needs the outer
+VMM's cooperation, for KVM the `nested=1` option of `kvm_intel`:
 """)
 
 code("""
@@ -315,6 +300,47 @@ vm = VirtualMachine("mov eax, 1\\ncpuid\\nhlt", mode="real")
 vm.run(max_exits=10, max_instructions=1_000)
 ecx = vm.regs.ecx
 print(f"guest sees CPUID.1:ECX = {ecx:#010x}: VMX bit {ecx >> 5 & 1}, hypervisor bit {ecx >> 31 & 1}")
+""")
+
+md("""
+### The machine you are using
+
+The same questions, asked of the computer this notebook runs on. The cell below only reads
+what Linux publishes — the flags in `/proc/cpuinfo`, the KVM module's parameters under
+`/sys/module`, and whether `/dev/kvm` exists — and says "not available" elsewhere (macOS,
+Windows, some containers). On a cloud server or on Binder you will most likely find the
+`hypervisor` flag set and `vmx` missing: the notebook itself runs inside a virtual machine
+whose VMM hides VMX, just as vtlab's does. Recent Linux kernels also drop the `vmx` flag when
+the firmware has locked VT-x off (next section), and list the VMX features they found — EPT,
+VPID, unrestricted guest ... — on a separate `vmx flags` line.
+""")
+
+code("""
+def host_vt_report() -> pd.Series:
+    \"\"\"What this machine's Linux kernel reports about hardware virtualization (read-only).\"\"\"
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text(errors="replace").split("\\n\\n")[0]
+    except OSError:
+        return pd.Series({"/proc/cpuinfo": "not available (not Linux?)"}, name="this machine")
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu.splitlines())}
+    flags = set(info.get("flags", "").split())
+    vmx_features = [f for f in info.get("vmx flags", "").split()
+                    if f in ("ept", "vpid", "unrestricted_guest", "vmfunc", "shadow_vmcs", "posted_intr")]
+    report = {"processor": info.get("model name", "?"),
+              "vmx flag (Intel VT-x usable)": "vmx" in flags,
+              "svm flag (AMD-V usable)": "svm" in flags,
+              "hypervisor flag (we are a guest)": "hypervisor" in flags,
+              "vmx flags (a few)": " ".join(vmx_features) or "-",
+              "kvm module loaded": Path("/sys/module/kvm").exists(),
+              "/dev/kvm present": Path("/dev/kvm").exists()}
+    for module in ("kvm_intel", "kvm_amd"):
+        nested = Path(f"/sys/module/{module}/parameters/nested")
+        if nested.exists():
+            report[f"{module} nested"] = nested.read_text().strip()
+    return pd.Series(report, name="this machine")
+
+
+host_vt_report().to_frame()
 """)
 
 # ========================================================================== section 3
@@ -393,7 +419,8 @@ Three more conditions stand between a VMM and VMX operation:
 * **CR0 and CR4 fixed bits.** Two MSR pairs say which control-register bits VMX operation
   needs: a bit that is 1 in IA32_VMX_CR0_FIXED0 (0x486) must be 1 in CR0, a bit that is 0 in
   IA32_VMX_CR0_FIXED1 (0x487) must be 0; likewise IA32_VMX_CR4_FIXED0/1 (0x488/0x489) for
-  CR4. VMXON checks them (#GP if violated).
+  CR4. VMXON checks them (#GP if violated). Short bring-up sketches often skip this step
+  and only set CR4.VMXE; on a host whose CR0.NE happens to be clear, their VMXON faults.
 * **The VMXON region**: a 4-KByte, 4-KByte-aligned piece of memory within the processor's
   physical-address width, handed to VMXON by address. The processor uses it for itself; the
   only thing software writes there is the **revision identifier** in bits 30:0 of the first
@@ -745,11 +772,13 @@ Some cells worth a second look:
   VMXOFF 26, VMXON 27). A VMM that does not offer nested virtualization answers them by
   injecting #UD into the guest.
 
-The full list of transitions, as data:
+Every outcome that moves the processor to another state, as data (none of these is a
+failure, so none has an error number):
 """)
 
 code("""
-state_machine[state_machine["next state"] != state_machine["state"]]
+transitions = state_machine[state_machine["next state"] != state_machine["state"]]
+transitions[["state", "instruction", "outcome", "next state"]].set_index(["state", "instruction"])
 """)
 
 md("""
@@ -788,7 +817,9 @@ md("""
 In non-root operation VMCALL always exits (reason 18) — it is how a paravirtualized guest
 calls its hypervisor, the hardware counterpart of a system call. vtlab's VMM follows KVM's
 convention: the hypercall number in EAX, arguments in EBX, ECX, EDX, the result back in EAX.
-Hypercall 4 (`Hypercall.ADD`) adds EBX and ECX:
+Hypercall 4 (`Hypercall.ADD`) adds EBX and ECX. (In vtlab's run summaries, "guest
+instructions" counts only the instructions the guest completed itself; one that causes a VM
+exit is finished by the VMM and is counted as an exit instead.)
 """)
 
 code("""
@@ -978,9 +1009,11 @@ fig
 
 md("""
 *Figure: the processor's VMX mode after each `vm.step()` — blue dots are guest instructions
-in non-root operation, orange dots are the VMM in root operation. Look for the three
-drops to root operation (CPUID, VMCALL, HLT): each exit is followed by one step of VMM work
-before the next entry (VMRESUME) lifts the processor back into non-root operation.*
+in non-root operation, orange dots are the VMM in root operation. Look for the drops to
+root operation at the CPUID and VMCALL exits, each followed by one step of VMM work before
+the next entry (VMRESUME) lifts the processor back to non-root operation. The third exit
+hides in step 12: VMRESUME entered the guest, whose very first instruction, HLT, exited at
+once, so entry and exit fall into one step and the dot stays down.*
 """)
 
 # ------------------------------------------------------------------ exercise 4

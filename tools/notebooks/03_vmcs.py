@@ -415,6 +415,12 @@ tests("ex03_decode_tests", 3, """
 assert decode(0x681E) == {"access": "full", "index": 15, "type": "guest state", "width": "natural"}
 assert decode(0x4402)["type"] == "exit information"
 assert decode(0x2011)["access"] == "high"
+try:
+    decode(0x1000)              # bit 12 is reserved
+except ValueError:
+    pass
+else:
+    raise AssertionError("decode(0x1000) must raise ValueError: bit 12 is reserved")
 ### BEGIN HIDDEN TESTS
 TYPE_NAMES = {FieldType.CONTROL: "control", FieldType.EXIT_INFORMATION: "exit information",
               FieldType.GUEST_STATE: "guest state", FieldType.HOST_STATE: "host state"}
@@ -682,7 +688,9 @@ print(vm.run(max_exits=50, max_instructions=10_000), "| guest output:", repr(vm.
 md("""
 The CR0 value matters. A processor fresh out of reset has CR0 = 0x60000010 — caches disabled
 (CD, NW), protection and paging off, ET set. Hand that value to VM entry unchanged and it is
-refused: even an unrestricted guest must keep CR0.NE = 1, as IA32_VMX_CR0_FIXED0 demands. A VMM
+refused: even an unrestricted guest must keep CR0.NE = 1, as IA32_VMX_CR0_FIXED0 demands.
+(Simplified VMCS examples sometimes write exactly 0x60000010 into GUEST_CR0; the SDM's checks
+say otherwise, as the cell below shows.) A VMM
 therefore ORs the FIXED0 bits into GUEST_CR0 and lets the guest read its own idea of CR0
 through the CR0 read shadow:
 """)
@@ -870,8 +878,8 @@ VMCLEAR does three things to the VMCS at its operand:
   (FFFFFFFF_FFFFFFFFH): VMREAD, VMWRITE, VMLAUNCH and VMRESUME then end in VMfailInvalid.
 
 A VMCS must never be active on two logical processors at once, and that first point is why
-it must be VMCLEARed before it **moves to another logical processor** — when the scheduler migrates a vCPU. The old processor may hold part of the VMCS
-internally; only VMCLEAR guarantees that the region in memory is complete. The new processor
+it must be VMCLEARed before it **moves to another logical processor** — when the scheduler
+migrates a vCPU. The old processor may hold part of the VMCS internally; only VMCLEAR guarantees that the region in memory is complete. The new processor
 then runs VMPTRLD and, because the launch state is clear again, VMLAUNCH rather than
 VMRESUME. (KVM does exactly this when it loads a vCPU on a different CPU.) Below, the whole
 story on one processor — steps 7-9 are what the "other" processor would execute:

@@ -180,7 +180,8 @@ the VMCS before it carries them out. Two kinds of VM exit come out of that check
   #UD sets bit 6).
 
 vtlab keeps the SDM's list in `EXIT_REASON_INFO`. The reasons flagged as unconditional
-(SEAMCALL and TDCALL belong to Intel TDX, confidential VMs, beyond this course):
+(SEAMCALL and TDCALL belong to Intel TDX, confidential VMs, beyond this course). The names
+are KVM's short ones: `VMOFF` and `VMON` are the SDM's exit reasons "VMXOFF" and "VMXON".
 """)
 
 code("""
@@ -360,7 +361,9 @@ md("""
 `IO_CR_GUEST` performs every flavour of port I/O — an immediate port, a port in DX, 1, 2 and 4
 bytes, in and out, string instructions with and without REP — and then touches CR3 and CR0
 with CR3 exiting on and CR0.TS owned by the VMM. Each exit's raw qualification and its
-decoded form (`exit.decoded()`, which vtlab also stores in the trace) sit side by side:
+decoded form (`exit.decoded()`, which vtlab also stores in the trace) sit side by side.
+(The debug port E9H is one byte wide: vtlab's device keeps the low byte of a 2- or 4-byte
+OUT, which is why the 16- and 32-bit writes print just "A" and "B".)
 """)
 
 code("""
@@ -398,7 +401,22 @@ io_vm.vmwrite(F.CR0_GUEST_HOST_MASK, io_vm.vmread(F.CR0_GUEST_HOST_MASK) | Cr0.T
 print(io_vm.run(max_exits=50, max_instructions=1_000), "| debug port printed:", repr(io_vm.output))
 decoded_exits = io_vm.trace.to_dataframe()[["reason", "instruction", "qualification", "instruction_length", "decoded"]]
 decoded_exits = decoded_exits.assign(qualification=decoded_exits["qualification"].map(lambda q: f"{q:#010x}"))
-decoded_exits
+
+
+def describe(d: dict) -> str:
+    # one line for a decoded qualification (the dicts vtlab stores in the trace)
+    if "port" in d:
+        kind = ("REP " if d["rep"] else "") + ("string " if d["string"] else "") + d["direction"]
+        where = "immediate" if d["operand"] == "immediate" else "in DX"
+        return f"{kind}, {d['size']} byte(s), port {d['port']} ({where})"
+    if "cr" in d:
+        register = f", register {d['register'].upper()}" if "register" in d else ""
+        verb = {"MOV_TO_CR": "MOV to", "MOV_FROM_CR": "MOV from"}.get(d["access_type"])
+        return f"{verb} CR{d['cr']}{register}" if verb else f"{d['access_type']} (CR{d['cr']}){register}"
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "-"
+
+
+decoded_exits.assign(decoded=decoded_exits["decoded"].map(describe))
 """)
 
 md("""
@@ -419,10 +437,14 @@ from CR) in bits 5:4, CR 3 in bits 3:0. And `in al, dx` at 3FDH gives `0x03fd000
 """)
 
 code("""
-q = CrAccessQualification.decode(0x313)
-print(q, "->", q.as_dict())
-print(IoQualification.decode(0x03FD_0008).as_dict())
-print(hex(IoQualification(port=0x3F8, size=1, direction=IoDirection.OUT).encode()), "= out dx, al to 3F8H")
+cr = CrAccessQualification.decode(0x313)
+print(f"CrAccessQualification.decode(0x313):  cr={cr.cr}, access type={cr.access_type.name}, "
+      f"general register={cr.gpr} (RBX)")
+io = IoQualification.decode(0x03FD_0008)
+print(f"IoQualification.decode(0x03FD0008):   port={io.port:#x}, size={io.size}, direction={io.direction.name}, "
+      f"string={io.string}, rep={io.rep}, immediate={io.immediate}")
+back = IoQualification(port=0x3F8, size=1, direction=IoDirection.OUT).encode()
+print(f"and back: IoQualification(port=0x3F8, size=1, direction=OUT).encode() = {back:#010x}  (out dx, al to 3F8H)")
 """)
 
 # ------------------------------------------------------------------ exercise 1
@@ -579,12 +601,14 @@ CPUID is the guest's window onto the processor, and because it always exits, the
 decides what the guest sees through it. Two conventions matter:
 
 * **CPUID.1:ECX** — bit 5 is VMX. A VMM that does not offer nested virtualization clears
-  it. Bit 31 is reserved by Intel for software: set, it says "you are running under a
-  hypervisor" (Linux shows it as the `hypervisor` flag in `/proc/cpuinfo`).
+  it. Bit 31 is always 0 on real Intel hardware (the SDM lists it as unused); hypervisors
+  by convention set it to say "you are running under a hypervisor" (Linux shows it as the
+  `hypervisor` flag in `/proc/cpuinfo`, notebook 02).
 * **Leaf 0x40000000** — the hypervisor's own leaf: EAX = the highest hypervisor leaf
   (0x40000001 here) and EBX, ECX, EDX = a 12-byte vendor signature, four ASCII bytes per
   register, little-endian (KVM says `"KVMKVMKVM\\0\\0\\0"`, Hyper-V `"Microsoft Hv"`). Leaf
-  0x40000001 lists paravirtual features: report none (all four registers 0).
+  0x40000001 is hypervisor-specific (KVM lists its paravirtual features there): report
+  none (all four registers 0).
 
 Write `my_cpuid(vm, exit)`. The leaf is in EAX (`vm.regs.eax`). Answer leaf 1 with the host's
 values (`host_cpuid(1)`), VMX cleared and bit 31 set; answer 0x40000000 with the signature
@@ -1058,7 +1082,7 @@ handling_table
 md("""
 Put the workloads through the model. Each row is one full run under vtlab's default
 controls; *overhead* is the estimated virtualization time as a percentage of the guest's
-native time (instructions × 1 cycle):
+native time (instructions × 1 cycle), and *time vs native* says the same as a factor:
 """)
 
 code("""
@@ -1072,16 +1096,17 @@ for name, wvm in workload_vms.items():
     rows.append({"workload": name, "exits": s["exits"], "guest instructions": s["instructions"],
                  "exits / 1k instructions": round(s["exits_per_1k_instructions"], 2),
                  "overhead %": round(s["overhead_pct"], 1),
+                 "time vs native": f"{1 + s['overhead_pct'] / 100:,.1f}x",
                  "dominant cost category": top.index[0] if len(top) else "-"})
 workload_costs = pd.DataFrame(rows).set_index("workload").sort_values("overhead %")
 workload_costs
 """)
 
 md("""
-These are microbenchmarks: a loop that does nothing *but* exit shows overheads of
-hundreds of times its native time. `syscall-heavy`, a ring-0 kernel doing 4,096 system calls
-with CLI, STI, PUSHF/POPF and CR0 reads, is the workload binary translation struggled
-with — under VT-x it barely exits. Compare two I/O workloads in detail:
+These are microbenchmarks: a loop that does nothing *but* exit runs hundreds or even
+thousands of times slower than it would natively. `syscall-heavy`, a ring-0 kernel doing
+4,096 system calls with CLI, STI, PUSHF/POPF and CR0 reads, is the workload binary
+translation struggled with — under VT-x it barely exits. Compare two I/O workloads in detail:
 """)
 
 code("""
@@ -1095,12 +1120,16 @@ the guest's own work 0%.*
 """)
 
 code("""
-plots.exit_counts(workload_vms["io-userspace"].trace, title="io-userspace: every access goes to a user-space device")
+fig = plots.compare_settings(workload_vms["io-vmm"].trace, workload_vms["io-userspace"].trace,
+                             labels=("io-vmm", "io-userspace"))
+fig.axes[1].legend(loc="upper left", fontsize="small")     # keep the legend off the tall bar
+fig
 """)
 
 md("""
-*Figure: `io-userspace`'s 2,500 I/O exits — look at the colour, not the length: as many exits as
-`io-vmm`, but each one goes out to a device model in user space.*
+*Figure: the two I/O workloads side by side — look at the right panel: a similar number of
+I/O exits (2,000 and 2,500, left), but when each one has to leave the kernel for a device
+model in user space, the VMM's handling (dotted) swamps everything else.*
 
 Per I/O exit, the model charges:
 """)
@@ -1157,7 +1186,8 @@ The `source` keys point into `cost.SOURCES`; the ones behind the round-trip figu
 
 code("""
 used = sorted({k.strip() for s in generations["source"] for k in s.split("+")})
-pd.DataFrame({"reference": [cost.SOURCES[k] for k in used]}, index=used)
+for key in used:
+    print(f"{key}:\\n    {cost.SOURCES[key]}")
 """)
 
 md("""
@@ -1432,13 +1462,16 @@ own CPU.
   the entries with the current tag are used. The VMCS field `VIRTUAL_PROCESSOR_ID` holds the
   tag; 0 is reserved for the host, which VM entry checks.
 * **VMFUNC** (VM functions): the guest itself may switch to another EPT page-table set
-  (EPTP switching, function 0) from a list the VMM prepared — no exit at all. Security
+  (EPTP switching, function 0) from a list the VMM prepared — no exit at all, and from any
+  privilege level, even guest user code. Security
   monitors use it to give parts of a guest different views of memory, e.g. sub-page
   isolation inside a hardened kernel.
 * **Nested virtualization**: a guest hypervisor (L1) runs its own guests (L2) on top of the
   real hypervisor (L0). Every exit of L2 goes to L0 first, which reflects it to L1; L1's
   handler then runs VMREAD/VMWRITE/VMRESUME, and each of those exits to L0 again — unless
-  *VMCS shadowing* lets them through. One L2 exit can cost dozens of L0 exits.
+  *VMCS shadowing* lets them through. One L2 exit can cost dozens of L0 exits. Clouds need
+  it all the same: it is how a tenant runs its own hypervisor (or a VM-based sandbox) on a
+  rented virtual machine.
 """)
 
 code("""
@@ -1488,7 +1521,7 @@ nested = pd.DataFrame(
     [(label, l0_exits_per_l2_exit(6, 4, shadow)) for label, shadow in
      (("without VMCS shadowing", False), ("with VMCS shadowing", True))],
     columns=["L1 hypervisor", "L0 exits per L2 exit"])
-nested["round trips alone (cycles)"] = (nested["L0 exits per L2 exit"] * rt).round()
+nested["round trips alone (cycles)"] = (nested["L0 exits per L2 exit"] * rt).round().astype(int)
 nested
 """)
 
