@@ -102,6 +102,9 @@ class InstructionCounter:
         self._ctx[7] = (1 << 64) - 1
         self._ctx[8] = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._prefix = np.zeros(2, dtype=np.uint32)
+        # The same table as a memoryview: indexing it gives Python ints at a fraction of
+        # the cost of numpy scalars (unretire_rest_of_block runs on every VM exit).
+        self._prefix_view = memoryview(self._prefix)
         self._starts: dict[int, None] = {}  # instruction start addresses from sweeps
         self._py_sizes: dict[int, int] = {}
         self._handle = None
@@ -130,6 +133,7 @@ class InstructionCounter:
         prefix = np.zeros(hi - lo + 2, dtype=np.uint32)
         np.cumsum(marks, out=prefix[1:])
         self._prefix = prefix
+        self._prefix_view = memoryview(prefix)
         self._ctx[0], self._ctx[1] = lo, hi - lo + 1
         self._ctx[5] = prefix.ctypes.data
 
@@ -155,15 +159,16 @@ class InstructionCounter:
         it, ``retired_here=True``), the instructions from there to the end of the block
         were counted but did not run here.
         """
-        c = self._ctx
-        start, size = int(c[9]), int(c[10])
+        c = self._ctx  # (a ctypes array of c_uint64: its items are Python ints)
+        start, size = c[9], c[10]
         if not start <= address < start + size:
             return
-        off, end = address - int(c[0]), start + size - int(c[0])
-        if 0 <= off and end <= int(c[1]):
-            over = int(self._prefix[end] - self._prefix[off]) - (1 if retired_here else 0)
+        off, end = address - c[0], start + size - c[0]
+        if 0 <= off and end <= c[1]:
+            prefix = self._prefix_view
+            over = prefix[end] - prefix[off] - (1 if retired_here else 0)
             if over > 0:
-                c[2] = max(0, int(c[2]) - over)
+                c[2] = max(0, c[2] - over)
 
     @property
     def total(self) -> int:

@@ -19,12 +19,14 @@ and VM exit (SDM 27.3.2 and 28.3).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import capstone
 import unicorn
 from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
 from .arch.exceptions import IntrInfo, InterruptionType, Vector
@@ -36,11 +38,12 @@ from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType
 from .arch.vmcs_fields import VmcsField as F
 from .asm import Instruction
 from .quirks import forget_exception
+from .vmx import Status, VmxOperation, VmxOutcome
 
 if TYPE_CHECKING:
     from .guest import Guest, Program
     from .vmcs import Vmcs
-    from .vmx import VmxCpu, VmxOutcome
+    from .vmx import VmxCpu
 
 
 # ----------------------------------------------------------------------------- records
@@ -564,6 +567,21 @@ _RIP_ONLY = frozenset({int(F.GUEST_RIP)})
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
                          (int(f) >> 10) & 3 == 2 and f is not F.GUEST_RIP) | {int(F.VM_ENTRY_CONTROLS)}
 
+# Plain-int copies of the control bits the per-entry path tests.  ``int & IntFlag``
+# dispatches to IntFlag.__rand__, written in Python (~0.5 us a time): too slow for a
+# path that runs on every VM entry.
+_MONITOR_TRAP_FLAG = int(ProcBased.MONITOR_TRAP_FLAG)
+_ACTIVATE_SECONDARY = int(ProcBased.ACTIVATE_SECONDARY_CONTROLS)
+_VALID = 1 << 31  # the valid bit of the interruption-information fields (SDM 25.8.3, 27.2.2)
+
+#: The exit-information fields every VM exit writes (SDM 28.2), in vm_exit's order.
+_EXIT_INFO_FIELDS = tuple(int(f) for f in (
+    F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VM_EXIT_INTR_INFO,
+    F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD, F.VMX_INSTRUCTION_INFO,
+    F.GUEST_LINEAR_ADDRESS, F.GUEST_PHYSICAL_ADDRESS))
+
+_uc_hook_add = _ucmod.uclib.uc_hook_add
+
 
 class ExitMonitor:
     """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
@@ -578,6 +596,10 @@ class ExitMonitor:
         self.mem_fault: tuple | None = None
         self.halted = False
         self._hooked: dict[int, Instruction] = {}
+        self._rule_keys: dict[int, str] = {}      # address -> RULES key, found once at load time
+        # Which VMCS (and which of its write generations) pin/proc/proc2 were read from:
+        # run() re-reads the controls only when software wrote the VMCS since.
+        self._controls_of: tuple | None = None
         self._materialize_pending = False
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
@@ -591,6 +613,11 @@ class ExitMonitor:
         for prog in g.programs:
             self.watch_program(prog)
         g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
+        # The code hook of the sensitive instructions, as a raw ctypes callback: the
+        # binding's hook_add wraps every callback in two more Python frames, which is a
+        # noticeable part of a VM exit.  One callback object serves every address; it
+        # must stay referenced for as long as the engine may call it.
+        self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
         self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self._cs.detail = True
 
@@ -598,13 +625,30 @@ class ExitMonitor:
     def watch_program(self, prog: "Program") -> None:
         """Hook every sensitive instruction of a newly loaded program (one hook per address)."""
         for insn in prog.instructions:
-            if insn.address in self._hooked or rule_key(insn) is None:
+            key = rule_key(insn)
+            if insn.address in self._hooked or key is None:
                 continue
             self._hooked[insn.address] = insn
+            self._rule_keys[insn.address] = key
             if insn.mnemonic in ("hlt", "rdtsc", "rdtscp"):
                 continue  # the guest's own hook for these calls _on_hlt / _on_rdtsc
-            self.guest.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_sensitive,
-                                   begin=insn.address, end=insn.address)
+            handle = _ucmod.uc_hook_h()
+            status = _uc_hook_add(self.guest.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE,
+                                  self._code_hook_fn, None, ctypes.c_uint64(insn.address),
+                                  ctypes.c_uint64(insn.address))
+            if status != unicorn.UC_ERR_OK:
+                raise unicorn.UcError(status)
+
+    def _code_hook(self, _handle, address: int, size: int, _user) -> None:
+        """UC_HOOK_CODE entry point (see __init__), with the binding's exception contract:
+        an exception stops emulation and ``Uc.emu_start`` raises it once Unicorn returns."""
+        try:
+            self._on_sensitive(self.guest.uc, address, size, None)
+        except BaseException as exc:
+            uc = self.guest.uc
+            if uc._hook_exception is None:
+                uc._hook_exception = exc
+            uc.emu_stop()
 
     def control_on(self, control) -> bool:
         if isinstance(control, ProcBased2):
@@ -616,6 +660,9 @@ class ExitMonitor:
         if self.pending is not None or self.vmcs is None or self.event is not None:
             return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
         insn = self._hooked.get(address)
+        if insn is None:
+            return False
+        key = self._rule_keys[address]
         # Unicorn (QEMU) passes the size it decoded, except for instructions its
         # translator turns straight into #UD (GETSEC, VMCALL and the other VMX
         # instructions): their size arrives as the placeholder 0xF1F1F1F1, or as the
@@ -623,24 +670,24 @@ class ExitMonitor:
         # Those are exactly instructions that exit unconditionally, so trust the
         # sweep's size for them (the byte comparison below still guards against
         # self-modifying code).
-        if insn is None or (insn.size != size and size != _UNDECODED_SIZE
-                            and rule_key(insn) not in _NOT_IN_QEMU):
+        if insn.size != size and size != _UNDECODED_SIZE and key not in _NOT_IN_QEMU:
             return False
+        g = self.guest
         # Self-modifying code: trust the bytes that are there now, not the sweep.
-        if self.guest.read(address, insn.size) != insn.bytes:
+        if not g.memory_holds(address, insn.bytes):
             return False
-        result = RULES[rule_key(insn)](self, insn)
+        result = RULES[key](self, insn)
         if result is None:
             return False
         if result == "emulated":
-            self.guest.counter.unretire_rest_of_block(address, retired_here=True)
-            self.guest.rip = self.guest.rip + insn.size  # the rule did the work; skip it
+            g.counter.unretire_rest_of_block(address, retired_here=True)
+            g.rip = g.rip + insn.size  # the rule did the work; skip it
             return False
         if result == "emulated-fault":
             return True
-        self.guest.counter.unretire_rest_of_block(address)  # it exits instead of retiring
-        result.guest_instructions = self.guest.counter.total
-        result.cpl = self.guest.cpl
+        g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
+        result.guest_instructions = g.counter.total
+        result.cpl = g.cpl
         self.pending = result
         uc.emu_stop()
         return True
@@ -917,23 +964,33 @@ class ExitMonitor:
 
     # ----------------------------------------------------------- running
     def _load_controls(self) -> None:
-        v = self.vmcs.get
+        """Read the execution controls the rules test, unless the VMCS is unchanged since.
+
+        Every software write to a VMCS except GUEST_RIP bumps its ``generation`` (the
+        processor's own writes never touch the controls), so (VMCS, generation) says
+        whether :attr:`pin`, :attr:`proc` and :attr:`proc2` are still what it holds.
+        """
+        vmcs = self.vmcs
+        source = (vmcs, vmcs.generation)
+        if source == self._controls_of:
+            return
+        v = vmcs.get
         self.pin = v(F.PIN_BASED_VM_EXEC_CONTROL)
         self.proc = v(F.CPU_BASED_VM_EXEC_CONTROL)
-        self.proc2 = v(F.SECONDARY_VM_EXEC_CONTROL) if self.proc & ProcBased.ACTIVATE_SECONDARY_CONTROLS else 0
+        self.proc2 = v(F.SECONDARY_VM_EXEC_CONTROL) if self.proc & _ACTIVATE_SECONDARY else 0
+        self._controls_of = source
 
-    def run(self, insn: str, budget: int, step: bool = False) -> "VmxOutcome":
+    def run(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
         """Run the guest in non-root operation until a VM exit (or the budget / a step)."""
-        from .vmx import Status, VmxOutcome
-
         self._load_controls()
         g = self.guest
         start = g.counter.total
         exit_ = self._inject_event()
         while exit_ is None:
-            exit_ = self._pending_interrupt_exit()
-            if exit_ is not None:
-                break
+            if self.pending_nmi or self.pending_interrupts:
+                exit_ = self._pending_interrupt_exit()
+                if exit_ is not None:
+                    break
             if self.halted:
                 return VmxOutcome(insn, Status.PAUSED, message="the guest is in the HLT activity "
                                   "state (HLT exiting is 0) and no interrupt is pending")
@@ -941,11 +998,11 @@ class ExitMonitor:
             if remaining <= 0:
                 return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
                                   "instructions without a VM exit (budget)")
-            mtf = bool(self.proc & ProcBased.MONITOR_TRAP_FLAG)
+            mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
             single = step or mtf
             self.pending, self.event = None, None
-            rip_before = g.rip
-            cr2 = g.uc.reg_read(X.UC_X86_REG_CR2)  # QEMU overwrites it when it raises #PF
+            rip_before = g.rip if single else None  # (only the step message shows it)
+            cr2 = g.reg("cr2")  # QEMU overwrites it when it raises #PF
             try:
                 g.emulate(1 if single else remaining, exact=single)
             except unicorn.UcError as exc:
@@ -1037,7 +1094,7 @@ class ExitMonitor:
     def _inject_event(self) -> VmExit | None:
         """VM-entry event injection (SDM 27.6): deliver VM_ENTRY_INTR_INFO through the guest IDT."""
         info = self.vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD)
-        if not info & (1 << 31):
+        if not info & _VALID:
             return None
         d = IntrInfo.decode(info)
         code = self.vmcs.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if d.deliver_error_code else None
@@ -1079,28 +1136,24 @@ class ExitMonitor:
 
     def vm_exit(self, exit_: VmExit) -> VmExit:
         """Perform the VM exit (SDM 28): exit information, guest state, host state."""
-        vmcs, cpu = self.vmcs, self.cpu
-        put = vmcs.set_exit_info
-        put(F.VM_EXIT_REASON, exit_.exit_reason_field)
-        put(F.EXIT_QUALIFICATION, exit_.qualification)
-        put(F.VM_EXIT_INSTRUCTION_LEN, exit_.instruction_length)
-        put(F.VM_EXIT_INTR_INFO, exit_.intr_info)
-        put(F.VM_EXIT_INTR_ERROR_CODE, exit_.intr_error_code or 0)
-        put(F.IDT_VECTORING_INFO_FIELD, 0)
-        put(F.VMX_INSTRUCTION_INFO, exit_.instruction_info)
-        put(F.GUEST_LINEAR_ADDRESS, exit_.guest_linear_address or 0)
-        put(F.GUEST_PHYSICAL_ADDRESS, exit_.guest_physical_address or 0)
+        vmcs, cpu, g = self.vmcs, self.cpu, self.guest
+        vmcs.set_exit_infos(zip(_EXIT_INFO_FIELDS, (
+            exit_.exit_reason_field, int(exit_.qualification), int(exit_.instruction_length),
+            int(exit_.intr_info), int(exit_.intr_error_code or 0), 0, int(exit_.instruction_info),
+            int(exit_.guest_linear_address or 0), int(exit_.guest_physical_address or 0))))
         # SDM 28.2.? : the valid bit of the VM-entry interruption information is cleared.
-        vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD) & ~(1 << 31))
-        self.guest.rip = exit_.guest_rip if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG else self.guest.rip
+        vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD) & ~_VALID)
+        rip = g.rip
+        if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
+            g.rip = exit_.guest_rip  # (usually it is there already: the CPU stopped at it)
+            rip = g.rip
         # Guest state is saved lazily: the first VMREAD of a guest-state field completes it.
-        vmcs.save_guest(F.GUEST_RIP, self.guest.rip)
+        vmcs.save_guest(F.GUEST_RIP, rip)
         self._materialize_pending = True
         vmcs.lazy_fields = _LAZY_FIELDS
         vmcs.on_access = self.materialize
         # Host state (SDM 28.5): the VMM's CR0/CR4 come back from the host-state area.
         cpu.cr0, cpu.cr4 = vmcs.get(F.HOST_CR0) or cpu.cr0, vmcs.get(F.HOST_CR4) or cpu.cr4
-        from .vmx import VmxOperation
         cpu.operation = VmxOperation.ROOT
         if exit_.reason is ExitReason.TRIPLE_FAULT:
             self.halted = False

@@ -19,6 +19,7 @@ This module knows nothing about VMX; :mod:`vtlab.vmx` drives a Guest from the VM
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import enum
 import struct
@@ -100,11 +101,50 @@ _R64_TO_32["rflags"] = "eflags"
 _MMR_REGS = {X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR}
 _CONTROL_REGS = {"cr0", "cr3", "cr4", "cs", "ss", "ds", "es", "fs", "gs", "eflags", "rflags", "flags"}
 _uc_reg_read, _uc_reg_write = _ucmod.uclib.uc_reg_read, _ucmod.uclib.uc_reg_write
+_uc_mem_read = _ucmod.uclib.uc_mem_read
+_uc_reg_read_batch, _uc_reg_write_batch = _ucmod.uclib.uc_reg_read_batch, _ucmod.uclib.uc_reg_write_batch
+#: CR0.PE as a plain int: ``int & IntFlag`` runs IntFlag.__rand__ in Python, too slow
+#: for emulate(), which runs on every VM entry.
+_CR0_PE = int(Cr0.PE)
 
 _IO_MNEMONICS = {"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"}
 _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 _REGS = {name[len("UC_X86_REG_"):].lower(): getattr(X, name) for name in dir(X)
          if name.startswith("UC_X86_REG_")}
+
+
+class _RegisterBatch:
+    """Preallocated arguments of uc_reg_read_batch / uc_reg_write_batch.
+
+    The values live in an ``array('Q')`` rather than a ctypes array: zeroing it
+    (``values[:] = zeros``) and reading it (``values.tolist()``) are single C calls,
+    where a ctypes array converts element by element.  The engine gets pointers into
+    the array's buffer, which stays put because the array is never resized.
+    """
+
+    def __init__(self, ids: list[int]):
+        self.count = len(ids)
+        self.ids = (ctypes.c_int * self.count)(*ids)
+        self.zeros = array.array("Q", bytes(8 * self.count))
+        self.values = array.array("Q", self.zeros)
+        base, _ = self.values.buffer_info()
+        self.pointers = (ctypes.c_void_p * self.count)(*(base + 8 * i for i in range(self.count)))
+
+    @classmethod
+    def build(cls, guest: "Guest", names: tuple[str, ...], write: bool) -> "_RegisterBatch | None":
+        """A batch for ``names`` if each is a register that :meth:`Guest.reg` (or, for
+        ``write``, :meth:`Guest.set_reg`) accesses with a bare uc_reg_read (uc_reg_write);
+        None otherwise."""
+        ids = []
+        for name in names:
+            engine = guest._engine_name(name.lower())
+            regid = _REGS.get(engine)
+            if regid is None or regid in _MMR_REGS:
+                return None
+            if write and (engine in _CONTROL_REGS or engine in _SEGMENTS):
+                return None
+            ids.append(regid)
+        return cls(ids)
 
 
 @dataclass(frozen=True)
@@ -245,6 +285,8 @@ class Guest:
         self._scratch = ctypes.c_uint64(0)
         self._scratch_w = ctypes.c_uint64(0)
         self._fast_write_ids: dict[str, int] = {}
+        self._insn_buf = ctypes.create_string_buffer(16)  # for memory_holds (x86: <= 15 bytes)
+        self._batches: dict[tuple, _RegisterBatch | None] = {}  # (names, write?) -> batch
         self.uc.mem_map(0, memory_size)
         # No "until" address: when emulation stops Unicorn looks up the address before
         # ``until``, and with guest paging on and that address unmapped (as the customary
@@ -278,6 +320,21 @@ class Guest:
     def read(self, address: int, size: int) -> bytes:
         """Read guest-physical memory."""
         return bytes(self.uc.mem_read(address, size))
+
+    def memory_holds(self, address: int, data: bytes) -> bool:
+        """Does guest-physical memory at ``address`` hold ``data`` (an instruction's bytes)?
+
+        ``read(address, len(data)) == data``, without the binding's bytearray and copy:
+        the exit path asks this once per sensitive instruction to catch self-modifying
+        code.  Raises ``UcError`` for unmapped memory, as :meth:`read` does.
+        """
+        size = len(data)
+        if size > 16:
+            return self.read(address, size) == data
+        status = _uc_mem_read(self._uch, address, self._insn_buf, size)
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+        return self._insn_buf.raw[:size] == data
 
     def write(self, address: int, data: bytes) -> None:
         """Write guest-physical memory."""
@@ -325,11 +382,46 @@ class Guest:
 
     def _read_raw(self, regid: int) -> int:
         """uc_reg_read straight through ctypes: the binding's generic path costs ~10x more."""
-        value = ctypes.c_uint64(0)
+        value = self._scratch  # reused (as in reg): it is read back before anything else runs
+        value.value = 0
         status = _uc_reg_read(self._uch, regid, ctypes.byref(value))
         if status:
             return self.uc.reg_read(regid)
         return value.value
+
+    def read_registers(self, names: tuple[str, ...]) -> list[int]:
+        """``[reg(n) for n in names]`` for general registers, in one call into Unicorn.
+
+        The VM-exit path reads a handful of registers per exit (the trace's register
+        summary); one ``uc_reg_read_batch`` costs little more than one ``uc_reg_read``.
+        Names that :meth:`reg` does not read with a bare ``uc_reg_read`` (EFER, CPL, the
+        descriptor-table registers) make the whole call take the one-by-one path.
+        """
+        key = (names, False)
+        if key not in self._batches:
+            self._batches[key] = _RegisterBatch.build(self, names, write=False)
+        batch = self._batches[key]
+        if batch is not None:
+            batch.values[:] = batch.zeros  # 32-bit (and narrower) registers write only 4 bytes
+            if not _uc_reg_read_batch(self._uch, batch.ids, batch.pointers, batch.count):
+                return batch.values.tolist()
+        return [self.reg(n) for n in names]
+
+    def write_registers(self, names: tuple[str, ...], values) -> None:
+        """``set_reg(n, v)`` for each general register name and value, in one call into Unicorn."""
+        values = [v & 0xFFFF_FFFF_FFFF_FFFF for v in values]
+        if len(values) != len(names):
+            raise ValueError(f"{len(names)} register names but {len(values)} values")
+        key = (names, True)
+        if key not in self._batches:
+            self._batches[key] = _RegisterBatch.build(self, names, write=True)
+        batch = self._batches[key]
+        if batch is not None:
+            batch.values[:] = array.array("Q", values)  # same length: the buffer stays put
+            if not _uc_reg_write_batch(self._uch, batch.ids, batch.pointers, batch.count):
+                return
+        for name, value in zip(names, values):
+            self.set_reg(name, value)
 
     def set_reg(self, name: str, value: int) -> None:
         """Write a register by name; segment registers load their descriptor."""
@@ -387,6 +479,11 @@ class Guest:
         if not self._read_raw(X.UC_X86_REG_CR0) & 1:
             return 0
         return self._read_raw(X.UC_X86_REG_CS) & 3
+
+    @staticmethod
+    def cpl_of(cr0: int, cs: int) -> int:
+        """:attr:`cpl` from CR0 and the CS selector already read (e.g. by read_registers)."""
+        return cs & 3 if cr0 & 1 else 0
 
     def registers(self) -> dict[str, int]:
         """The general registers, RIP, RFLAGS, segments and control registers."""
@@ -729,7 +826,7 @@ class Guest:
         every instruction instead, which is precise but slow.
         """
         begin = self.rip
-        if not self.reg("cr0") & Cr0.PE:
+        if not self._read_raw(X.UC_X86_REG_CR0) & _CR0_PE:  # (a plain int: see _CR0_PE)
             begin &= 0xFFFF
         # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
         until = 0

@@ -45,23 +45,46 @@ def format_state(state: str | tuple) -> str:
     return " ".join(f"{n}={v:#x}" if n != "cpl" else f"cpl={v}" for n, v in zip(_STATE_NAMES, state))
 
 
+def _entry_event(item: tuple) -> TraceEvent:
+    """The TraceEvent of an entry kept as (seq, instruction, guest_rip, guest_instructions)."""
+    seq, instruction, guest_rip, guest_instructions = item
+    return TraceEvent(seq, "entry", instruction=instruction, guest_rip=guest_rip,
+                      guest_instructions=guest_instructions)
+
+
 class Trace:
     """Every VM entry and exit of one virtual machine, in order."""
 
     def __init__(self) -> None:
-        self.events: list[TraceEvent] = []
+        # One item per event, in order: a TraceEvent for each exit, and for each entry the
+        # tuple (seq, instruction, guest_rip, guest_instructions) - an entry happens once
+        # per exit and says little, so it becomes a TraceEvent only when someone looks
+        # at :attr:`events` (which then keeps the objects it made).
+        self._log: list = []
         self.instructions_total = 0
         self.enabled = True
         self._frame = None
         self._frame_key = None
 
+    @property
+    def events(self) -> list[TraceEvent]:
+        """Every entry and exit as a :class:`TraceEvent`, in order."""
+        log = self._log
+        for i, item in enumerate(log):
+            if type(item) is tuple:
+                log[i] = _entry_event(item)
+        return log
+
+    @events.setter
+    def events(self, events: list[TraceEvent]) -> None:
+        self._log = events
+
     def _next(self) -> int:
-        return len(self.events)
+        return len(self._log)
 
     def record_entry(self, instruction: str, guest_rip: int, guest_instructions: int) -> None:
         if self.enabled:
-            self.events.append(TraceEvent(self._next(), "entry", instruction=instruction,
-                                          guest_rip=guest_rip, guest_instructions=guest_instructions))
+            self._log.append((len(self._log), instruction, guest_rip, guest_instructions))
 
     def record_exit(self, exit_, handler: str = "", state: str = "") -> TraceEvent:
         ev = TraceEvent(
@@ -70,12 +93,12 @@ class Trace:
             exit_.instruction_length, exit_.guest_rip, exit_.instruction, handler,
             exit_.guest_instructions, exit_.cpl, exit_.entry_failure, exit_.device, state, exit_.note)
         if self.enabled:
-            self.events.append(ev)
+            self._log.append(ev)
         return ev
 
     @property
     def exits(self) -> list[TraceEvent]:
-        return [e for e in self.events if e.event == "exit"]
+        return [e for e in self._log if type(e) is not tuple and e.event == "exit"]
 
     def __len__(self) -> int:
         return len(self.exits)
@@ -84,7 +107,7 @@ class Trace:
         return iter(self.exits)
 
     def clear(self) -> None:
-        self.events.clear()
+        self._log.clear()
         self._frame_key = None
 
     def counts(self):
@@ -102,11 +125,10 @@ class Trace:
         """
         import pandas as pd
 
-        key = (len(self.events), include_entries, self.instructions_total)
+        key = (len(self._log), include_entries, self.instructions_total)
         if self._frame_key != key:
             columns = list(TraceEvent.__dataclass_fields__)
-            rows = [tuple(getattr(e, c) for c in columns) for e in self.events
-                    if include_entries or e.event == "exit"]
+            rows = [tuple(getattr(e, c) for c in columns) for e in self._rows(include_entries)]
             at = columns.index("state")
             rows = [r[:at] + (format_state(r[at]),) + r[at + 1:] for r in rows]
             df = pd.DataFrame.from_records(rows, columns=columns)
@@ -115,6 +137,15 @@ class Trace:
         df = self._frame.copy()
         df.attrs["instructions_total"] = self.instructions_total
         return df
+
+    def _rows(self, include_entries: bool) -> Iterator[TraceEvent]:
+        """The events to_dataframe shows (entries made into TraceEvents on the fly)."""
+        for item in self._log:
+            if type(item) is tuple:
+                if include_entries:
+                    yield _entry_event(item)
+            elif include_entries or item.event == "exit":
+                yield item
 
     def _repr_html_(self) -> str:
         df = self.to_dataframe()

@@ -157,6 +157,11 @@ class Vmcs:
         """The processor's own write of an exit-information field (SDM 28.2)."""
         self._data[int(field)] = int(value)
 
+    def set_exit_infos(self, values) -> None:
+        """Several processor writes of exit-information fields at once: ``values`` is an
+        iterable of (int encoding, int value) pairs (the VM-exit path writes nine)."""
+        self._data.update(values)
+
     def save_guest(self, field: VmcsField, value: int) -> None:
         """The processor saving guest state on VM exit (SDM 28.3): not a software write."""
         self._data[int(field)] = int(value)

@@ -38,7 +38,7 @@ from .errors import HandlerError
 from .exits import VmExit
 from .guest import Guest, Mode
 from .trace import Trace
-from .vmcs import INVALID_POINTER
+from .vmcs import INVALID_POINTER, LaunchState
 from .vmx import Status, VmxCpu, VmxOperation, VmxOutcome
 
 Handler = Callable[["VirtualMachine", VmExit], "bool | None"]
@@ -123,7 +123,7 @@ class Registers:
 # ----------------------------------------------------------------------------- handlers
 def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
     """CPUID: the host's answer, minus VMX, plus "hypervisor present" and a vendor leaf."""
-    leaf = vm.regs.eax & 0xFFFF_FFFF
+    leaf = vm.guest.reg("eax") & 0xFFFF_FFFF
     if leaf == HYPERVISOR_BASE_LEAF:
         ebx, ecx, edx = vendor_signature(HYPERVISOR_SIGNATURE)
         eax = HYPERVISOR_BASE_LEAF + 1
@@ -133,9 +133,14 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
         eax, ebx, ecx, edx = HOST_CPUID.get(leaf, (0, 0, 0, 0))
         if leaf == 1:
             ecx = (ecx & ~CPUID_1_ECX_VMX) | CPUID_1_ECX_HYPERVISOR  # no nested VMX here
-    vm.regs.rax, vm.regs.rbx, vm.regs.rcx, vm.regs.rdx = eax, ebx, ecx, edx
+    # vm.regs.rax, .rbx, .rcx, .rdx = ... in one call into the CPU (CPUID is the most
+    # frequent exit of all)
+    vm.guest.write_registers(_CPUID_OUTPUTS, (eax, ebx, ecx, edx))
     vm.skip_instruction()
     return True
+
+
+_CPUID_OUTPUTS = ("rax", "rbx", "rcx", "rdx")
 
 
 def _io_value_reg(size: int) -> str:
@@ -633,6 +638,11 @@ class VirtualMachine:
 
     def skip_instruction(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes)."""
+        if self._vmcs_direct():  # vmread/vmwrite below, with one check instead of three
+            vmcs = self.cpu.regions[self.vmcs_address]
+            length = vmcs.read(F.VM_EXIT_INSTRUCTION_LEN)
+            vmcs.write(F.GUEST_RIP, vmcs.read(F.GUEST_RIP) + length, truncate=True)
+            return
         length = self.vmread(F.VM_EXIT_INSTRUCTION_LEN)
         self.vmwrite(F.GUEST_RIP, self.vmread(F.GUEST_RIP) + length)
 
@@ -687,13 +697,12 @@ class VirtualMachine:
 
     def _state_summary(self) -> tuple:
         """Registers for the trace, kept raw; :func:`vtlab.trace.format_state` prints them."""
-        r = self.guest.reg
-        return (r("rax"), r("rbx"), r("rcx"), r("rdx"), r("rsp"), r("rflags"), self.guest.cpl)
+        rax, rbx, rcx, rdx, rsp, rflags, cr0, cs = self.guest.read_registers(_SUMMARY_REGISTERS)
+        return (rax, rbx, rcx, rdx, rsp, rflags, Guest.cpl_of(cr0, cs))
 
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
-        handler = self.handlers.get(exit_.reason, _unhandled)
-        event = self.trace.record_exit(exit_, getattr(handler, "__name__", repr(handler)),
+        event = self.trace.record_exit(exit_, _handler_name(self.handlers.get(exit_.reason, _unhandled)),
                                        self._state_summary())
         self.pending_exit, self._pending_event = exit_, event
         return event
@@ -705,12 +714,12 @@ class VirtualMachine:
             return self.state in (VmState.RUNNING, VmState.READY)
         self.pending_exit = None
         handler = self.handlers.get(exit_.reason, _unhandled)
-        name = getattr(handler, "__name__", repr(handler))
         if self.state is VmState.READY:
             self.state = VmState.RUNNING
         try:
             result = handler(self, exit_)
         except Exception as exc:  # the learner's handler: stop cleanly, keep everything
+            name = _handler_name(handler)
             self.stop(VmState.ERROR, f"exit handler {name} raised {type(exc).__name__}: {exc}")
             if event is not None:
                 event.note = self.message
@@ -729,8 +738,9 @@ class VirtualMachine:
         if cpu.operation is VmxOperation.NON_ROOT:
             outcome = cpu.continue_guest(budget, step=step)
         else:
-            insn = "VMRESUME" if self.vmcs.launch_state.value == "launched" else "VMLAUNCH"
-            self.trace.record_entry(insn, self.vmcs.get(F.GUEST_RIP), g.counter.total)
+            vmcs = self.vmcs
+            insn = "VMRESUME" if vmcs.launch_state is LaunchState.LAUNCHED else "VMLAUNCH"
+            self.trace.record_entry(insn, vmcs.get(F.GUEST_RIP), g.counter.total)
             outcome = cpu._enter(insn, budget, step=step)
         self.last_outcome = outcome
         if outcome.status is Status.VM_EXIT:
@@ -837,6 +847,18 @@ class VirtualMachine:
     def __repr__(self) -> str:
         return (f"<VirtualMachine {self.mode.value} guest, {self.state.value}, {len(self.trace)} exits, "
                 f"{self.cpu.operation.value}>")
+
+
+#: Registers of the trace's state summary (see _state_summary): CR0 and CS give the CPL.
+_SUMMARY_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsp", "rflags", "cr0", "cs")
+
+
+def _handler_name(handler) -> str:
+    """How the trace and error messages name a handler (its __name__, else its repr)."""
+    try:
+        return handler.__name__
+    except AttributeError:
+        return repr(handler)
 
 
 def _unhandled(vm: VirtualMachine, exit: VmExit) -> bool:

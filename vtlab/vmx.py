@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from .guest import Guest
 
 
+#: The "IA-32e mode guest" entry control as a plain int (``int & IntFlag`` is slow).
+_IA32E_MODE_GUEST = int(EntryControl.IA32E_MODE)
+
+
 class VmxOperation(str, enum.Enum):
     """Where the logical processor is with respect to VMX (SDM 24.3)."""
 
@@ -429,19 +433,20 @@ class VmxCpu:
         if vmcs.generation != vmcs.checked_generation or self.monitor.vmcs is not vmcs:
             self.monitor.materialize()
             violations = entry_violations(self, vmcs)
-        elif vmcs.get(F.GUEST_RIP) >> 32 and not vmcs.get(F.VM_ENTRY_CONTROLS) & EntryControl.IA32E_MODE:
+        elif vmcs.get(F.GUEST_RIP) >> 32 and not vmcs.get(F.VM_ENTRY_CONTROLS) & _IA32E_MODE_GUEST:
             violations = entry_violations(self, vmcs)
-        for group, error in (("controls", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD),
-                             ("host-state", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)):
-            first = [v for v in violations if v.group == group]
-            if first:
-                out = self._fail(insn, error, str(first[0]))
-                out.violations = violations
-                return out
-        guest_bad = [v for v in violations if v.group == "guest-state"]
-        if guest_bad:
-            return self._entry_failure(insn, vmcs, guest_bad[0].qualification, str(guest_bad[0]),
-                                       violations)
+        if violations:
+            for group, error in (("controls", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD),
+                                 ("host-state", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)):
+                first = [v for v in violations if v.group == group]
+                if first:
+                    out = self._fail(insn, error, str(first[0]))
+                    out.violations = violations
+                    return out
+            guest_bad = [v for v in violations if v.group == "guest-state"]
+            if guest_bad:
+                return self._entry_failure(insn, vmcs, guest_bad[0].qualification, str(guest_bad[0]),
+                                           violations)
         vmcs.checked_generation = vmcs.generation
         try:
             self.monitor.load_guest_state(vmcs)

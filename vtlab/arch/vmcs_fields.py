@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = [
     "VmcsField",
@@ -382,12 +383,16 @@ class FieldEncoding:
     type: FieldType
     width: FieldWidth
 
-    @property
+    # read_only, full_encoding and access_bits are cached: every VMREAD/VMWRITE asks
+    # them, and the decoded encodings are themselves cached (vtlab.vmcs.lookup).
+    # (cached_property stores into the instance __dict__, which a frozen dataclass
+    # allows; equality and hashing still use the fields only.)
+    @cached_property
     def read_only(self) -> bool:
         """True if this is a VM-exit information ("read-only data") field."""
         return self.type == FieldType.EXIT_INFORMATION
 
-    @property
+    @cached_property
     def full_encoding(self) -> int:
         """The encoding with the access-type bit cleared."""
         return self.encoding & ~1
@@ -400,7 +405,7 @@ class FieldEncoding:
         except ValueError:
             return None
 
-    @property
+    @cached_property
     def access_bits(self) -> int:
         """How many bits a VMREAD/VMWRITE through this encoding moves."""
         return 32 if self.access_type == AccessType.HIGH else self.width.bits
