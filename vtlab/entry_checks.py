@@ -15,7 +15,7 @@ for the learner).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
 from .arch.exceptions import INTR_INFO_VALID, InterruptionType, IntrInfo
@@ -271,6 +271,25 @@ class Checker:
         if v(F.VMCS_LINK_POINTER) != INVALID_POINTER:
             yield (f"VMCS_LINK_POINTER is {v(F.VMCS_LINK_POINTER):#x}; without VMCS shadowing it "
                    "must be FFFFFFFF_FFFFFFFFH", 4)
+
+
+def _canonical_rule(field: F) -> Callable[["Vmcs"], list[Violation]]:
+    def rule(vmcs: "Vmcs") -> list[Violation]:
+        if _canonical(vmcs.get(field)):
+            return []
+        return [Violation("guest-state", "27.3.1", f"{field.name} must be canonical")]
+    return rule
+
+
+#: Guest-state fields whose only VM-entry rule involves nothing but the field itself.  When
+#: the VMM wrote just these since the last full check (a WRMSR of IA32_SYSENTER_ESP, a
+#: MOV to CR3 ...), VM entry re-checks only them, with the very same messages.
+LOCAL_RULES: dict[int, Callable[["Vmcs"], list[Violation]]] = {
+    int(F.GUEST_SYSENTER_ESP): _canonical_rule(F.GUEST_SYSENTER_ESP),
+    int(F.GUEST_SYSENTER_EIP): _canonical_rule(F.GUEST_SYSENTER_EIP),
+    int(F.GUEST_SYSENTER_CS): lambda vmcs: [],
+    int(F.GUEST_RSP): lambda vmcs: [],
+}
 
 
 def entry_violations(cpu: "VmxCpu", vmcs: "Vmcs") -> list[Violation]:

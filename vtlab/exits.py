@@ -562,6 +562,17 @@ _UNDECODED_SIZE = 0xF1F1F1F1
 _NOT_IN_QEMU = frozenset({"getsec", "vmcall", "vmclear", "vmlaunch", "vmptrld", "vmptrst",
                           "vmread", "vmresume", "vmwrite", "vmxoff", "vmxon", "invept",
                           "invvpid"})
+#: Guest-state fields that can be saved on their own (see ExitMonitor.materialize).
+_SINGLE_FIELD_SAVERS = {
+    int(F.GUEST_SYSENTER_CS): lambda g: g.uc.msr_read(Msr.IA32_SYSENTER_CS) & 0xFFFF_FFFF,
+    int(F.GUEST_SYSENTER_ESP): lambda g: g.uc.msr_read(Msr.IA32_SYSENTER_ESP),
+    int(F.GUEST_SYSENTER_EIP): lambda g: g.uc.msr_read(Msr.IA32_SYSENTER_EIP),
+    int(F.GUEST_RSP): lambda g: g.reg("rsp"),
+    int(F.GUEST_RFLAGS): lambda g: g.reg("rflags"),
+    int(F.GUEST_CR0): lambda g: g.reg("cr0"),
+    int(F.GUEST_CR3): lambda g: g.reg("cr3"),
+    int(F.GUEST_CR4): lambda g: g.reg("cr4"),
+}
 _RIP_ONLY = frozenset({int(F.GUEST_RIP)})
 #: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
@@ -882,8 +893,19 @@ class ExitMonitor:
         entry = vmcs.get(F.VM_ENTRY_CONTROLS) & ~EntryControl.IA32E_MODE
         vmcs.save_guest(F.VM_ENTRY_CONTROLS, entry | (EntryControl.IA32E_MODE if efer & Efer.LMA else 0))
 
-    def materialize(self) -> None:
-        """Complete a lazy guest-state save (done on the first VMREAD that needs it)."""
+    def materialize(self, field: int | None = None) -> None:
+        """Complete a lazy guest-state save (done on the first VMREAD that needs it).
+
+        For a field that maps to one register or MSR (``field`` given), just that field is
+        saved: the CPU's guest state cannot change before the next VM entry, so saving it
+        again later gives the same value.  A WRMSR/RDMSR exit handler that touches
+        IA32_SYSENTER_ESP thus costs one MSR read, not a full state save.
+        """
+        if field is not None and self._materialize_pending and self.vmcs is not None:
+            saver = _SINGLE_FIELD_SAVERS.get(field)
+            if saver is not None:
+                self.vmcs.save_guest(field, saver(self.guest))
+                return
         if self._materialize_pending and self.vmcs is not None:
             self._materialize_pending = False
             self.vmcs.on_access = None

@@ -105,6 +105,9 @@ class Vmcs:
         #: only when it changed (the checks are a pure function of the fields).
         self.generation = 0
         self.checked_generation = -1
+        #: Fields written since the entry checks last ran (lets VM entry re-check only them
+        #: when each has a rule of its own, see vtlab.entry_checks.LOCAL_RULES).
+        self.changed: set[int] = set()
         #: Lazy guest-state save: after a VM exit the processor's registers are copied into
         #: the guest-state fields only when software first looks at one of them.
         self.on_access = None
@@ -114,8 +117,9 @@ class Vmcs:
     def read(self, encoding: int | str | VmcsField) -> int:
         """VMREAD semantics: the field's value (the high half for a HIGH encoding)."""
         enc = lookup(encoding)
-        if self.on_access is not None and enc.full_encoding in self.lazy_fields:
-            self.on_access()
+        if (self.on_access is not None and enc.full_encoding in self.lazy_fields
+                and enc.full_encoding not in self.dirty):
+            self.on_access(enc.full_encoding)
         value = self._data.get(enc.full_encoding, 0)
         return value >> 32 if enc.access_type is AccessType.HIGH else value
 
@@ -143,10 +147,13 @@ class Vmcs:
                     f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
             value &= (1 << bits) - 1
         full = enc.full_encoding
-        if self.on_access is not None and full in self.lazy_fields:
+        # A write of a whole field needs no lazy save first: the save skips fields that
+        # software wrote since the exit (they are in ``dirty``).  Half a field does.
+        if self.on_access is not None and full in self.lazy_fields and enc.access_type is AccessType.HIGH:
             self.on_access()
         if full != VmcsField.GUEST_RIP:
             self.generation += 1
+            self.changed.add(full)
         if enc.access_type is AccessType.HIGH:
             value = (self._data.get(full, 0) & 0xFFFF_FFFF) | (value << 32)
         self._data[full] = value
@@ -173,8 +180,8 @@ class Vmcs:
 
     def get(self, field: VmcsField) -> int:
         """Fast internal read of a full field (no checks)."""
-        if self.on_access is not None and field in self.lazy_fields:
-            self.on_access()
+        if self.on_access is not None and field in self.lazy_fields and field not in self.dirty:
+            self.on_access(int(field))  # (a field software wrote since the exit is current)
         return self._data.get(int(field), 0)
 
     # ------------------------------------------------------------- inspection

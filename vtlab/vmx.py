@@ -34,7 +34,7 @@ from .arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
 from .arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from .arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
-from .entry_checks import Violation, entry_violations
+from .entry_checks import LOCAL_RULES, Violation, entry_violations
 from .errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
 from .vmcs import INVALID_POINTER, LaunchState, Vmcs
@@ -431,8 +431,12 @@ class VmxCpu:
                               "this VmxCpu has no guest CPU attached (VmxCpu(guest=...))")
         violations: list[Violation] = []
         if vmcs.generation != vmcs.checked_generation or self.monitor.vmcs is not vmcs:
-            self.monitor.materialize()
-            violations = entry_violations(self, vmcs)
+            local = vmcs.changed if self.monitor.vmcs is vmcs and vmcs.checked_generation >= 0 else None
+            if local and all(f in LOCAL_RULES for f in local):
+                violations = [v for f in local for v in LOCAL_RULES[f](vmcs)]
+            else:
+                self.monitor.materialize()
+                violations = entry_violations(self, vmcs)
         elif vmcs.get(F.GUEST_RIP) >> 32 and not vmcs.get(F.VM_ENTRY_CONTROLS) & _IA32E_MODE_GUEST:
             violations = entry_violations(self, vmcs)
         if violations:
@@ -448,6 +452,7 @@ class VmxCpu:
                 return self._entry_failure(insn, vmcs, guest_bad[0].qualification, str(guest_bad[0]),
                                            violations)
         vmcs.checked_generation = vmcs.generation
+        vmcs.changed.clear()
         try:
             self.monitor.load_guest_state(vmcs)
         except Exception as exc:  # a state Unicorn cannot represent (see load_guest_state)
