@@ -6,65 +6,14 @@ Conventions (structure, nbgrader metadata): docs/NOTEBOOKS.md.
 """
 from __future__ import annotations
 
-import textwrap
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _builder, also under runpy
+from _builder import NotebookBuilder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "notebooks" / "03_vmcs.ipynb"
-STEM = "nb03"
-
-cells: list = []
-
-
-def _src(text: str) -> str:
-    return textwrap.dedent(text).strip("\n")
-
-
-def _nbgrader(grade_id: str, *, grade=False, solution=False, locked=False, points=None) -> dict:
-    meta = {"grade": grade, "grade_id": grade_id, "locked": locked, "schema_version": 3,
-            "solution": solution, "task": False}
-    if points is not None:
-        meta["points"] = points
-    return {"nbgrader": meta}
-
-
-def _add(cell, cell_id: str | None = None):
-    cell.id = cell_id or f"{STEM}-{len(cells):03d}"
-    cells.append(cell)
-    return cell
-
-
-def md(text: str, lock: str | None = None):
-    """A markdown cell; ``lock`` (a grade_id) makes it read-only for nbgrader."""
-    cell = new_markdown_cell(_src(text))
-    if lock:
-        cell.metadata.update(_nbgrader(lock, locked=True))
-    return _add(cell, lock)
-
-
-def code(text: str, lock: str | None = None):
-    """A code cell; ``lock`` (a grade_id) makes it read-only for nbgrader."""
-    cell = new_code_cell(_src(text))
-    if lock:
-        cell.metadata.update(_nbgrader(lock, locked=True))
-    return _add(cell, lock)
-
-
-def answer(grade_id: str, text: str):
-    """An autograded answer cell (solution between BEGIN/END SOLUTION)."""
-    cell = new_code_cell(_src(text))
-    cell.metadata.update(_nbgrader(grade_id, solution=True))
-    return _add(cell, grade_id)
-
-
-def tests(grade_id: str, points: int, text: str):
-    """An autograder test cell: visible asserts, then hidden ones."""
-    cell = new_code_cell(_src(text))
-    cell.metadata.update(_nbgrader(grade_id, grade=True, locked=True, points=points))
-    return _add(cell, grade_id)
+NB = NotebookBuilder("nb03", "03_vmcs")
+md, code, answer, tests = NB.md, NB.code, NB.answer, NB.tests
 
 
 # =============================================================================== title
@@ -990,21 +939,7 @@ Next: **04 · exits** — what happens after the guest leaves, and what it costs
 """, lock="nb03_recap")
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(cells=cells)
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    ids = [c.id for c in nb.cells]
-    assert len(ids) == len(set(ids)), "duplicate cell ids"
-    grade_ids = [c.metadata["nbgrader"]["grade_id"] for c in nb.cells if "nbgrader" in c.metadata]
-    assert len(grade_ids) == len(set(grade_ids)), "duplicate grade_ids"
-    nbformat.validate(nb)
-    return nb
-
+build = NB.build  # the tests compare what the builder makes with the stored notebook
 
 if __name__ == "__main__":
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(build(), OUT)
-    print(f"wrote {OUT.relative_to(ROOT)} ({len(cells)} cells)")
+    NB.write()
