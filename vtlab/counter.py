@@ -30,8 +30,10 @@ import numpy as np
 import unicorn
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-# ctx layout (u64 each): base, window size, total, blocks, outside_blocks, prefix_ptr,
-# outside_bytes, stop_at (instruction budget), address of uc_emu_stop
+# ctx layout (u64 each, in this order; _HOOK_ASM addresses them as [rcx + 8*index]):
+# window base, window size, total, blocks, outside_blocks, prefix-table pointer,
+# outside_bytes, stop_at (instruction budget), address of uc_emu_stop, and the address
+# and size of the block that started last (for unretire_rest_of_block)
 _CTX_FIELDS = ("base", "limit", "total", "blocks", "outside_blocks", "prefix", "outside_bytes",
                "stop_at", "emu_stop", "last_block", "last_size")
 
@@ -106,7 +108,6 @@ class InstructionCounter:
         # the cost of numpy scalars (unretire_rest_of_block runs on every VM exit).
         self._prefix_view = memoryview(self._prefix)
         self._starts: dict[int, None] = {}  # instruction start addresses from sweeps
-        self._py_sizes: dict[int, int] = {}
         self._handle = None
         native = _native_hook()
         self.native = native is not None

@@ -36,7 +36,8 @@ from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType
                                   DrAccessQualification, EptViolationQualification, IoDirection,
                                   IoQualification)
 from .arch.vmcs_fields import VmcsField as F
-from .asm import Instruction
+from .asm import _CS_MODE, Instruction
+from .guest import ERROR_CODE_VECTORS
 from .quirks import forget_exception
 from .vmx import Status, VmxOperation, VmxOutcome
 
@@ -414,21 +415,28 @@ def _string_io_linear_address(m: "ExitMonitor", insn: Instruction, q: IoQualific
     return (m.guest.segment(seg).base + offset) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
-    """Look ``msr`` up in the 4-KByte MSR bitmap (SDM 25.6.9).
+def msr_bitmap_position(msr: int) -> tuple[int, int] | None:
+    """(byte offset of its read bitmap, bit) of ``msr`` in the 4-KByte MSR bitmap (SDM 25.6.9).
 
     Read bitmap for low MSRs (00000000H-00001FFFH) at offset 0, for high MSRs
-    (C0000000H-C0001FFFH) at 1024; the write bitmaps follow at 2048 and 3072.  MSRs in
-    neither range always exit.
+    (C0000000H-C0001FFFH) at 1024; the write bitmaps follow 2048 bytes later.  None for
+    an MSR in neither range: it has no bit, and accessing it always exits.
     """
+    if msr <= 0x1FFF:
+        return 0, msr
+    if 0xC000_0000 <= msr <= 0xC000_1FFF:
+        return 1024, msr - 0xC000_0000
+    return None
+
+
+def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
+    """Does RDMSR/WRMSR of ``msr`` exit: always, or per the MSR bitmap (SDM 26.1.3)."""
     if not m.proc & ProcBased.USE_MSR_BITMAPS:
         return True
-    if msr <= 0x1FFF:
-        offset, bit = 0, msr
-    elif 0xC000_0000 <= msr <= 0xC000_1FFF:
-        offset, bit = 1024, msr - 0xC000_0000
-    else:
+    position = msr_bitmap_position(msr)
+    if position is None:
         return True
+    offset, bit = position
     return m.cpu.memory.test_bit(m.vmcs.get(F.MSR_BITMAP) + offset + (2048 if write else 0), bit)
 
 
@@ -763,12 +771,9 @@ class ExitMonitor:
     # ------------------------------------------------------------ operands
     def effective_address(self, insn: Instruction) -> int:
         """Linear address of ``insn``'s memory operand (segment base + base + index*scale + disp)."""
-        d = next(self._cs.disasm(insn.bytes, insn.address, 1), None)
+        d = self._detail(insn)
         if d is None:
             return 0
-        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[self.guest.bits]
-        self._cs.mode = mode
-        d = next(self._cs.disasm(insn.bytes, insn.address, 1))
         for op in d.operands:
             if op.type == capstone.x86.X86_OP_MEM:
                 addr = op.mem.disp
@@ -783,8 +788,7 @@ class ExitMonitor:
 
     def _detail(self, insn: Instruction):
         """Capstone's detailed decode of ``insn`` in the guest's current code size."""
-        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[self.guest.bits]
-        self._cs.mode = mode
+        self._cs.mode = _CS_MODE[self.guest.bits]
         return next(self._cs.disasm(insn.bytes, insn.address, 1), None)
 
     def displacement(self, insn: Instruction) -> int:
@@ -865,10 +869,12 @@ class ExitMonitor:
         dirty = vmcs.dirty
         save = vmcs.save_guest
         put = (lambda f, value: None if int(f) in dirty else save(f, value)) if dirty else save
-        for name, f in (("cr0", F.GUEST_CR0), ("cr3", F.GUEST_CR3), ("cr4", F.GUEST_CR4),
-                        ("rsp", F.GUEST_RSP), ("rip", F.GUEST_RIP), ("rflags", F.GUEST_RFLAGS),
-                        ("dr7", F.GUEST_DR7)):
-            put(f, g.reg(name))
+        # CR0/3/4, RSP, RFLAGS and SYSENTER_*: the same savers materialize() uses for a
+        # single field, so a partial save and a full one cannot disagree.
+        for f, saver in _SINGLE_FIELD_SAVERS.items():
+            put(f, saver(g))
+        put(F.GUEST_RIP, g.reg("rip"))
+        put(F.GUEST_DR7, g.reg("dr7"))
         for seg, (fsel, fbase, flim, far) in _SEG_FIELDS.items():
             s = g.segment(seg)
             put(fsel, s.selector)
@@ -880,9 +886,6 @@ class ExitMonitor:
             _, base, limit, _ = g.uc.reg_read(getattr(X, f"UC_X86_REG_{table.upper()}"))
             put(fbase, base)
             put(flim, limit)
-        put(F.GUEST_SYSENTER_CS, g.uc.msr_read(Msr.IA32_SYSENTER_CS) & 0xFFFF_FFFF)
-        put(F.GUEST_SYSENTER_ESP, g.uc.msr_read(Msr.IA32_SYSENTER_ESP))
-        put(F.GUEST_SYSENTER_EIP, g.uc.msr_read(Msr.IA32_SYSENTER_EIP))
         efer = g.reg("efer")
         if vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.SAVE_IA32_EFER:
             put(F.GUEST_IA32_EFER, efer)
@@ -1014,7 +1017,7 @@ class ExitMonitor:
                 if exit_ is not None:
                     break
             if self.halted:
-                return VmxOutcome(insn, Status.PAUSED, message="the guest is in the HLT activity "
+                return VmxOutcome(insn, Status.PAUSED, halted=True, message="the guest is in the HLT activity "
                                   "state (HLT exiting is 0) and no interrupt is pending")
             remaining = budget - (g.counter.total - start)
             if remaining <= 0:
@@ -1051,8 +1054,7 @@ class ExitMonitor:
                 continue
             if single:
                 if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
-                    insn_txt = ""
-                    exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, insn_txt,
+                    exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
                                    guest_instructions=g.counter.total, cpl=g.cpl)
                     break
                 return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
@@ -1082,8 +1084,8 @@ class ExitMonitor:
         loaded into CR2 when the #PF is delivered to the guest instead.
         """
         g = self.guest
-        if vector < 32 and not software and error_code is None and vector in (8, 10, 11, 12, 13, 14, 17, 21):
-            error_code = 0
+        if not software and error_code is None and vector in ERROR_CODE_VECTORS:
+            error_code = 0  # Unicorn does not report error codes (see ERROR_CODE_VECTORS)
         is_exception = vector < 32 and (not software or vector in (3, 4))
         if is_exception and self._exception_exits(vector, error_code or 0):
             kind = InterruptionType.SOFTWARE_EXCEPTION if software else InterruptionType.HARDWARE_EXCEPTION
@@ -1123,7 +1125,7 @@ class ExitMonitor:
         rip = self.guest.rip
         if d.type in (InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION):
             rip += self.vmcs.get(F.VM_ENTRY_INSTRUCTION_LEN)
-        self.vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, info & ~(1 << 31))
+        self.vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, info & ~_VALID)
         self.halted = False
         problem = self.guest.deliver_interrupt(d.vector, code, rip)
         if problem is None:
@@ -1163,7 +1165,8 @@ class ExitMonitor:
             exit_.exit_reason_field, int(exit_.qualification), int(exit_.instruction_length),
             int(exit_.intr_info), int(exit_.intr_error_code or 0), 0, int(exit_.instruction_info),
             int(exit_.guest_linear_address or 0), int(exit_.guest_physical_address or 0))))
-        # SDM 28.2.? : the valid bit of the VM-entry interruption information is cleared.
+        # Every VM exit clears the valid bit of the VM-entry interruption-information
+        # field (SDM 28.2, introduction), so an injected event is not injected twice.
         vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD) & ~_VALID)
         rip = g.rip
         if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:

@@ -226,9 +226,10 @@ class Program:
         return "\n".join(str(i) for i in self.instructions)
 
 
-# Error code of each exception that pushes one, when the cause is a privileged
-# instruction or a segment check at CPL 3: #GP(0) (SDM Vol. 3A 6.15, "Exception 13").
-_ERROR_CODE_VECTORS = {Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF,
+#: The exceptions that push an error code (SDM Vol. 3A 6.13, Table 6-1).  Unicorn never
+#: reports the code, so vtlab supplies 0: right for the #GP(0) of a privileged
+#: instruction or a segment check at CPL 3 (SDM Vol. 3A 6.15, "Exception 13").
+ERROR_CODE_VECTORS = {Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF,
                        Vector.AC, Vector.CP}
 
 
@@ -240,8 +241,7 @@ def _decode_detail(guest: "Guest", linear: int):
     """Capstone's detailed decode of the instruction at ``linear`` (None if unreadable)."""
     import capstone
 
-    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[guest.bits]
-    cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    cs = capstone.Cs(capstone.CS_ARCH_X86, asm._CS_MODE[guest.bits])
     cs.detail = True
     try:
         return next(cs.disasm(guest.read(linear, 15), linear, 1), None)
@@ -812,7 +812,7 @@ class Guest:
         for faults, after the INT n for software interrupts)."""
         rip = self.rip
         insn = self.instruction_at()
-        code = 0 if vector in _ERROR_CODE_VECTORS else None
+        code = 0 if vector in ERROR_CODE_VECTORS else None
         address = None
         if vector == Vector.PF and self.page_fault is not None:
             address, code = self.page_fault

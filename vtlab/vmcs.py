@@ -55,15 +55,13 @@ def lookup(encoding: int | str | VmcsField) -> FieldEncoding:
     return enc
 
 
+#: Decoded encodings by int (an int and its VmcsField member hash alike): every VMREAD
+#: and VMWRITE goes through lookup(), so decoding each encoding once matters.
 _LOOKUP: dict[int, FieldEncoding] = {}
 
 
 def _lookup(encoding: int | str | VmcsField) -> FieldEncoding:
-    """Decode an encoding (int, member or name) that this processor supports.
-
-    Raises :class:`VmcsError` carrying VM-instruction error 12 ("VMREAD/VMWRITE from/to
-    unsupported VMCS component") for anything that is not a field of SDM Appendix B.
-    """
+    """:func:`lookup` without the cache (names are not cached: they are the slow path anyway)."""
     if isinstance(encoding, str):
         try:
             encoding = VmcsField[encoding.upper()]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from unicorn import x86_const as X
+
 from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
 from .arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
@@ -35,7 +37,7 @@ from .arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType,
 from .arch.vmcs_fields import VmcsField as F
 from .devices import DeviceBus, standard_devices
 from .errors import HandlerError
-from .exits import VmExit
+from .exits import VmExit, msr_bitmap_position
 from .guest import Guest, Mode
 from .trace import Trace
 from .vmcs import INVALID_POINTER, LaunchState
@@ -58,7 +60,8 @@ class Hypercall(enum.IntEnum):
 #: KVM's answer to an unknown hypercall: -KVM_ENOSYS (include/uapi/linux/kvm_para.h).
 KVM_ENOSYS = 1000
 
-GUEST_LOAD_DEFAULT = {Mode.REAL: 0x1000, Mode.PROTECTED: 0x1000, Mode.PAGED: 0x1000, Mode.LONG: 0x1000}
+#: Where guest code goes unless told otherwise (the same in every mode).
+GUEST_LOAD_DEFAULT = 0x1000
 
 
 class VmState(str, enum.Enum):
@@ -143,8 +146,8 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
 _CPUID_OUTPUTS = ("rax", "rbx", "rcx", "rdx")
 
 
-def _io_value_reg(size: int) -> str:
-    return {1: "al", 2: "ax", 4: "eax"}[size]
+#: The register IN/OUT move through, by access size (SDM Vol. 2, IN/OUT).
+_IO_VALUE_REG = {1: "al", 2: "ax", 4: "eax"}
 
 
 def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
@@ -169,9 +172,9 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
         if q.rep:
             vm.regs.rcx = 0
     elif q.direction is IoDirection.IN:
-        vm.regs[_io_value_reg(q.size)] = vm.bus.read(q.port, q.size)
+        vm.regs[_IO_VALUE_REG[q.size]] = vm.bus.read(q.port, q.size)
     else:
-        vm.bus.write(q.port, q.size, vm.regs[_io_value_reg(q.size)])
+        vm.bus.write(q.port, q.size, vm.regs[_IO_VALUE_REG[q.size]])
     vm.skip_instruction()
     return True
 
@@ -212,10 +215,18 @@ def handle_msr_write(vm: "VirtualMachine", exit: VmExit) -> bool:
     return True
 
 
+def _gpr_name(vm: "VirtualMachine", gpr: int) -> str:
+    """The name of general register number ``gpr`` (SDM order, as exit qualifications give
+    it) on the guest's engine: RAX ... R15 in long mode, EAX ... EDI otherwise."""
+    if vm.guest.mode is Mode.LONG or gpr >= 8:
+        return GPR_ORDER[gpr]
+    return "e" + GPR_ORDER[gpr][1:]
+
+
 def handle_cr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
     """MOV to/from CR0/CR3/CR4/CR8, CLTS and LMSW (qualification per SDM Table 28-3)."""
     q = CrAccessQualification.decode(exit.qualification)
-    reg = GPR_ORDER[q.gpr] if vm.guest.mode is Mode.LONG else ("e" + GPR_ORDER[q.gpr][1:] if q.gpr < 8 else GPR_ORDER[q.gpr])
+    reg = _gpr_name(vm, q.gpr)
     if q.access_type is CrAccessType.MOV_TO_CR:
         value = vm.regs[reg]
         if q.cr == 0:
@@ -240,7 +251,7 @@ def handle_cr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
 def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
     """MOV DR: carry out the move on the guest's debug registers."""
     dr, from_dr, gpr = exit.qualification & 7, bool(exit.qualification >> 4 & 1), (exit.qualification >> 8) & 0xF
-    reg = GPR_ORDER[gpr] if vm.guest.mode is Mode.LONG else "e" + GPR_ORDER[gpr][1:]
+    reg = _gpr_name(vm, gpr)
     if from_dr:
         vm.regs[reg] = vm.guest.reg(f"dr{dr}")
     else:
@@ -354,8 +365,7 @@ def handle_descriptor_table(vm: "VirtualMachine", exit: VmExit) -> bool:
             vm.regs[insn.op_str.strip()] = sel
     else:  # lldt / ltr: load the selector through the guest's GDT
         sel = vm.regs[insn.op_str.strip()] if ea is None else struct.unpack("<H", vm.guest.read(ea, 2))[0]
-        vm.guest.uc.reg_write(__import__("unicorn").x86_const.UC_X86_REG_LDTR if op == "lldt"
-                              else __import__("unicorn").x86_const.UC_X86_REG_TR,
+        vm.guest.uc.reg_write(X.UC_X86_REG_LDTR if op == "lldt" else X.UC_X86_REG_TR,
                               (sel, 0, 0, 0x8200 if op == "lldt" else 0x8B00))
     vm.skip_instruction()
     return True
@@ -495,7 +505,7 @@ class VirtualMachine:
                                          and "\n" not in program and Path(program).exists()):
             path = Path(program)
             program = path.read_bytes() if path.suffix == ".bin" else path.read_text()
-        address = GUEST_LOAD_DEFAULT[self.mode] if address is None else address
+        address = GUEST_LOAD_DEFAULT if address is None else address
         return self.guest.load(program, address)
 
     def _bring_up(self, entry: int | None) -> None:
@@ -596,12 +606,10 @@ class VirtualMachine:
 
     def set_msr_intercept(self, msr: int, read: bool | None = None, write: bool | None = None) -> None:
         """Set/clear MSR-bitmap bits for one MSR (SDM 25.6.9 layout)."""
-        if msr <= 0x1FFF:
-            off, bit = 0, msr
-        elif 0xC000_0000 <= msr <= 0xC000_1FFF:
-            off, bit = 1024, msr - 0xC000_0000
-        else:
+        position = msr_bitmap_position(msr)
+        if position is None:
             raise ValueError(f"MSR {msr:#x} is outside the ranges the MSR bitmap covers: it always exits")
+        off, bit = position
         if read is not None:
             self.cpu.memory.set_bit(self.msr_bitmap + off, bit, read)
         if write is not None:
@@ -792,7 +800,7 @@ class VirtualMachine:
                 self.raise_interrupt(self.timer_vector)
                 next_tick = g.counter.total + self.timer_period
                 continue
-            if "HLT activity state" in outcome.message:
+            if outcome.halted:
                 self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0) "
                           "and nothing will wake it")
                 break
@@ -811,7 +819,7 @@ class VirtualMachine:
         if outcome.status is Status.VM_EXIT:
             return outcome.exit
         if self.state is VmState.RUNNING:
-            if "HLT activity state" in outcome.message:
+            if outcome.halted:
                 self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0)")
             else:
                 self.stop(VmState.BUDGET, outcome.message)
@@ -830,7 +838,7 @@ class VirtualMachine:
         self.state = VmState.RUNNING
         outcome = self._advance(1, step=True)
         if self.state is VmState.RUNNING and outcome.status is Status.PAUSED:
-            if "HLT activity state" in outcome.message:
+            if outcome.halted:
                 self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0)")
             else:
                 self.state = VmState.READY

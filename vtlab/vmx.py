@@ -26,7 +26,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-
 from .arch.controls import EntryControl
 from .arch.errors import VmInstructionError
 from .arch.exceptions import Vector
@@ -80,6 +79,8 @@ class VmxOutcome:
     value: int | None = None
     exit: "VmExit | None" = None
     violations: list[Violation] = field(default_factory=list)
+    #: PAUSED because the guest sits in the HLT activity state (HLT did not exit).
+    halted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -116,8 +117,6 @@ class VmxOutcome:
         return text
 
     __repr__ = __str__
-
-
 
 
 class VmxCpu:
@@ -164,11 +163,19 @@ class VmxCpu:
         return self.regions.get(self.current_vmcs_pointer)
 
     def _vmcs_at(self, address: int) -> Vmcs:
+        """The VMCS object of the region at ``address``, with the revision its memory holds now."""
+        revision_id = self.memory.read_u32(address) & 0x7FFF_FFFF
         vmcs = self.regions.get(address)
         if vmcs is None:
-            vmcs = self.regions[address] = Vmcs(address, self.memory.read_u32(address) & 0x7FFF_FFFF)
-        vmcs.revision_id = self.memory.read_u32(address) & 0x7FFF_FFFF
+            vmcs = self.regions[address] = Vmcs(address, revision_id)
+        vmcs.revision_id = revision_id
         return vmcs
+
+    def _wrong_revision(self, address: int) -> int | None:
+        """The first dword of the region at ``address`` if VMXON/VMPTRLD must refuse it: bits
+        30:0 differ from IA32_VMX_BASIC[30:0], or bit 31 is set (SDM 31.3); else None."""
+        rev = self.memory.read_u32(address)
+        return rev if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31 else None
 
     def _done(self, outcome: VmxOutcome) -> VmxOutcome:
         self.history.append(outcome)
@@ -280,8 +287,8 @@ class VmxCpu:
             if not self.memory.valid_address(address):
                 return self._fail_invalid(insn, f"VMXON region address {address:#x} is not 4-KByte "
                                           "aligned or exceeds the physical-address width")
-            rev = self.memory.read_u32(address)
-            if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31:
+            rev = self._wrong_revision(address)
+            if rev is not None:
                 return self._fail_invalid(insn, f"VMXON region revision identifier {rev:#x} differs "
                                           f"from IA32_VMX_BASIC[30:0] = {self.caps.revision_id:#x}")
             self.vmxon_pointer = address
@@ -342,8 +349,8 @@ class VmxCpu:
                                        VmInstructionError.VMPTRLD_VMXON_POINTER)
         if bad is not None:
             return bad
-        rev = self.memory.read_u32(address)
-        if rev & 0x7FFF_FFFF != self.caps.revision_id or rev >> 31:
+        rev = self._wrong_revision(address)
+        if rev is not None:
             return self._fail(insn, VmInstructionError.VMPTRLD_INCORRECT_VMCS_REVISION_ID,
                               f"the region's revision identifier is {rev:#x}, the CPU's is "
                               f"{self.caps.revision_id:#x} (IA32_VMX_BASIC[30:0])")
