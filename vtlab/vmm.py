@@ -158,17 +158,24 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
     if q.string:
         count = vm.regs.rcx if q.rep else 1
         mask = 0xFFFF if vm.guest.bits == 16 else 0xFFFF_FFFF_FFFF_FFFF
+        step = -q.size if vm.regs.rflags & (1 << 10) else q.size   # RFLAGS.DF: downwards
+        if q.direction is IoDirection.OUT:
+            # OUTS reads DS:RSI unless a segment prefix overrides DS; the exit's guest-linear
+            # address (SDM 28.2.1) already has the right segment base in it.
+            start = vm.regs.rsi & mask
+            base = (exit.guest_linear_address - start if exit.guest_linear_address is not None
+                    else vm.guest.segment("ds").base)
         for _ in range(count & mask):
             if q.direction is IoDirection.OUT:
                 src = vm.regs.rsi & mask
-                value = int.from_bytes(vm.guest.read(vm.guest.segment("ds").base + src, q.size), "little")
+                value = int.from_bytes(vm.guest.read(base + src, q.size), "little")
                 vm.bus.write(q.port, q.size, value)
-                vm.regs.rsi = src + q.size
-            else:
+                vm.regs.rsi = (src + step) & mask
+            else:  # INS always writes ES:RDI (no override possible)
                 dst = vm.regs.rdi & mask
                 value = vm.bus.read(q.port, q.size)
                 vm.guest.write(vm.guest.segment("es").base + dst, value.to_bytes(q.size, "little"))
-                vm.regs.rdi = dst + q.size
+                vm.regs.rdi = (dst + step) & mask
         if q.rep:
             vm.regs.rcx = 0
     elif q.direction is IoDirection.IN:
