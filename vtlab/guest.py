@@ -111,6 +111,11 @@ _IO_MNEMONICS = {"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"}
 _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 _REGS = {name[len("UC_X86_REG_"):].lower(): getattr(X, name) for name in dir(X)
          if name.startswith("UC_X86_REG_")}
+# Registers wider than 8 bytes (x87 80-bit, SSE/AVX, the MSR struct) must never go through
+# the raw 8-byte path: uc_reg_read would write past the buffer.  The binding sizes them.
+_MMR_REGS |= {regid for name, regid in _REGS.items()
+              if name.startswith(("st", "fp", "xmm", "ymm", "zmm", "msr", "bnd"))
+              and name not in ("fpcw", "fpsw", "fptag")}
 
 
 class _RegisterBatch:
