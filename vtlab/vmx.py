@@ -312,7 +312,11 @@ class VmxCpu:
 
     def _check_vmcs_pointer(self, insn: str, address: int, invalid: VmInstructionError,
                             vmxon: VmInstructionError) -> VmxOutcome | None:
-        """The operand checks VMCLEAR and VMPTRLD share (SDM 31.3): alignment/width, not VMXON's region."""
+        """The checks VMCLEAR and VMPTRLD share (SDM 31.3): the common ones, then the
+        operand's alignment and width, and that it is not the VMXON region."""
+        bad = self._common_checks(insn)
+        if bad is not None:
+            return bad
         if not self.memory.valid_address(address):
             return self._fail(insn, invalid,
                               f"{address:#x} is not 4-KByte aligned or exceeds the physical-address width")
@@ -323,9 +327,6 @@ class VmxCpu:
     def vmclear(self, address: int) -> VmxOutcome:
         """VMCLEAR (SDM 31.3): flush the VMCS at ``address`` to memory and set its launch state to clear."""
         insn = "VMCLEAR"
-        bad = self._common_checks(insn)
-        if bad is not None:
-            return bad
         bad = self._check_vmcs_pointer(insn, address, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
                                        VmInstructionError.VMCLEAR_VMXON_POINTER)
         if bad is not None:
@@ -342,9 +343,6 @@ class VmxCpu:
     def vmptrld(self, address: int) -> VmxOutcome:
         """VMPTRLD (SDM 31.3): make the VMCS at ``address`` current (and active)."""
         insn = "VMPTRLD"
-        bad = self._common_checks(insn)
-        if bad is not None:
-            return bad
         bad = self._check_vmcs_pointer(insn, address, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
                                        VmInstructionError.VMPTRLD_VMXON_POINTER)
         if bad is not None:
