@@ -171,3 +171,26 @@ def check_student_version(path: Path, tmp_dir: Path, min_stubs: int = 3, limit_s
     results = Validator(invert=True).validate(str(student))
     assert time.perf_counter() - start < limit_s
     assert "passed" not in results, [r["source"][:80] for r in results["passed"]]
+
+
+def run_with_probe(path: Path, probe: str, mark: str, tmp_dir: Path):
+    """Run a copy of ``path`` with ``probe`` appended as a last cell; the probe prints
+    ``mark`` followed by a JSON object of key results.  Returns (executed notebook,
+    results), with the run time in ``results["_seconds"]``."""
+    import json
+    import time
+
+    nb = nbformat.read(path, as_version=4)
+    cell = nbformat.v4.new_code_cell(probe.strip())
+    cell.id = "key-results-probe"
+    nb.cells.append(cell)
+    copy = Path(tmp_dir) / Path(path).name
+    nbformat.write(nb, copy)
+    start = time.perf_counter()
+    done = run_notebook(copy)
+    seconds = time.perf_counter() - start
+    text = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
+    assert mark in text, f"probe printed nothing: {text!r}"
+    results = json.loads(text.split(mark, 1)[1])
+    results["_seconds"] = seconds
+    return done, results

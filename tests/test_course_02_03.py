@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import runpy
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from nbrun import check_student_version, code_outputs, run_notebook
+from nbrun import check_student_version, code_outputs, run_with_probe
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -72,19 +71,8 @@ def _build(stem: str) -> nbformat.NotebookNode:
 
 def _execute(stem: str, tmp_path_factory):
     """Run a copy of the notebook with the probe cell appended: (stem, notebook, key results)."""
-    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
-    probe = nbformat.v4.new_code_cell(PROBES[stem].strip())
-    probe.id = "key-results-probe"
-    nb.cells.append(probe)
-    path = tmp_path_factory.mktemp(stem) / f"{stem}.ipynb"
-    nbformat.write(nb, path)
-    start = time.perf_counter()
-    done = run_notebook(path)
-    seconds = time.perf_counter() - start
-    text = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
-    assert MARK in text, f"probe printed nothing: {text!r}"
-    results = json.loads(text.split(MARK, 1)[1])
-    results["_seconds"] = seconds
+    done, results = run_with_probe(NOTEBOOKS / f"{stem}.ipynb", PROBES[stem], MARK,
+                                   tmp_path_factory.mktemp(stem))
     return stem, done, results
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import runpy
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from nbrun import check_student_version, code_outputs, run_notebook
+from nbrun import check_student_version, code_outputs, run_with_probe
 
 REPO = Path(__file__).resolve().parent.parent
 STEM = "04_exits"
@@ -77,19 +76,7 @@ def _build() -> nbformat.NotebookNode:
 @pytest.fixture(scope="module")
 def nb04(tmp_path_factory):
     """(executed notebook, key results) of a copy of 04_exits with the probe cell appended."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    probe = nbformat.v4.new_code_cell(PROBE.strip())
-    probe.id = "key-results-probe"
-    nb.cells.append(probe)
-    path = tmp_path_factory.mktemp(STEM) / f"{STEM}.ipynb"
-    nbformat.write(nb, path)
-    start = time.perf_counter()
-    done = run_notebook(path)
-    seconds = time.perf_counter() - start
-    text = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
-    assert MARK in text, f"probe printed nothing: {text!r}"
-    results = json.loads(text.split(MARK, 1)[1])
-    results["_seconds"] = seconds
+    done, results = run_with_probe(NOTEBOOK, PROBE, MARK, tmp_path_factory.mktemp(STEM))
     return done, results
 
 
