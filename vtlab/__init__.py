@@ -7,21 +7,21 @@ VMM written in Python handles the exits.
 
 __version__ = "0.1.0"
 
+from . import _aliases
 from .arch import *  # noqa: F401,F403  - the SDM's tables: ExitReason, VmcsField, controls ...
 from .arch import __all__ as _arch_all
-from .asm import Instruction, assemble, disassemble
-from .capabilities import VmxCapabilities
-from .devices import DebugPort, Device, DeviceBus, PostCodePort, Serial16550, UserspaceDevice
-from .entry_checks import Violation, entry_violations
 from .errors import (AssemblyError, BudgetExceeded, GuestFault, HandlerError, TripleFault,
-                     VmcsError, VmEntryFailure, VtlabError,
-                     VmxFailure)
-from .exits import ExitMonitor, VmExit
-from .guest import Guest, Layout, Mode, Selector
-from .trace import Trace, TraceEvent
-from .vmcs import INVALID_POINTER, LaunchState, Vmcs
-from .vmm import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
-from .vmx import Status, VmxCpu, VmxOperation, VmxOutcome
+                     VmcsError, VmEntryFailure, VtlabError, VmxFailure)
+from .cpu.asm import Instruction, assemble, disassemble
+from .cpu.capabilities import VmxCapabilities
+from .cpu.entry_checks import Violation, entry_violations
+from .cpu.exits import ExitMonitor, VmExit
+from .cpu.guest import Guest, Layout, Mode, Selector
+from .cpu.vmcs import INVALID_POINTER, LaunchState, Vmcs
+from .cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
+from .vmm.devices import DebugPort, Device, DeviceBus, PostCodePort, Serial16550, UserspaceDevice
+from .vmm.machine import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
+from .vmm.trace import Trace, TraceEvent
 
 __all__ = list(_arch_all) + [
     "Instruction", "assemble", "disassemble", "VmxCapabilities", "DebugPort", "Device", "DeviceBus",
@@ -32,3 +32,9 @@ __all__ = list(_arch_all) + [
     "Hypercall", "Registers", "RunSummary", "VirtualMachine", "VmState", "Status", "VmxCpu",
     "VmxOperation", "VmxOutcome",
 ]
+
+
+def __getattr__(name: str):
+    """``vtlab.cost``, ``vtlab.widgets`` ...: the modules of the first, flat layout, imported
+    on first use from where they live now (see :mod:`vtlab._aliases`)."""
+    return _aliases.module_attribute(name)

@@ -24,13 +24,13 @@ from typing import Callable
 
 import ipywidgets as W
 
-from .arch.controls import (CONTROL_FIELD, CONTROL_INFO, EntryControl, ExitControl, PinBased,
+from ..arch.controls import (CONTROL_FIELD, CONTROL_INFO, EntryControl, ExitControl, PinBased,
                             ProcBased, ProcBased2)
-from .arch.exceptions import Vector
-from .arch.vmcs_fields import VmcsArea, VmcsField as F, decode_encoding
-from .errors import VtlabError
-from .vmm import VirtualMachine
-from .vmx import Status, VmxCpu, VmxOperation
+from ..arch.exceptions import Vector
+from ..arch.vmcs_fields import VmcsArea, VmcsField as F, decode_encoding
+from ..errors import VtlabError
+from ..vmm.machine import VirtualMachine
+from ..cpu.vmx import Status, VmxCpu, VmxOperation
 
 _CLASSES = (PinBased, ProcBased, ProcBased2, ExitControl, EntryControl)
 _CLASS_TITLES = {PinBased: "Pin-based", ProcBased: "Primary processor-based",
@@ -571,7 +571,8 @@ class Dashboard(_Base):
     """Choose a workload and a CPU profile, flip controls: exit counts and costs update."""
 
     def __init__(self, workload: str | None = None, cpu: str | None = None, controls=DASHBOARD_CONTROLS):
-        from . import cost, guests
+        from ..analysis import cost
+        from . import guests
 
         self._cost, self._guests = cost, guests
         names = guests.names()
@@ -633,7 +634,7 @@ class Dashboard(_Base):
         if self.busy:
             return
         import matplotlib.pyplot as plt
-        from . import plots
+        from ..analysis import plots
 
         if rerun or self.vm is None:
             self.vm = self.run_workload()

@@ -150,7 +150,7 @@ def all_info() -> list[WorkloadInfo]:
 
 def assemble(name: str) -> bytes:
     """Assemble workload ``name`` for its own mode and load address."""
-    from ..asm import assemble as _assemble
+    from ...cpu.asm import assemble as _assemble
 
     wi = info(name)
     return _assemble(source(name), wi.load, wi.bits)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import enum
 from typing import Iterator
 
-from .arch.vmcs_fields import (AccessType, FieldEncoding, FieldType, VmcsField, VmcsArea,
+from ..arch.vmcs_fields import (AccessType, FieldEncoding, FieldType, VmcsField, VmcsArea,
                                decode_encoding, field_area)
-from .arch.errors import VmInstructionError
-from .errors import VmcsError
+from ..arch.errors import VmInstructionError
+from ..errors import VmcsError
 
 #: "Invalid" value of a VMCS pointer and of the VMCS link pointer (SDM 25.4.2, 26.1).
 INVALID_POINTER = 0xFFFF_FFFF_FFFF_FFFF

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .arch.controls import (DEFAULT1, EntryControl, ExitControl, PinBased, ProcBased,
+from ..arch.controls import (DEFAULT1, EntryControl, ExitControl, PinBased, ProcBased,
                             ProcBased2)
-from .arch.msrs import Cr0, Cr4, Msr
-from .arch.vmcs_fields import VMCS_MAX_INDEX
+from ..arch.msrs import Cr0, Cr4, Msr
+from ..arch.vmcs_fields import VMCS_MAX_INDEX
 
 F = TypeVar("F", PinBased, ProcBased, ProcBased2, ExitControl, EntryControl)
 

@@ -30,11 +30,11 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from . import asm
-from .arch.exceptions import Vector
-from .arch.msrs import Cr0, Cr4, Efer, Msr
+from ..arch.exceptions import Vector
+from ..arch.msrs import Cr0, Cr4, Efer, Msr
 from .counter import InstructionCounter
 from .quirks import forget_exception
-from .errors import BudgetExceeded, GuestFault
+from ..errors import BudgetExceeded, GuestFault
 
 
 class Mode(str, enum.Enum):

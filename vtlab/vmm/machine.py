@@ -27,21 +27,21 @@ from typing import Callable, Iterable
 
 from unicorn import x86_const as X
 
-from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from .arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
+from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
-from .arch.exceptions import InterruptionType, IntrInfo, Vector
-from .arch.exit_reasons import ExitReason
-from .arch.msrs import Cr0, Cr4, Msr
-from .arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification
-from .arch.vmcs_fields import VmcsField as F
+from ..arch.exceptions import InterruptionType, IntrInfo, Vector
+from ..arch.exit_reasons import ExitReason
+from ..arch.msrs import Cr0, Cr4, Msr
+from ..arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification
+from ..arch.vmcs_fields import VmcsField as F
 from .devices import DeviceBus, standard_devices
-from .errors import HandlerError
-from .exits import VmExit, msr_bitmap_position
-from .guest import Guest, Mode
+from ..errors import HandlerError
+from ..cpu.exits import VmExit, msr_bitmap_position
+from ..cpu.guest import Guest, Mode
 from .trace import Trace
-from .vmcs import INVALID_POINTER, LaunchState
-from .vmx import Status, VmxCpu, VmxOperation, VmxOutcome
+from ..cpu.vmcs import INVALID_POINTER, LaunchState
+from ..cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
 
 Handler = Callable[["VirtualMachine", VmExit], "bool | None"]
 

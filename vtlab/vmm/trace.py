@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .arch.exit_reasons import EXIT_REASON_INFO
+from ..arch.exit_reasons import EXIT_REASON_INFO
 
 
 @dataclass

@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from .errors import VtlabError
-from .vmm import VirtualMachine, VmState
+from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from ..errors import VtlabError
+from ..vmm.machine import VirtualMachine, VmState
 
 _CLASSES = {"PinBased": PinBased, "ProcBased": ProcBased, "ProcBased2": ProcBased2,
             "ExitControl": ExitControl, "EntryControl": EntryControl}
@@ -83,7 +83,7 @@ def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]],
     for name, value in regs:
         vm.regs[name] = value
         if name in ("rip", "eip", "ip", "rsp", "esp", "sp", "rflags", "eflags"):
-            from .arch.vmcs_fields import VmcsField as F
+            from ..arch.vmcs_fields import VmcsField as F
             field = {"rip": F.GUEST_RIP, "eip": F.GUEST_RIP, "ip": F.GUEST_RIP, "rsp": F.GUEST_RSP,
                      "esp": F.GUEST_RSP, "sp": F.GUEST_RSP, "rflags": F.GUEST_RFLAGS,
                      "eflags": F.GUEST_RFLAGS}[name]

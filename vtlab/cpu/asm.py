@@ -19,7 +19,7 @@ from functools import lru_cache
 import capstone
 import keystone
 
-from .errors import AssemblyError
+from ..errors import AssemblyError
 
 _KS_MODE = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}

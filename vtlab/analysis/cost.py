@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .arch import EXIT_REASON_INFO, ExitReason
+from ..arch import EXIT_REASON_INFO, ExitReason
 
 __all__ = [
     "CostFigure",

@@ -58,9 +58,9 @@ from dataclasses import dataclass, field
 import unicorn
 from unicorn import x86_const as X
 
-from . import asm
-from .errors import BudgetExceeded, VtlabError
-from .guest import Guest, Layout, Mode, Selector
+from ..cpu import asm
+from ..errors import BudgetExceeded, VtlabError
+from ..cpu.guest import Guest, Layout, Mode, Selector
 from .rings import VMM_GDT, VMM_GDT_LIMIT, VMM_IDT, VMM_IDT_LIMIT, _initial_gprs
 from .rings import assemble as _assemble
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from .arch.exceptions import INTR_INFO_VALID, InterruptionType, IntrInfo
-from .arch.msrs import Cr0, Cr4, Efer
-from .arch.vmcs_fields import VmcsField as F
+from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from ..arch.exceptions import INTR_INFO_VALID, InterruptionType, IntrInfo
+from ..arch.msrs import Cr0, Cr4, Efer
+from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import flag_names
 from .vmcs import INVALID_POINTER
 

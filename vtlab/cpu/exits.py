@@ -28,14 +28,14 @@ import unicorn
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from .arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from .arch.exceptions import IntrInfo, InterruptionType, Vector
-from .arch.exit_reasons import EXIT_REASON_INFO, ExitReason
-from .arch.msrs import Cr0, Cr4, Efer, Msr
-from .arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType,
+from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from ..arch.exceptions import IntrInfo, InterruptionType, Vector
+from ..arch.exit_reasons import EXIT_REASON_INFO, ExitReason
+from ..arch.msrs import Cr0, Cr4, Efer, Msr
+from ..arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType,
                                   DrAccessQualification, EptViolationQualification, IoDirection,
                                   IoQualification)
-from .arch.vmcs_fields import VmcsField as F
+from ..arch.vmcs_fields import VmcsField as F
 from .asm import _CS_MODE, Instruction
 from .guest import ERROR_CODE_VECTORS
 from .quirks import forget_exception

@@ -78,10 +78,10 @@ from dataclasses import asdict, dataclass, field, replace
 import pandas as pd
 from unicorn import x86_const as X
 
-from . import asm
-from .arch.msrs import Cr0
-from .errors import AssemblyError, BudgetExceeded
-from .guest import Guest, GuestException, Layout, Mode, Selector, _descriptor
+from ..cpu import asm
+from ..arch.msrs import Cr0
+from ..errors import AssemblyError, BudgetExceeded
+from ..cpu.guest import Guest, GuestException, Layout, Mode, Selector, _descriptor
 
 __all__ = [
     "Probe",

@@ -26,15 +26,15 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from .arch.controls import EntryControl
-from .arch.errors import VmInstructionError
-from .arch.exceptions import Vector
-from .arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
-from .arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
-from .arch.vmcs_fields import VmcsField as F
+from ..arch.controls import EntryControl
+from ..arch.errors import VmInstructionError
+from ..arch.exceptions import Vector
+from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
+from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
+from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
 from .entry_checks import LOCAL_RULES, Violation, entry_violations
-from .errors import VmcsError, VmxFailure
+from ..errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
 from .vmcs import INVALID_POINTER, LaunchState, Vmcs
 
