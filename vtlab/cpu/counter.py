@@ -2,9 +2,11 @@
 
 A Python callback per guest instruction (or even per basic block) slows Unicorn down
 by one to two orders of magnitude.  Instead, on an x86-64 host, we hand Unicorn a
-*native* basic-block hook: a dozen bytes of machine code (assembled by Keystone at
-import time, placed in an executable page) that adds the number of instructions in the
-block to a 64-bit counter.  The number of instructions in a block is looked up in a
+*native* basic-block hook: 90 bytes of machine code that add the number of
+instructions in the block to a 64-bit counter.  The bytes ship ready-made in
+:data:`_HOOK_CODE`; their assembly source, with every ctx field and register
+explained, is ``counter_hook.asm`` next to this file (a test re-assembles it and checks
+that the two still agree).  The number of instructions in a block is looked up in a
 prefix-sum table built from a Capstone sweep of the loaded guest code:
 ``insns(block) = P[end] - P[start]``, where ``P[x]`` counts instruction starts below x.
 
@@ -17,88 +19,170 @@ The same hook enforces the instruction budget that stops runaway guests: once th
 total reaches :attr:`InstructionCounter.stop_at` it tail-calls ``uc_emu_stop`` itself,
 so a guest spinning in a tight loop is stopped without any Python running at all.
 
-Where native code cannot be used (another host architecture, or a kernel that forbids
-executable mappings), a Python block hook gives the same numbers, slowly.
+**Where the native hook runs.**  The code assumes the System V AMD64 calling convention
+(arguments in rdi, rsi, rdx, rcx), which Linux, macOS and the BSDs use on x86-64.  It is
+used only there (:func:`native_counter_supported`); Windows x64 (and Cygwin) pass
+arguments in rcx, rdx, r8, r9, and other CPUs cannot run x86 code at all.  The page that
+holds it is never writable and executable at once: it is mapped read/write, filled, and
+then switched to read/execute with ``mprotect`` (the W^X rule hardened systems enforce).
+
+Elsewhere, or where the OS refuses executable memory, a Python block hook gives the same
+numbers, slowly, and a :class:`SlowCounterWarning` says so once per process.  Set
+``VTLAB_PYTHON_COUNTER=1`` in the environment (read whenever a counter is created), or
+pass ``native=False``, to take the Python path on purpose (the tests compare the two).
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import platform
+import sys
+import warnings
 
 import numpy as np
 import unicorn
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-# ctx layout (u64 each, in this order; _HOOK_ASM addresses them as [rcx + 8*index]):
+# ctx layout (u64 each, in this order; the hook addresses them as [rcx + 8*index]):
 # window base, window size, total, blocks, outside_blocks, prefix-table pointer,
 # outside_bytes, stop_at (instruction budget), address of uc_emu_stop, and the address
 # and size of the block that started last (for unretire_rest_of_block)
 _CTX_FIELDS = ("base", "limit", "total", "blocks", "outside_blocks", "prefix", "outside_bytes",
                "stop_at", "emu_stop", "last_block", "last_size")
 
-# SysV ABI: rdi = uc, rsi = block address, edx = block size, rcx = user data (ctx)
-_HOOK_ASM = """
-    mov qword ptr [rcx + 72], rsi
-    mov r8d, edx
-    mov qword ptr [rcx + 80], r8
-    mov rax, rsi
-    sub rax, qword ptr [rcx]
-    cmp rax, qword ptr [rcx + 8]
-    jae outside
-    mov r8d, edx
-    lea r9, [rax + r8]
-    cmp r9, qword ptr [rcx + 8]
-    ja outside
-    mov r10, qword ptr [rcx + 40]
-    mov r11d, dword ptr [r10 + r9*4]
-    sub r11d, dword ptr [r10 + rax*4]
-    add qword ptr [rcx + 16], r11
-    inc qword ptr [rcx + 24]
-check:
-    mov rax, qword ptr [rcx + 16]
-    cmp rax, qword ptr [rcx + 56]
-    jae stop
-    ret
-outside:
-    inc qword ptr [rcx + 32]
-    inc qword ptr [rcx + 16]
-    mov r8d, edx
-    add qword ptr [rcx + 48], r8
-    jmp check
-stop:
-    mov rax, qword ptr [rcx + 64]
-    jmp rax
-"""
+#: The native block hook: ``counter_hook.asm`` assembled by Keystone (x86-64).  Called
+#: as ``hook(uc, address, size, ctx)``, SysV ABI: rdi = uc, rsi = address, edx = size,
+#: rcx = ctx.  Change it only together with the .asm file (tests/test_counter.py checks).
+_HOOK_CODE = bytes.fromhex(
+    "48897148"   # 00: mov [rcx + 72], rsi        ctx.last_block = address
+    "4189d0"     # 04: mov r8d, edx
+    "4c894150"   # 07: mov [rcx + 80], r8         ctx.last_size = size
+    "4889f0"     # 0b: mov rax, rsi
+    "482b01"     # 0e: sub rax, [rcx]             off = address - base
+    "483b4108"   # 11: cmp rax, [rcx + 8]
+    "732c"       # 15: jae outside                off >= limit (unsigned)
+    "4189d0"     # 17: mov r8d, edx
+    "4e8d0c00"   # 1a: lea r9, [rax + r8]         end = off + size
+    "4c3b4908"   # 1e: cmp r9, [rcx + 8]
+    "771f"       # 22: ja outside                 end > limit
+    "4c8b5128"   # 24: mov r10, [rcx + 40]        r10 = prefix table
+    "478b1c8a"   # 28: mov r11d, [r10 + r9*4]
+    "452b1c82"   # 2c: sub r11d, [r10 + rax*4]    P[end] - P[off]
+    "4c015910"   # 30: add [rcx + 16], r11        ctx.total += ...
+    "48ff4118"   # 34: inc qword [rcx + 24]       ctx.blocks += 1
+    "488b4110"   # 38: check: mov rax, [rcx + 16]
+    "483b4138"   # 3c: cmp rax, [rcx + 56]
+    "7312"       # 40: jae stop                   total >= stop_at
+    "c3"         # 42: ret
+    "48ff4120"   # 43: outside: inc qword [rcx + 32]   ctx.outside_blocks += 1
+    "48ff4110"   # 47: inc qword [rcx + 16]       ctx.total += 1
+    "4189d0"     # 4b: mov r8d, edx
+    "4c014130"   # 4e: add [rcx + 48], r8         ctx.outside_bytes += size
+    "ebe4"       # 52: jmp check
+    "488b4140"   # 54: stop: mov rax, [rcx + 64]
+    "ffe0"       # 58: jmp rax                    tail call uc_emu_stop(uc)
+)
 
-_native_fn = None  # (mmap, function pointer) shared by every counter
+#: Set (to anything but "" or "0") to make new counters count in Python.
+PYTHON_COUNTER_ENV = "VTLAB_PYTHON_COUNTER"
 
 
-def _native_hook():
-    """Assemble the block hook once into an executable page; None if impossible here."""
-    global _native_fn
-    if _native_fn is not None:
-        return _native_fn or None
-    _native_fn = False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        import keystone
+class SlowCounterWarning(RuntimeWarning):
+    """The native instruction counter cannot run here; counting falls back to Python."""
 
-        code = bytes(keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(_HOOK_ASM)[0])
-        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        page.write(code)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    except Exception:  # no RWX mappings allowed, no keystone: fall back to Python
-        return None
-    _native_fn = (page, address)
-    return _native_fn
+
+def native_counter_supported() -> bool:
+    """Can this process run the native hook (an x86-64 CPU with the SysV calling convention)?
+
+    Checked afresh on every call (it is cheap), so tests can pretend to be another host.
+    The pointer size rules out a 32-bit Python on a 64-bit CPU, where platform.machine()
+    still says x86_64.
+    """
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and sys.platform not in ("win32", "cygwin", "msys")
+            and ctypes.sizeof(ctypes.c_void_p) == 8)
+
+
+def _python_counter_requested() -> bool:
+    return os.environ.get(PYTHON_COUNTER_ENV, "") not in ("", "0")
+
+
+_warned = False  # one SlowCounterWarning per process is enough
+
+
+def _warn_slow(reason: str) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    # stacklevel 4: _warn_slow <- _choose_native <- InstructionCounter.__init__ <- the
+    # code that made the counter (usually vtlab's Guest)
+    warnings.warn(f"vtlab: native instruction counter {reason}; counting in Python, "
+                  "exit-free code runs slower", SlowCounterWarning, stacklevel=4)
+
+
+def _executable_page(code: bytes) -> int:
+    """Put ``code`` in a fresh page that ends up read+execute only; returns its address.
+
+    The page is mapped with libc's own ``mmap`` (not Python's :mod:`mmap`, whose object
+    would keep believing the page is writable, and whose buffer we would have to export
+    to learn its address), filled while it is read/write, then ``mprotect``-ed to
+    read/execute.  It is never unmapped: one page serves every counter in the process.
+    Raises OSError if the OS refuses.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded into Python
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int64)  # off_t is 64-bit on x86-64 SysV
+    libc.mprotect.restype = ctypes.c_int
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    size = mmap.PAGESIZE
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None) or mmap.MAP_ANON
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | anonymous, -1, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    ctypes.memmove(address, code, len(code))
+    if libc.mprotect(address, size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        err = ctypes.get_errno()
+        libc.munmap(address, size)
+        raise OSError(err, f"mprotect(PROT_READ|PROT_EXEC): {os.strerror(err)}")
+    return address
+
+
+_page: int | None = None     # address of the hook's page once made
+_page_error: str | None = None  # why it could not be made (then never tried again)
+
+
+def _native_hook() -> int | None:
+    """Address of the native hook (made on first use), or None if the OS refused a page.
+
+    Callers check :func:`native_counter_supported` first: the page is only ever made on
+    a SysV x86-64 host.
+    """
+    global _page, _page_error
+    if _page is None and _page_error is None:
+        try:
+            _page = _executable_page(_HOOK_CODE)
+        except (OSError, AttributeError) as exc:  # AttributeError: no mmap/mprotect in libc
+            _page_error = str(exc)
+    return _page
 
 
 class InstructionCounter:
-    """Counts instructions retired by one Unicorn instance; read :attr:`total`."""
+    """Counts instructions retired by one Unicorn instance; read :attr:`total`.
 
-    def __init__(self, uc: unicorn.Uc):
+    ``native`` chooses the hook: None (the default) uses the native one wherever it can
+    run, unless ``VTLAB_PYTHON_COUNTER`` is set; False always counts in Python; True
+    insists on native code and raises RuntimeError where it cannot run.  The hook in use
+    is reported by the :attr:`native` attribute.
+    """
+
+    def __init__(self, uc: unicorn.Uc, native: bool | None = None):
         self._uc = uc
         self._ctx = (ctypes.c_uint64 * len(_CTX_FIELDS))()
         self._ctx[7] = (1 << 64) - 1
@@ -109,20 +193,43 @@ class InstructionCounter:
         self._prefix_view = memoryview(self._prefix)
         self._starts: dict[int, None] = {}  # instruction start addresses from sweeps
         self._handle = None
-        native = _native_hook()
-        self.native = native is not None
-        if native:
+        #: True if the native hook counts for this engine, False if the Python one does.
+        self.native = False
+        address = self._choose_native(native)
+        if address is not None:
             handle = _ucmod.uc_hook_h()
             status = _ucmod.uclib.uc_hook_add(
                 uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_BLOCK,
-                ctypes.c_void_p(native[1]), ctypes.cast(self._ctx, ctypes.c_void_p),
+                ctypes.c_void_p(address), ctypes.cast(self._ctx, ctypes.c_void_p),
                 ctypes.c_uint64(1), ctypes.c_uint64(0))
-            if status != unicorn.UC_ERR_OK:
-                self.native = False
+            if status == unicorn.UC_ERR_OK:
+                self._handle, self.native = handle, True
+            elif native:
+                raise RuntimeError(f"uc_hook_add refused the native hook: {unicorn.UcError(status)}")
             else:
-                self._handle = handle
+                _warn_slow(f"was refused by Unicorn ({unicorn.UcError(status)})")
         if not self.native:
             self._handle = uc.hook_add(unicorn.UC_HOOK_BLOCK, self._python_hook)
+
+    @staticmethod
+    def _choose_native(native: bool | None) -> int | None:
+        """The native hook's address if this counter should use it, else None."""
+        if native is False or (native is None and _python_counter_requested()):
+            return None  # asked for the Python path: no warning
+        if not native_counter_supported():
+            why = ("needs an x86-64 SysV host (Linux/macOS x86-64), not "
+                   f"{platform.machine() or 'an unknown CPU'} on {sys.platform}")
+            if native:
+                raise RuntimeError(f"vtlab: the native instruction counter {why}")
+            _warn_slow(why)
+            return None
+        address = _native_hook()
+        if address is None:
+            why = f"could not get an executable page ({_page_error})"
+            if native:
+                raise RuntimeError(f"vtlab: the native instruction counter {why}")
+            _warn_slow(why)
+        return address
 
     def add_instructions(self, addresses) -> None:
         """Register instruction start addresses found by a sweep of loaded code."""
@@ -139,11 +246,13 @@ class InstructionCounter:
         self._ctx[5] = prefix.ctypes.data
 
     def _python_hook(self, uc, address, size, _user):
+        """The native hook's work in Python (see counter_hook.asm), for other hosts."""
         c = self._ctx
         c[9], c[10] = address, size
         off = address - c[0]
         if 0 <= off and off + size <= c[1]:
-            c[2] += int(self._prefix[off + size] - self._prefix[off])
+            prefix = self._prefix_view  # Python ints, cheaper than numpy scalars
+            c[2] += prefix[off + size] - prefix[off]
             c[3] += 1
         else:
             c[4] += 1

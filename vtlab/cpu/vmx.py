@@ -22,8 +22,6 @@ execution continues at HOST_RIP after an exit.
 from __future__ import annotations
 
 import collections
-import enum
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..arch.controls import EntryControl
@@ -34,89 +32,19 @@ from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
 from .entry_checks import LOCAL_RULES, Violation, entry_violations
+from .outcome import Status, VmxOperation, VmxOutcome
+from .nonroot import ExitMonitor
+from .vmexit import VmExit
 from ..errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
 from .vmcs import INVALID_POINTER, LaunchState, Vmcs
 
 if TYPE_CHECKING:
-    from .exits import ExitMonitor, VmExit
     from .guest import Guest
 
 
 #: The "IA-32e mode guest" entry control as a plain int (``int & IntFlag`` is slow).
 _IA32E_MODE_GUEST = int(EntryControl.IA32E_MODE)
-
-
-class VmxOperation(str, enum.Enum):
-    """Where the logical processor is with respect to VMX (SDM 24.3)."""
-
-    OUTSIDE = "outside VMX operation"
-    ROOT = "VMX root operation"
-    NON_ROOT = "VMX non-root operation"
-
-
-class Status(str, enum.Enum):
-    """How a VMX instruction ended."""
-
-    VMSUCCEED = "VMsucceed"
-    VMFAIL_INVALID = "VMfailInvalid"
-    VMFAIL_VALID = "VMfailValid"
-    FAULT = "fault"
-    VM_EXIT = "VM exit"               #: VMLAUNCH/VMRESUME entered the guest, which then exited
-    ENTRY_FAILED = "VM-entry failure"  #: guest-state check failed: exit reason 33 | bit 31
-    PAUSED = "paused"                  #: vtlab paused the guest (stepping); no exit happened
-
-
-@dataclass
-class VmxOutcome:
-    """The result of one VMX instruction, printable in the SDM's terms."""
-
-    instruction: str
-    status: Status
-    error: VmInstructionError | None = None
-    vector: Vector | None = None
-    message: str = ""
-    value: int | None = None
-    exit: "VmExit | None" = None
-    violations: list[Violation] = field(default_factory=list)
-    #: PAUSED because the guest sits in the HLT activity state (HLT did not exit).
-    halted: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True for VMsucceed, and for a VM entry that ran the guest."""
-        return self.status in (Status.VMSUCCEED, Status.VM_EXIT, Status.PAUSED)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    @property
-    def rflags(self) -> dict[str, int]:
-        """The arithmetic flags the instruction leaves (SDM 31.2): CF and ZF."""
-        return {"CF": int(self.status is Status.VMFAIL_INVALID),
-                "ZF": int(self.status is Status.VMFAIL_VALID)}
-
-    def check(self) -> "VmxOutcome":
-        """Raise :class:`vtlab.errors.VmxFailure` unless the instruction succeeded."""
-        if not self.ok:
-            raise VmxFailure(self)
-        return self
-
-    def __str__(self) -> str:
-        text = f"{self.instruction}: {self.status.value}"
-        if self.error is not None:
-            text += f" (VM-instruction error {int(self.error)}: {self.error.description})"
-        if self.vector is not None:
-            text += f" #{Vector(self.vector).name}"
-        if self.value is not None:
-            text += f" -> {self.value:#x}"
-        if self.exit is not None:
-            text += f" -> {self.exit}"
-        if self.message:
-            text += f" - {self.message}"
-        return text
-
-    __repr__ = __str__
 
 
 class VmxCpu:
@@ -151,7 +79,7 @@ class VmxCpu:
         #: Called with each :class:`vtlab.exits.VmExit` right after the exit completes.
         self.exit_listeners: list[Callable] = []
         if guest is not None:
-            from .exits import ExitMonitor
+
             self.monitor = ExitMonitor(self)
 
     # ------------------------------------------------------------ helpers
@@ -471,7 +399,7 @@ class VmxCpu:
     def _entry_failure(self, insn: str, vmcs: Vmcs, qualification: int, message: str,
                        violations: list[Violation]) -> VmxOutcome:
         """VM entry fails on guest state (SDM 27.8): exit reason 33 with bit 31 set."""
-        from .exits import VmExit
+
 
         reason = int(ExitReason.INVALID_STATE) | VM_ENTRY_FAILURE_BIT
         vmcs.set_exit_info(F.VM_EXIT_REASON, reason)

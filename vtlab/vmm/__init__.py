@@ -7,3 +7,6 @@ the record of every VM entry and exit (the VMM's own log, which the analysis lay
 from .machine import *  # noqa: F401,F403  - the first layout's vtlab.vmm module, unchanged
 from .machine import (HANDLERS, HYPERCALLS, Handler, Hypercall, Registers, RunSummary,
                       VirtualMachine, VmState)
+
+__all__ = ["HANDLERS", "HYPERCALLS", "Handler", "Hypercall", "Registers", "RunSummary",
+           "VirtualMachine", "VmState"]

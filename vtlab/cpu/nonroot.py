@@ -1,0 +1,246 @@
+"""VMX non-root operation: which guest instructions and events cause VM exits, and how.
+
+The guest runs natively in Unicorn.  A Python callback per instruction would make it
+hundreds of times slower, so vtlab does what a binary translator's front end does:
+when code is loaded it is decoded (Capstone) and a code hook is placed on exactly the
+*sensitive* instructions (CPUID, HLT, IN/OUT, RDMSR, MOV CR ...).  When one is about to
+execute, its rule below decides - from the VMCS controls, bitmaps and masks, as SDM
+Vol. 3C 26.1 ("Instructions That Cause VM Exits") prescribes - whether it exits.  If it
+does, emulation stops *before* the instruction, so the saved guest RIP points at it
+and VM_EXIT_INSTRUCTION_LEN tells the VMM how far to advance (SDM 28.2.5).
+
+Events arrive the same way: exceptions through Unicorn's interrupt hook (checked
+against the exception bitmap, SDM 26.2), guest-physical accesses that the EPT does not
+allow through Unicorn's memory hooks (EPT violations, SDM 29.3.3), external interrupts
+and NMIs from the VMM's virtual devices (pin-based controls, SDM 26.2).
+
+:class:`ExitMonitor` also moves guest state between the VMCS and the CPU on VM entry
+and VM exit (SDM 27.3.2 and 28.3).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import capstone
+import unicorn
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from ..arch.controls import ProcBased2
+from ..arch.exceptions import Vector
+from ..arch.exit_reasons import ExitReason
+from ..arch.vmcs_fields import VmcsField as F
+from .asm import Instruction
+from .quirks import forget_exception
+from .outcome import Status, VmxOutcome
+
+if TYPE_CHECKING:
+    from .guest import Guest, Program
+    from .vmcs import Vmcs
+    from .vmx import VmxCpu
+
+from .vmexit import VmExit, VmExitPath
+from .exit_rules import RULES, rule_key
+from .operands import OperandDecoder
+from .guest_state import GuestStateTransfer
+from .events import EventUnit
+from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
+
+class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
+    """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
+
+    def __init__(self, cpu: "VmxCpu"):
+        self.cpu = cpu
+        self.guest: "Guest" = cpu.guest
+        self.vmcs: "Vmcs | None" = None
+        self.pin = self.proc = self.proc2 = 0
+        self.pending: VmExit | None = None
+        self.event: tuple | None = None          # (vector, rip, software?) from the INTR hook
+        self.mem_fault: tuple | None = None
+        self.halted = False
+        self._hooked: dict[int, Instruction] = {}
+        self._rule_keys: dict[int, str] = {}      # address -> RULES key, found once at load time
+        # Which VMCS (and which of its write generations) pin/proc/proc2 were read from:
+        # run() re-reads the controls only when software wrote the VMCS since.
+        self._controls_of: tuple | None = None
+        self._materialize_pending = False
+        self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
+        self.pending_nmi = False
+        self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
+        g = self.guest
+        g.on_interrupt = self._on_interrupt
+        g.on_hlt = self._on_hlt
+        g.on_rdtsc = self._on_rdtsc
+        g.on_hlt_stops_itself = True
+        g.load_listeners.append(self.watch_program)
+        for prog in g.programs:
+            self.watch_program(prog)
+        g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
+        # The code hook of the sensitive instructions, as a raw ctypes callback: the
+        # binding's hook_add wraps every callback in two more Python frames, which is a
+        # noticeable part of a VM exit.  One callback object serves every address; it
+        # must stay referenced for as long as the engine may call it.
+        self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
+        self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._cs.detail = True
+
+    # --------------------------------------------------------------- hooks
+    def watch_program(self, prog: "Program") -> None:
+        """Hook every sensitive instruction of a newly loaded program (one hook per address)."""
+        for insn in prog.instructions:
+            key = rule_key(insn)
+            if insn.address in self._hooked or key is None:
+                continue
+            self._hooked[insn.address] = insn
+            self._rule_keys[insn.address] = key
+            if insn.mnemonic in ("hlt", "rdtsc", "rdtscp"):
+                continue  # the guest's own hook for these calls _on_hlt / _on_rdtsc
+            handle = _ucmod.uc_hook_h()
+            status = _uc_hook_add(self.guest.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE,
+                                  self._code_hook_fn, None, ctypes.c_uint64(insn.address),
+                                  ctypes.c_uint64(insn.address))
+            if status != unicorn.UC_ERR_OK:
+                raise unicorn.UcError(status)
+
+    def _code_hook(self, _handle, address: int, size: int, _user) -> None:
+        """UC_HOOK_CODE entry point (see __init__), with the binding's exception contract:
+        an exception stops emulation and ``Uc.emu_start`` raises it once Unicorn returns."""
+        try:
+            self._on_sensitive(self.guest.uc, address, size, None)
+        except BaseException as exc:
+            uc = self.guest.uc
+            if uc._hook_exception is None:
+                uc._hook_exception = exc
+            uc.emu_stop()
+
+    def control_on(self, control) -> bool:
+        if isinstance(control, ProcBased2):
+            return bool(self.proc2 & control)
+        return bool(self.proc & control)
+
+    def _on_sensitive(self, uc, address, size, _user) -> bool:
+        """Decide, just before a sensitive instruction executes, whether it exits."""
+        if self.pending is not None or self.vmcs is None or self.event is not None:
+            return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
+        insn = self._hooked.get(address)
+        if insn is None:
+            return False
+        key = self._rule_keys[address]
+        # Unicorn (QEMU) passes the size it decoded, except for instructions its
+        # translator turns straight into #UD (GETSEC, VMCALL and the other VMX
+        # instructions): their size arrives as the placeholder 0xF1F1F1F1, or as the
+        # length of the part QEMU decoded before giving up (2 for VMREAD 0F 78 /r).
+        # Those are exactly instructions that exit unconditionally, so trust the
+        # sweep's size for them (the byte comparison below still guards against
+        # self-modifying code).
+        if insn.size != size and size != _UNDECODED_SIZE and key not in _NOT_IN_QEMU:
+            return False
+        g = self.guest
+        # Self-modifying code: trust the bytes that are there now, not the sweep.
+        if not g.memory_holds(address, insn.bytes):
+            return False
+        result = RULES[key](self, insn)
+        if result is None:
+            return False
+        if result == "emulated":
+            g.counter.unretire_rest_of_block(address, retired_here=True)
+            g.rip = g.rip + insn.size  # the rule did the work; skip it
+            return False
+        if result == "emulated-fault":
+            return True
+        g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
+        result.guest_instructions = g.counter.total
+        result.cpl = g.cpl
+        self.pending = result
+        uc.emu_stop()
+        return True
+
+    def _on_hlt(self, address: int) -> bool:
+        """Called by the guest before HLT executes: exit, or enter the HLT activity state."""
+        if self.pending is not None or self.vmcs is None:
+            return False
+        if self._on_sensitive(self.guest.uc, address, 1, None):
+            return True
+        self.halted = True
+        return True
+
+    def _on_rdtsc(self, address: int) -> bool:
+        """Called by the guest before RDTSC/RDTSCP: True if it exits (or faults) instead."""
+        if self.pending is not None or self.vmcs is None:
+            return False
+        insn = self._hooked.get(address)
+        return insn is not None and self._on_sensitive(self.guest.uc, address, insn.size, None)
+
+
+    def _load_controls(self) -> None:
+        """Read the execution controls the rules test, unless the VMCS is unchanged since.
+
+        Every software write to a VMCS except GUEST_RIP bumps its ``generation`` (the
+        processor's own writes never touch the controls), so (VMCS, generation) says
+        whether :attr:`pin`, :attr:`proc` and :attr:`proc2` are still what it holds.
+        """
+        vmcs = self.vmcs
+        source = (vmcs, vmcs.generation)
+        if source == self._controls_of:
+            return
+        v = vmcs.get
+        self.pin = v(F.PIN_BASED_VM_EXEC_CONTROL)
+        self.proc = v(F.CPU_BASED_VM_EXEC_CONTROL)
+        self.proc2 = v(F.SECONDARY_VM_EXEC_CONTROL) if self.proc & _ACTIVATE_SECONDARY else 0
+        self._controls_of = source
+
+    def run(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
+        """Run the guest in non-root operation until a VM exit (or the budget / a step)."""
+        self._load_controls()
+        g = self.guest
+        start = g.counter.total
+        exit_ = self._inject_event()
+        while exit_ is None:
+            if self.pending_nmi or self.pending_interrupts:
+                exit_ = self._pending_interrupt_exit()
+                if exit_ is not None:
+                    break
+            if self.halted:
+                return VmxOutcome(insn, Status.PAUSED, halted=True, message="the guest is in the HLT activity "
+                                  "state (HLT exiting is 0) and no interrupt is pending")
+            remaining = budget - (g.counter.total - start)
+            if remaining <= 0:
+                return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
+                                  "instructions without a VM exit (budget)")
+            mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
+            single = step or mtf
+            self.pending, self.event = None, None
+            rip_before = g.rip if single else None  # (only the step message shows it)
+            cr2 = g.reg("cr2")  # QEMU overwrites it when it raises #PF
+            try:
+                g.emulate(1 if single else remaining, exact=single)
+            except unicorn.UcError as exc:
+                if self.pending is None and self.event is None:
+                    exit_ = self._cpu_error(exc)
+                    if exit_ is not None:
+                        break
+                    continue
+            if self.pending is not None:
+                exit_ = self.pending
+                break
+            if self.event is not None:
+                forget_exception(g.uc)  # vtlab, not QEMU, delivers it (or exits)
+                g.counter.unretire_rest_of_block(g.linear_rip())
+                exit_ = self._handle_event(*self.event)
+                if exit_ is not None:
+                    if self.event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
+                        # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
+                        # address is in the exit qualification instead.
+                        g.uc.reg_write(X.UC_X86_REG_CR2, cr2)
+                    break
+                continue
+            if self.halted:
+                continue
+            if single:
+                if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
+                    exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
+                                   guest_instructions=g.counter.total, cpl=g.cpl)
+                    break
+                return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+        return VmxOutcome(insn, Status.VM_EXIT, exit=self.vm_exit(exit_))
