@@ -60,8 +60,12 @@ def _cs(bits: int) -> capstone.Cs:
     return cs
 
 
-def _strip_comment(line: str) -> str:
-    """Drop a ``;`` comment, leaving ``;`` inside quotes alone."""
+def strip_comment(line: str) -> str:
+    """``line`` without its ``;`` comment (a ``;`` inside quotes is kept).
+
+    >>> strip_comment("mov al, ';'   ; the character itself")
+    "mov al, ';'   "
+    """
     quote = None
     for i, ch in enumerate(line):
         if quote:
@@ -72,6 +76,10 @@ def _strip_comment(line: str) -> str:
         elif ch == ";":
             return line[:i]
     return line
+
+
+#: The name :func:`strip_comment` had before it was public.
+_strip_comment = strip_comment
 
 
 def _data_operands(operands: str) -> str:

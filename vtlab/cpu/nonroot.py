@@ -40,20 +40,19 @@ if TYPE_CHECKING:
     from .vmcs import Vmcs
     from .vmx import VmxCpu
 
-from .vmexit import VmExit, VmExitPath
+from .vmexit import VmExit
 from .exit_rules import RULES, rule_key
 from .operands import OperandDecoder
-from .guest_state import GuestStateTransfer
+from .guest_state import GuestStateCache
 from .events import EventUnit
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
 
-class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
+class ExitMonitor(EventUnit, OperandDecoder):
     """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
 
     def __init__(self, cpu: "VmxCpu"):
         self.cpu = cpu
         self.guest: "Guest" = cpu.guest
-        self.vmcs: "Vmcs | None" = None
         self.pin = self.proc = self.proc2 = 0
         self.pending: VmExit | None = None
         self.event: tuple | None = None          # (vector, rip, software?) from the INTR hook
@@ -61,10 +60,11 @@ class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
         self.halted = False
         self._hooked: dict[int, Instruction] = {}
         self._rule_keys: dict[int, str] = {}      # address -> RULES key, found once at load time
-        # Which VMCS (and which of its write generations) pin/proc/proc2 were read from:
-        # run() re-reads the controls only when software wrote the VMCS since.
+        # Which VMCS (and which write of software's) pin/proc/proc2 were read from: run()
+        # re-reads the controls only when software wrote outside the guest-state area since.
         self._controls_of: tuple | None = None
-        self._materialize_pending = False
+        #: what the vCPU keeps about the VMCS it last ran (lazy save, fields to load)
+        self.state = GuestStateCache(self.guest, self)
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
         self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
@@ -84,6 +84,11 @@ class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
         self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
         self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self._cs.detail = True
+
+    @property
+    def vmcs(self) -> "Vmcs | None":
+        """The VMCS region whose guest this vCPU runs (or last ran)."""
+        return self.state.vmcs
 
     # --------------------------------------------------------------- hooks
     def watch_program(self, prog: "Program") -> None:
@@ -176,12 +181,13 @@ class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
     def _load_controls(self) -> None:
         """Read the execution controls the rules test, unless the VMCS is unchanged since.
 
-        Every software write to a VMCS except GUEST_RIP bumps its ``generation`` (the
-        processor's own writes never touch the controls), so (VMCS, generation) says
-        whether :attr:`pin`, :attr:`proc` and :attr:`proc2` are still what it holds.
+        Every software write outside the guest-state area bumps the vCPU's
+        ``controls_version`` (the processor's own writes never touch the controls), so
+        (VMCS, version) says whether :attr:`pin`, :attr:`proc` and :attr:`proc2` are still
+        what it holds.
         """
         vmcs = self.vmcs
-        source = (vmcs, vmcs.generation)
+        source = (vmcs, self.state.controls_version)
         if source == self._controls_of:
             return
         v = vmcs.get
@@ -243,4 +249,6 @@ class ExitMonitor(EventUnit, GuestStateTransfer, OperandDecoder, VmExitPath):
                                    guest_instructions=g.counter.total, cpl=g.cpl)
                     break
                 return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
-        return VmxOutcome(insn, Status.VM_EXIT, exit=self.vm_exit(exit_))
+        # The processor (VmxCpu) performs the exit itself: exit information, guest state,
+        # host state (SDM 28.2-28.5).
+        return VmxOutcome(insn, Status.VM_EXIT, exit=exit_)

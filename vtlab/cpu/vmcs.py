@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from typing import Iterator
 
-from ..arch.vmcs_fields import (AccessType, FieldEncoding, FieldType, VmcsField, VmcsArea,
+from ..arch.vmcs_fields import (AccessType, FieldEncoding, VmcsField, VmcsArea,
                                decode_encoding, field_area)
 from ..arch.errors import VmInstructionError
 from ..errors import VmcsError
@@ -84,8 +84,13 @@ def _lookup(encoding: int | str | VmcsField) -> FieldEncoding:
 class Vmcs:
     """One VMCS region: revision identifier, abort indicator, launch state and fields.
 
-    Learners normally reach fields through VMREAD/VMWRITE (:class:`vtlab.vmx.VmxCpu`),
-    but a VMM written in Python may use ``vmcs[VmcsField.GUEST_RIP]`` as KVM uses its
+    This is the region in memory and nothing more (SDM 25.2): what a processor keeps
+    *about* the VMCS it is running - which guest-state fields it has not saved yet, which
+    fields software wrote since the last VM entry - is the processor's own business and
+    lives with the vCPU (:class:`vtlab.cpu.vmcs_view.CurrentVmcs`).
+
+    Learners normally reach fields through VMREAD/VMWRITE (:class:`vtlab.cpu.vmx.VmxCpu`),
+    or through the current VMCS (``cpu.current_vmcs[VmcsField.GUEST_RIP]``) as KVM uses its
     ``vmcs_read64()`` helpers: same checks, errors raised instead of returned.
     """
 
@@ -95,37 +100,20 @@ class Vmcs:
         self.abort_indicator = 0
         self.launch_state = LaunchState.CLEAR
         self._data: dict[int, int] = {}
-        #: Guest-state fields written by software since the last VM exit saved them:
-        #: the next VM entry reloads just these (and everything on the first entry).
-        self.dirty: set[int] = set()
-        self.full_load = True
-        #: Bumped by every software write except GUEST_RIP; VM entry re-runs its checks
-        #: only when it changed (the checks are a pure function of the fields).
-        self.generation = 0
-        self.checked_generation = -1
-        #: Fields written since the entry checks last ran (lets VM entry re-check only them
-        #: when each has a rule of its own, see vtlab.entry_checks.LOCAL_RULES).
-        self.changed: set[int] = set()
-        #: Lazy guest-state save: after a VM exit the processor's registers are copied into
-        #: the guest-state fields only when software first looks at one of them.
-        self.on_access = None
-        self.lazy_fields: frozenset = frozenset()
 
     # ----------------------------------------------------------------- access
     def read(self, encoding: int | str | VmcsField) -> int:
         """VMREAD semantics: the field's value (the high half for a HIGH encoding)."""
         enc = lookup(encoding)
-        if (self.on_access is not None and enc.full_encoding in self.lazy_fields
-                and enc.full_encoding not in self.dirty):
-            self.on_access(enc.full_encoding)
         value = self._data.get(enc.full_encoding, 0)
         return value >> 32 if enc.access_type is AccessType.HIGH else value
 
-    def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> None:
+    def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> FieldEncoding:
         """VMWRITE semantics for software: read-only fields refuse (error 13).
 
         A value wider than the field raises :class:`VmcsError`; with ``truncate=True``
         the high bits are dropped as the VMWRITE instruction does (SDM 31.3, VMWRITE).
+        Returns the decoded encoding (the caller may want its type or full encoding).
         """
         enc = lookup(encoding)
         if enc.read_only:
@@ -133,9 +121,6 @@ class Vmcs:
                 f"VMWRITE to read-only VMCS component {_field_name(enc.encoding)} "
                 f"({enc.encoding:#06x}, a VM-exit information field): VM-instruction error 13",
                 VmInstructionError.VMWRITE_READ_ONLY_VMCS_COMPONENT)
-        self._store(enc, value, truncate)
-
-    def _store(self, enc: FieldEncoding, value: int, truncate: bool) -> None:
         bits = enc.access_bits
         value = int(value)
         if value < 0 or value >> bits:
@@ -145,71 +130,64 @@ class Vmcs:
                     f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
             value &= (1 << bits) - 1
         full = enc.full_encoding
-        # A write of a whole field needs no lazy save first: the save skips fields that
-        # software wrote since the exit (they are in ``dirty``).  Half a field does.
-        if self.on_access is not None and full in self.lazy_fields and enc.access_type is AccessType.HIGH:
-            self.on_access()
-        if full != VmcsField.GUEST_RIP:
-            self.generation += 1
-            self.changed.add(full)
         if enc.access_type is AccessType.HIGH:
             value = (self._data.get(full, 0) & 0xFFFF_FFFF) | (value << 32)
         self._data[full] = value
-        if enc.type is FieldType.GUEST_STATE:
-            self.dirty.add(full)
+        return enc
 
-    def set_exit_info(self, field: VmcsField, value: int) -> None:
-        """The processor's own write of an exit-information field (SDM 28.2)."""
+    def get(self, field: VmcsField | int) -> int:
+        """Fast internal read of a full field (no checks)."""
+        return self._data.get(field, 0)
+
+    def put(self, field: VmcsField | int, value: int) -> None:
+        """The processor's own write of a field (exit information, SDM 28.2; guest state
+        saved on VM exit, SDM 28.3): no read-only check, not a software write."""
         self._data[int(field)] = int(value)
 
-    def set_exit_infos(self, values) -> None:
-        """Several processor writes of exit-information fields at once: ``values`` is an
-        iterable of (int encoding, int value) pairs (the VM-exit path writes nine)."""
+    def put_many(self, values) -> None:
+        """Several processor writes at once: ``values`` is an iterable of (int encoding,
+        int value) pairs (the VM-exit path writes nine exit-information fields)."""
         self._data.update(values)
 
-    def save_guest(self, field: VmcsField, value: int) -> None:
-        """The processor saving guest state on VM exit (SDM 28.3): not a software write."""
-        self._data[int(field)] = int(value)
+    # The first layout's names of :meth:`put`.
+    set_exit_info = save_guest = put
+    set_exit_infos = put_many
 
     __getitem__ = read
 
     def __setitem__(self, encoding, value) -> None:
         self.write(encoding, value)
 
-    def get(self, field: VmcsField) -> int:
-        """Fast internal read of a full field (no checks)."""
-        if self.on_access is not None and field in self.lazy_fields and field not in self.dirty:
-            self.on_access(int(field))  # (a field software wrote since the exit is current)
-        return self._data.get(int(field), 0)
-
     # ------------------------------------------------------------- inspection
     def fields(self, area: VmcsArea | None = None) -> Iterator[tuple[VmcsField, int]]:
         """Every field (optionally of one area) with its current value."""
-        if self.on_access is not None:
-            self.on_access()
         for f in VmcsField:
             if area is None or field_area(f) is area:
                 yield f, self._data.get(int(f), 0)
 
     def to_dataframe(self, nonzero: bool = False):
         """All fields as a pandas DataFrame: area, encoding, width, read-only, value."""
-        import pandas as pd
-
-        rows = []
-        for f, value in self.fields():
-            if nonzero and not value:
-                continue
-            enc = decode_encoding(int(f))
-            rows.append({"field": f.name, "area": field_area(f).name, "encoding": f"{int(f):#06x}",
-                         "width": enc.width.name, "read_only": enc.read_only,
-                         "value": f"{value:#x}"})
-        return pd.DataFrame(rows)
+        return fields_dataframe(self.fields(), nonzero)
 
     def clear(self) -> None:
         """What VMCLEAR does to the region (SDM 31.3): launch state := clear."""
         self.launch_state = LaunchState.CLEAR
-        self.full_load = True
 
     def __repr__(self) -> str:
         return (f"<Vmcs at {self.address:#x} revision {self.revision_id:#x} "
                 f"launch state {self.launch_state.value}, {len(self._data)} fields set>")
+
+
+def fields_dataframe(fields, nonzero: bool = False):
+    """(field, value) pairs as the DataFrame :meth:`Vmcs.to_dataframe` shows."""
+    import pandas as pd
+
+    rows = []
+    for f, value in fields:
+        if nonzero and not value:
+            continue
+        enc = decode_encoding(int(f))
+        rows.append({"field": f.name, "area": field_area(f).name, "encoding": f"{int(f):#06x}",
+                     "width": enc.width.name, "read_only": enc.read_only,
+                     "value": f"{value:#x}"})
+    return pd.DataFrame(rows)

@@ -1,20 +1,27 @@
 """The VM-exit record and the VM exit itself (SDM Vol. 3C chapter 28).
 
-:class:`VmExit` is what one exit wrote into the exit-information fields; the
-:meth:`VmExitPath.vm_exit` step performs the exit in the SDM's order: record the exit
-information (28.2), save guest state (28.3, lazily), load host state (28.5).
+:class:`VmExit` is what one exit wrote into the exit-information fields.  The processor
+(:meth:`vtlab.cpu.vmx.VmxCpu`) performs the exit in the SDM's step order: record the exit
+information (28.2, :func:`record_exit_information`), save guest state (28.3, lazily:
+:class:`vtlab.cpu.guest_state.GuestStateCache`), load host state (28.5).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..arch.exceptions import IntrInfo
 from ..arch.exit_reasons import EXIT_REASON_INFO, ExitReason
 from ..arch.qualifications import (CrAccessQualification, DrAccessQualification, EptViolationQualification, IoQualification)
 from ..arch.vmcs_fields import VmcsField as F
-from .outcome import VmxOperation
 
-from .nonroot_consts import _LAZY_FIELDS, _VALID, _EXIT_INFO_FIELDS
+from .nonroot_consts import _EXIT_INFO_FIELDS, _VALID
+
+if TYPE_CHECKING:
+    from .vmcs import Vmcs
+
+_ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
+
 
 # ----------------------------------------------------------------------------- records
 @dataclass
@@ -85,33 +92,14 @@ class VmExit:
 
 
 
-class VmExitPath:
-    """The VM-exit step of the non-root monitor."""
-
-    def vm_exit(self, exit_: VmExit) -> VmExit:
-        """Perform the VM exit (SDM 28): exit information, guest state, host state."""
-        vmcs, cpu, g = self.vmcs, self.cpu, self.guest
-        vmcs.set_exit_infos(zip(_EXIT_INFO_FIELDS, (
-            exit_.exit_reason_field, int(exit_.qualification), int(exit_.instruction_length),
-            int(exit_.intr_info), int(exit_.intr_error_code or 0), 0, int(exit_.instruction_info),
-            int(exit_.guest_linear_address or 0), int(exit_.guest_physical_address or 0))))
-        # Every VM exit clears the valid bit of the VM-entry interruption-information
-        # field (SDM 28.2, introduction), so an injected event is not injected twice.
-        vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD) & ~_VALID)
-        rip = g.rip
-        if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
-            g.rip = exit_.guest_rip  # (usually it is there already: the CPU stopped at it)
-            rip = g.rip
-        # Guest state is saved lazily: the first VMREAD of a guest-state field completes it.
-        vmcs.save_guest(F.GUEST_RIP, rip)
-        self._materialize_pending = True
-        vmcs.lazy_fields = _LAZY_FIELDS
-        vmcs.on_access = self.materialize
-        # Host state (SDM 28.5): the VMM's CR0/CR4 come back from the host-state area.
-        cpu.cr0, cpu.cr4 = vmcs.get(F.HOST_CR0) or cpu.cr0, vmcs.get(F.HOST_CR4) or cpu.cr4
-        cpu.operation = VmxOperation.ROOT
-        if exit_.reason is ExitReason.TRIPLE_FAULT:
-            self.halted = False
-        for listener in cpu.exit_listeners:
-            listener(exit_)
-        return exit_
+def record_exit_information(vmcs: "Vmcs", exit_: VmExit) -> None:
+    """SDM 28.2: write the exit-information fields (all nine, so nothing stale survives)
+    and clear the valid bit of the VM-entry interruption-information field, so that an
+    injected event is not injected twice (SDM 28.2, introduction)."""
+    vmcs.put_many(zip(_EXIT_INFO_FIELDS, (
+        exit_.exit_reason_field, int(exit_.qualification), int(exit_.instruction_length),
+        int(exit_.intr_info), int(exit_.intr_error_code or 0), 0, int(exit_.instruction_info),
+        int(exit_.guest_linear_address or 0), int(exit_.guest_physical_address or 0))))
+    info = vmcs.get(_ENTRY_INTR_INFO)
+    if info & _VALID:
+        vmcs.put(_ENTRY_INTR_INFO, info & ~_VALID)

@@ -24,30 +24,40 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Callable
 
-from ..arch.controls import EntryControl
 from ..arch.errors import VmInstructionError
 from ..arch.exceptions import Vector
-from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
 from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
-from .entry_checks import LOCAL_RULES, Violation, entry_violations
+from .entry_checks import Violation, entry_violations
+from .nonroot_consts import _RIP_ONLY
+
+try:  # the rule registry's incremental checker (vtlab.cpu.entry)
+    from .entry_checks import EntryChecker
+except ImportError:  # pragma: no cover - until the registry lands
+    EntryChecker = None
+
+
+class _FullChecker:
+    """Stand-in checker: every entry re-checks every rule."""
+
+    def violations(self, cpu, vmcs, changed=None):
+        return entry_violations(cpu, vmcs)
 from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
-from .vmexit import VmExit
 from ..errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
 from .vmcs import INVALID_POINTER, LaunchState, Vmcs
+from .vmcs_view import DETACHED, CurrentVmcs
+from .vcpu import VcpuServices
 
 if TYPE_CHECKING:
     from .guest import Guest
 
 
-#: The "IA-32e mode guest" entry control as a plain int (``int & IntFlag`` is slow).
-_IA32E_MODE_GUEST = int(EntryControl.IA32E_MODE)
 
 
-class VmxCpu:
+class VmxCpu(VcpuServices):
     """A logical processor with VMX, driving one :class:`vtlab.guest.Guest` in non-root operation.
 
     ``vmx_supported=False`` models a CPU without VMX (CPUID.1:ECX[5] = 0);
@@ -75,20 +85,41 @@ class VmxCpu:
         self.history: "collections.deque[VmxOutcome]" = collections.deque(maxlen=1000)
         self.guest = guest
         self.monitor: "ExitMonitor | None" = None
-        self._entered_vmcs: Vmcs | None = None
+        #: The processor's view of each VMCS it made current (see vtlab.cpu.vmcs_view).
+        self._views: dict[int, CurrentVmcs] = {}
+        #: The VM-entry checks, re-run only where fields changed (vtlab.cpu.entry).
+        self.entry_checker = EntryChecker() if EntryChecker is not None else _FullChecker()
         #: Called with each :class:`vtlab.exits.VmExit` right after the exit completes.
         self.exit_listeners: list[Callable] = []
         if guest is not None:
-
             self.monitor = ExitMonitor(self)
 
     # ------------------------------------------------------------ helpers
     @property
-    def current_vmcs(self) -> Vmcs | None:
-        """The VMCS the current-VMCS pointer names, or None if the pointer is invalid."""
+    def current_vmcs(self) -> CurrentVmcs | None:
+        """The VMCS the current-VMCS pointer names, or None if the pointer is invalid.
+
+        It is the processor's view of the region (:class:`vtlab.cpu.vmcs_view.CurrentVmcs`):
+        reads see the guest state of the last exit, writes are noted for the next entry.
+        """
         if self.current_vmcs_pointer == INVALID_POINTER:
             return None
-        return self.regions.get(self.current_vmcs_pointer)
+        return self.view(self.current_vmcs_pointer)
+
+    def view(self, address: int) -> CurrentVmcs | None:
+        """The processor's view of the VMCS region at ``address`` (None if there is none)."""
+        found = self._views.get(address)
+        if found is None:
+            region = self.regions.get(address)
+            if region is None:
+                return None
+            if self.monitor is not None:
+                state = self.monitor.state
+                found = CurrentVmcs(region, state, state.written_set(region))
+            else:
+                found = CurrentVmcs(region, DETACHED, set())
+            self._views[address] = found
+        return found
 
     def _vmcs_at(self, address: int) -> Vmcs:
         """The VMCS object of the region at ``address``, with the revision its memory holds now."""
@@ -119,7 +150,7 @@ class VmxCpu:
             return self._done(VmxOutcome(insn, Status.VMFAIL_INVALID, message=(
                 message + " " if message else "") + "(no current VMCS to hold error number "
                 f"{int(error)}, so the failure is VMfailInvalid)"))
-        vmcs.set_exit_info(F.VM_INSTRUCTION_ERROR, int(error))
+        vmcs.put(F.VM_INSTRUCTION_ERROR, int(error))
         return self._done(VmxOutcome(insn, Status.VMFAIL_VALID, error=error, message=message))
 
     def _fail_invalid(self, insn: str, message: str) -> VmxOutcome:
@@ -259,9 +290,11 @@ class VmxCpu:
                                        VmInstructionError.VMCLEAR_VMXON_POINTER)
         if bad is not None:
             return bad
-        if self.monitor is not None and self.monitor.vmcs is self.regions.get(address):
-            self.monitor.materialize()  # VMCLEAR writes the VMCS data back to memory
-        self._vmcs_at(address).clear()
+        region = self._vmcs_at(address)
+        if self.monitor is not None:
+            self.monitor.state.forget(region)  # VMCLEAR writes the VMCS data back to memory
+        self._views.pop(address, None)
+        region.clear()
         msg = "launch state is now clear"
         if address == self.current_vmcs_pointer:
             self.current_vmcs_pointer = INVALID_POINTER
@@ -329,13 +362,17 @@ class VmxCpu:
         return self._fail("VMCALL", VmInstructionError.VMCALL_IN_VMX_ROOT_OPERATION,
                           "VMCALL in VMX root operation (the dual-monitor treatment of SMM is not active)")
 
-    def vmlaunch(self, max_instructions: int = 10_000_000) -> VmxOutcome:
-        """VMLAUNCH (SDM 31.3): enter the guest of a *clear* VMCS; returns at the next VM exit."""
-        return self._enter("VMLAUNCH", max_instructions)
+    def vmlaunch(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
+        """VMLAUNCH (SDM 31.3): enter the guest of a *clear* VMCS; returns at the next VM exit.
 
-    def vmresume(self, max_instructions: int = 10_000_000) -> VmxOutcome:
+        ``max_instructions`` bounds the run (the guest is then *paused*, still in non-root
+        operation); ``step=True`` runs one guest instruction (the stepper's pause).
+        """
+        return self._enter("VMLAUNCH", max_instructions, step)
+
+    def vmresume(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
         """VMRESUME (SDM 31.3): re-enter the guest of a *launched* VMCS; returns at the next VM exit."""
-        return self._enter("VMRESUME", max_instructions)
+        return self._enter("VMRESUME", max_instructions, step)
 
     # ------------------------------------------------------------ VM entry
     def entry_violations(self) -> list[Violation]:
@@ -343,16 +380,20 @@ class VmxCpu:
         vmcs = self.current_vmcs
         if vmcs is None:
             return []
-        self.monitor and self.monitor.materialize()
-        return entry_violations(self, vmcs)
+        if self.monitor is not None:
+            self.monitor.state.complete(vmcs.region)
+        return entry_violations(self, vmcs.region)
 
     def _enter(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
+        """VMLAUNCH/VMRESUME: the instruction's own checks, the VM-entry checks (SDM 27.2,
+        27.3), the guest-state load (27.3.2), then the guest runs until a VM exit."""
         bad = self._common_checks(insn)
         if bad is not None:
             return bad
-        vmcs = self.current_vmcs
-        if vmcs is None:
+        view = self.current_vmcs
+        if view is None:
             return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
+        vmcs = view.region
         if insn == "VMLAUNCH" and vmcs.launch_state is not LaunchState.CLEAR:
             return self._fail(insn, VmInstructionError.VMLAUNCH_NONCLEAR_VMCS,
                               "this VMCS was already launched: use VMRESUME (or VMCLEAR it first)")
@@ -362,16 +403,7 @@ class VmxCpu:
         if self.guest is None or self.monitor is None:
             return self._fail(insn, VmInstructionError.ENTRY_INVALID_CONTROL_FIELD,
                               "this VmxCpu has no guest CPU attached (VmxCpu(guest=...))")
-        violations: list[Violation] = []
-        if vmcs.generation != vmcs.checked_generation or self.monitor.vmcs is not vmcs:
-            local = vmcs.changed if self.monitor.vmcs is vmcs and vmcs.checked_generation >= 0 else None
-            if local and all(f in LOCAL_RULES for f in local):
-                violations = [v for f in local for v in LOCAL_RULES[f](vmcs)]
-            else:
-                self.monitor.materialize()
-                violations = entry_violations(self, vmcs)
-        elif vmcs.get(F.GUEST_RIP) >> 32 and not vmcs.get(F.VM_ENTRY_CONTROLS) & _IA32E_MODE_GUEST:
-            violations = entry_violations(self, vmcs)
+        violations = self._check_entry(vmcs)
         if violations:
             for group, error in (("controls", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD),
                                  ("host-state", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)):
@@ -384,44 +416,26 @@ class VmxCpu:
             if guest_bad:
                 return self._entry_failure(insn, vmcs, guest_bad[0].qualification, str(guest_bad[0]),
                                            violations)
-        vmcs.checked_generation = vmcs.generation
-        vmcs.changed.clear()
         try:
-            self.monitor.load_guest_state(vmcs)
-        except Exception as exc:  # a state Unicorn cannot represent (see load_guest_state)
+            self.monitor.state.load(vmcs)
+        except Exception as exc:  # a state Unicorn cannot represent (see GuestStateCache.load)
             return self._entry_failure(insn, vmcs, 0, f"[guest-state] {exc}", violations)
         if insn == "VMLAUNCH":
             vmcs.launch_state = LaunchState.LAUNCHED
         self.operation = VmxOperation.NON_ROOT
-        self._entered_vmcs = vmcs
-        return self._done(self.monitor.run(insn, budget, step=step))
+        return self._finish(self.monitor.run(insn, budget, step=step))
 
-    def _entry_failure(self, insn: str, vmcs: Vmcs, qualification: int, message: str,
-                       violations: list[Violation]) -> VmxOutcome:
-        """VM entry fails on guest state (SDM 27.8): exit reason 33 with bit 31 set."""
-
-
-        reason = int(ExitReason.INVALID_STATE) | VM_ENTRY_FAILURE_BIT
-        vmcs.set_exit_info(F.VM_EXIT_REASON, reason)
-        vmcs.set_exit_info(F.EXIT_QUALIFICATION, qualification)
-        exit_ = VmExit(ExitReason.INVALID_STATE, qualification=qualification, entry_failure=True,
-                       guest_rip=vmcs.get(F.GUEST_RIP), note=message)
-        for listener in self.exit_listeners:
-            listener(exit_)
-        return self._done(VmxOutcome(insn, Status.ENTRY_FAILED, exit=exit_, message=message,
-                                     violations=violations))
-
-    # ---------------------------------------------------- continuing a pause
-    def continue_guest(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
-        """Let a paused guest go on (after ``max_instructions`` ran out, or to single-step).
-
-        Not an instruction: a debugger-style pause of the simulation.  The guest stays in
-        VMX non-root operation while paused and nothing is written to the VMCS.
-        """
-        if self.operation is not VmxOperation.NON_ROOT or self.monitor is None:
-            raise VmxFailure(VmxOutcome("continue", Status.FAULT, vector=Vector.UD,
-                                        message="the guest is not running (not in VMX non-root operation)"))
-        return self._done(self.monitor.run("continue", max_instructions, step=step))
+    def _check_entry(self, vmcs: Vmcs) -> list[Violation]:
+        """The VM-entry checks, re-running only the rules whose fields changed since the
+        last check of this VMCS (the checker derives which from each rule's ``reads``)."""
+        state = self.monitor.state
+        changed = state.unchecked.get(id(vmcs))
+        if changed and not changed <= _RIP_ONLY:
+            state.complete(vmcs)  # the rules to re-run must see the saved guest state
+        violations = self.entry_checker.violations(self, vmcs, changed)
+        if changed:
+            changed.clear()
+        return violations
 
 
 def _enc_text(encoding) -> str:

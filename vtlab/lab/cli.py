@@ -91,7 +91,7 @@ def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]],
     try:
         summary = vm.run(max_exits=max_exits, max_instructions=max_instructions)
     except VtlabError as exc:
-        summary = vm._summary()
+        summary = vm.summary()
         summary.message = str(exc)
     exits = [{"reason": e.reason, "reason_number": e.reason_number, "qualification": e.qualification,
               "instruction_length": e.instruction_length, "guest_rip": e.guest_rip}

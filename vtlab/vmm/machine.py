@@ -557,9 +557,7 @@ class VirtualMachine:
         g.set_reg("cr4", guest_cr4 | Cr4.VMXE)
         if entry is not None:
             g.rip = entry
-        self.cpu.monitor.save_guest_state(self.cpu.current_vmcs)
-        vmcs = self.cpu.current_vmcs
-        vmcs.dirty.update(int(f) for f in F if f.name.startswith("GUEST_"))
+        self.cpu.capture_guest_state()
         self.vmwrite(F.GUEST_IA32_EFER, g.reg("efer"))
         self.vmwrite(F.GUEST_ACTIVITY_STATE, 0)
         self.vmwrite(F.CR0_GUEST_HOST_MASK, Cr0.NE)
@@ -569,31 +567,18 @@ class VirtualMachine:
         self.cpu.exit_listeners.append(self._on_exit)
 
     # ----------------------------------------------------------- VMCS access
-    def _vmcs_direct(self) -> bool:
-        # The common case - root operation, our VMCS current - skips building a
-        # VmxOutcome per access (KVM's vmcs_read/vmcs_write helpers are as thin).
-        return (self.cpu.operation is VmxOperation.ROOT
-                and self.cpu.current_vmcs_pointer == self.vmcs_address)
-
     def vmread(self, field: F | int | str) -> int:
         """VMREAD from the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
-        if self._vmcs_direct():
-            return self.cpu.regions[self.vmcs_address].read(field)
-        out = self.cpu.vmread(field)
-        out.check()
-        return out.value
+        return self.cpu.vmcs_read(field)
 
     def vmwrite(self, field: F | int | str, value: int) -> None:
         """VMWRITE to the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
-        if self._vmcs_direct():
-            self.cpu.regions[self.vmcs_address].write(field, int(value), truncate=True)
-            return
-        self.cpu.vmwrite(field, int(value)).check()
+        self.cpu.vmcs_write(field, value)
 
     @property
     def vmcs(self):
         """The VM's VMCS object (inspect with ``vm.vmcs.to_dataframe()``)."""
-        return self.cpu.regions[self.vmcs_address]
+        return self.cpu.view(self.vmcs_address)
 
     def control(self, flag) -> bool:
         """Is a VM-execution/exit/entry control bit set?"""
@@ -624,16 +609,7 @@ class VirtualMachine:
 
     def ept_map(self, gpa: int, size: int, perms: int = 7) -> None:
         """Grant read(1)/write(2)/execute(4) on guest-physical pages (the EPT's view)."""
-        import unicorn
-
-        pages = self.cpu.monitor.ept_pages
-        if pages is None:
-            pages = self.cpu.monitor.ept_pages = {p: 7 for p in range(0, self.guest.memory_size, 0x1000)}
-        uc_perm = (unicorn.UC_PROT_READ if perms & 1 else 0) | (unicorn.UC_PROT_WRITE if perms & 2 else 0) \
-            | (unicorn.UC_PROT_EXEC if perms & 4 else 0)
-        for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
-            pages[page] = perms
-            self.guest.uc.mem_protect(page, 0x1000, uc_perm)
+        self.cpu.set_ept_permissions(gpa, size, perms)
 
     def ept_unmap(self, gpa: int, size: int) -> None:
         """Remove guest-physical pages from the EPT: the next access is an EPT violation."""
@@ -653,13 +629,8 @@ class VirtualMachine:
 
     def skip_instruction(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes)."""
-        if self._vmcs_direct():  # vmread/vmwrite below, with one check instead of three
-            vmcs = self.cpu.regions[self.vmcs_address]
-            length = vmcs.read(F.VM_EXIT_INSTRUCTION_LEN)
-            vmcs.write(F.GUEST_RIP, vmcs.read(F.GUEST_RIP) + length, truncate=True)
-            return
-        length = self.vmread(F.VM_EXIT_INSTRUCTION_LEN)
-        self.vmwrite(F.GUEST_RIP, self.vmread(F.GUEST_RIP) + length)
+        cpu = self.cpu
+        cpu.vmcs_write(F.GUEST_RIP, cpu.vmcs_read(F.GUEST_RIP) + cpu.vmcs_read(F.VM_EXIT_INSTRUCTION_LEN))
 
     def inject_exception(self, vector: int, error_code: int | None = None,
                          kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION) -> bool:
@@ -686,11 +657,11 @@ class VirtualMachine:
 
     def raise_interrupt(self, vector: int) -> None:
         """A virtual device raises an external interrupt (delivered or exiting at the next entry)."""
-        self.cpu.monitor.pending_interrupts.append(vector)
+        self.cpu.raise_interrupt(vector)
 
     def raise_nmi(self) -> None:
         """A virtual device raises an NMI (exits if "NMI exiting" is 1, else goes to guest vector 2)."""
-        self.cpu.monitor.pending_nmi = True
+        self.cpu.raise_nmi()
 
     def set_timer(self, period_instructions: int, vector: int = 0x20) -> None:
         """A periodic timer interrupt every ``period_instructions`` guest instructions (0: off)."""
@@ -756,7 +727,8 @@ class VirtualMachine:
             vmcs = self.vmcs
             insn = "VMRESUME" if vmcs.launch_state is LaunchState.LAUNCHED else "VMLAUNCH"
             self.trace.record_entry(insn, vmcs.get(F.GUEST_RIP), g.counter.total)
-            outcome = cpu._enter(insn, budget, step=step)
+            enter = cpu.vmresume if vmcs.launch_state is LaunchState.LAUNCHED else cpu.vmlaunch
+            outcome = enter(budget, step=step)
         self.last_outcome = outcome
         if outcome.status is Status.VM_EXIT:
             self._record(outcome.exit)
@@ -854,6 +826,10 @@ class VirtualMachine:
     def _summary(self, exits: int = 0, instructions: int = 0) -> RunSummary:
         self.trace.instructions_total = self.guest.counter.total
         return RunSummary(self.state, exits, instructions, self.message, self.output)
+
+    def summary(self) -> RunSummary:
+        """Where the VM stands now (state, message, guest output) without running it."""
+        return self._summary()
 
     def exit_counts(self):
         """Exits per reason so far (pandas Series)."""

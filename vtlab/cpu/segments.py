@@ -1,0 +1,203 @@
+"""Segmentation: segment registers, descriptors and the system tables (GDT, IDT, TSS).
+
+:class:`SegmentUnit` is one part of :class:`vtlab.cpu.guest.Guest`: it reads a segment
+register with its hidden part (:meth:`~SegmentUnit.segment`), loads one the way MOV or
+IRET would (:meth:`~SegmentUnit.load_segment`), gives the descriptor-table registers
+GDTR/IDTR and the system segments LDTR/TR, and writes the GDT and TSS that vtlab's
+small "kernel" owns.  :func:`pack_descriptor` builds an 8-byte segment descriptor.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import unicorn
+from unicorn import x86_const as X
+
+from ..arch.msrs import Cr0, Efer
+from .layout import Layout, Selector
+from .registers import _REGS
+
+#: Limit of vtlab's TSS (104 bytes: the 32-bit layout, which also holds RSP0 at offset 4).
+TSS_LIMIT = 0x67
+_TSS_LIMIT = TSS_LIMIT
+
+_TABLES = {"gdtr": X.UC_X86_REG_GDTR, "idtr": X.UC_X86_REG_IDTR}
+_SYSTEM_SEGMENTS = {"ldtr": X.UC_X86_REG_LDTR, "tr": X.UC_X86_REG_TR}
+
+
+def pack_descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
+    """The 8 bytes of a segment descriptor, as they sit in a GDT or LDT.
+
+    ``base`` is the segment's 32-bit linear base address, ``limit`` its 20-bit limit
+    (in bytes, or in 4-KByte units when the G flag is set), ``access`` the access byte
+    (bit 7 P, bits 6:5 DPL, bit 4 S, bits 3:0 type: 0x9B is ring-0 code, 0xF3 ring-3
+    data, 0x89 an available 32-bit TSS) and ``flags`` the high nibble (bit 3 G, bit 2
+    D/B, bit 1 L, bit 0 AVL).  SDM Vol. 3A 3.4.5, Figure 3-8.
+
+    >>> pack_descriptor(0, 0xFFFFF, 0x9B, 0xC).hex()   # flat 32-bit ring-0 code
+    'ffff0000009bcf00'
+    """
+    value = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40)
+    value |= ((limit >> 16) & 0xF) << 48 | (flags & 0xF) << 52 | ((base >> 24) & 0xFF) << 56
+    return struct.pack("<Q", value)
+
+
+#: The name this function had before it was public.
+_descriptor = pack_descriptor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment register with its hidden part, as the VMCS guest-state area holds it.
+
+    ``access_rights`` uses the VMX format (SDM Vol. 3C 25.4.1, Table 25-2): bits 3:0
+    type, 4 S, 6:5 DPL, 7 P, 12 AVL, 13 L, 14 D/B, 15 G, 16 unusable.
+    """
+
+    selector: int
+    base: int
+    limit: int
+    access_rights: int
+
+    @property
+    def dpl(self) -> int:
+        return (self.access_rights >> 5) & 3
+
+    @property
+    def unusable(self) -> bool:
+        return bool(self.access_rights & (1 << 16))
+
+
+def _table_register(name: str) -> int:
+    try:
+        return _TABLES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown descriptor-table register {name!r}: use 'gdtr' or 'idtr'") from None
+
+
+class SegmentUnit:
+    """Segment registers and system tables (a part of :class:`~vtlab.cpu.guest.Guest`).
+
+    Relies on the Guest for ``uc`` (the engine), :meth:`reg`, :attr:`cpl`,
+    :meth:`read_u64` and :meth:`write`.
+    """
+
+    # ------------------------------------------------------ descriptor tables
+    def descriptor_table(self, name: str) -> tuple[int, int]:
+        """(base, limit) of the descriptor-table register ``name``: ``"gdtr"`` or ``"idtr"``.
+
+        What SGDT/SIDT store: the linear address of the GDT (or IDT) and its limit, the
+        offset of its last byte (SDM Vol. 3A 2.4.1, 2.4.3).  In real mode IDTR locates
+        the interrupt vector table (base 0, limit 0x3FF after reset).
+        """
+        _, base, limit, _ = self.uc.reg_read(_table_register(name))
+        return base, limit
+
+    def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
+        """Load GDTR or IDTR (``name`` ``"gdtr"`` / ``"idtr"``), as LGDT/LIDT would.
+
+        Only the register changes: the descriptors already loaded into the segment
+        registers stay as they are until a segment is loaded again.
+        """
+        self.uc.reg_write(_table_register(name), (0, base, limit, 0))
+
+    def set_system_segment(self, name: str, selector: int, base: int, limit: int,
+                           access_rights: int) -> None:
+        """Load LDTR or TR (``name`` ``"ldtr"`` / ``"tr"``) with the given hidden part.
+
+        ``access_rights`` uses the VMX format of :class:`Segment` (0x82: an LDT, 0x8B:
+        a busy 32/64-bit TSS; bit 16 set: unusable).  Unlike LLDT/LTR, nothing is read
+        from the GDT: the selector, base, limit and rights are taken as given, the way a
+        VM entry loads them from the VMCS (SDM Vol. 3C 27.3.2.2).
+        """
+        try:
+            regid = _SYSTEM_SEGMENTS[name.lower()]
+        except KeyError:
+            raise ValueError(f"unknown system segment {name!r}: use 'ldtr' or 'tr'") from None
+        self.uc.reg_write(regid, (selector, base, limit, (access_rights & 0xF0FF) << 8))
+
+    # ------------------------------------------------------- segment registers
+    def _descriptor_at(self, table_base: int, selector: int) -> int:
+        """The 8-byte descriptor ``selector`` names; 0 if the table lies outside memory
+        (a guest may have pointed GDTR anywhere after loading its segments)."""
+        try:
+            return self.read_u64(table_base + (selector & ~7))
+        except unicorn.UcError:
+            return 0
+
+    def segment(self, name: str) -> Segment:
+        """The segment register ``name`` with base, limit and VMX access rights."""
+        name = name.lower()
+        if name in ("tr", "ldtr"):
+            sel, base, limit, flags = self.uc.reg_read(_REGS[name])
+            present = flags & 0x8000 and (name == "tr" or sel & ~3)
+            ar = (flags >> 8) & 0xF0FF if present else 1 << 16
+            return Segment(sel, base, limit, ar)
+        selector = self.uc.reg_read(_REGS[name])
+        if not self.reg("cr0") & Cr0.PE:
+            ar = 0x9B if name == "cs" else 0x93
+            return Segment(selector, selector << 4, 0xFFFF, ar)
+        if selector & ~3 == 0:
+            return Segment(selector, 0, 0, 1 << 16)  # null selector: unusable
+        gdt_base = self.uc.reg_read(X.UC_X86_REG_GDTR)[1]
+        raw = self._descriptor_at(gdt_base, selector)
+        base = ((raw >> 16) & 0xFFFFFF) | (((raw >> 56) & 0xFF) << 24)
+        limit = (raw & 0xFFFF) | (((raw >> 48) & 0xF) << 16)
+        access, flags = (raw >> 40) & 0xFF, (raw >> 52) & 0xF
+        if flags & 0x8:  # G: limit in 4-KByte units
+            limit = (limit << 12) | 0xFFF
+        if name in ("fs", "gs") and self.reg("efer") & Efer.LMA:
+            base = self.reg(f"{name}_base")
+        return Segment(selector, base, limit, access | (flags << 12))
+
+    def load_segment(self, name: str, selector: int) -> None:
+        """Load a segment register the way MOV/IRET would, from the current GDT.
+
+        Unicorn checks privilege on every direct write (as MOV SS would), which makes a
+        return from CPL 3 to ring 0 impossible through register writes.  vtlab plays
+        the part of the VM-entry/IRET microcode here: with CR0.PE briefly clear, a
+        selector load resets the CPL to 0; the descriptor is then loaded for real.
+        """
+        name = name.lower()
+        reg = _REGS[name]
+        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        if cr0 & Cr0.PE and name in ("cs", "ss") and (selector & 3) < self.cpl:
+            self.uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~Cr0.PE)
+            self.uc.reg_write(X.UC_X86_REG_SS, 0)
+            self.uc.reg_write(X.UC_X86_REG_CR0, cr0)
+            # CPL is now 0: reload CS first so that the later loads see ring-0 code.
+            if name == "ss":
+                self.uc.reg_write(X.UC_X86_REG_CS, Selector.KERNEL_CODE64 if self.reg(
+                    "efer") & Efer.LMA else Selector.KERNEL_CODE32)
+        self.uc.reg_write(reg, selector)
+
+    def segment_dpl(self, selector: int) -> int:
+        """DPL of the GDT descriptor ``selector`` names."""
+        gdt_base = self.uc.reg_read(X.UC_X86_REG_GDTR)[1]
+        return (self._descriptor_at(gdt_base, selector) >> 45) & 3
+
+    # ---------------------------------------------------------- system tables
+    def _build_system_tables(self) -> None:
+        """Write the GDT, an empty IDT and a TSS (identical for every mode)."""
+        flat = 0xFFFFF
+        tss = Layout.TSS
+        gdt = b"".join([
+            pack_descriptor(0, 0, 0, 0),
+            pack_descriptor(0, flat, 0x9B, 0xC),   # 0x08 ring-0 code, 32-bit
+            pack_descriptor(0, flat, 0x93, 0xC),   # 0x10 ring-0 data
+            pack_descriptor(0, flat, 0x9B, 0xA),   # 0x18 ring-0 code, 64-bit (L=1)
+            pack_descriptor(0, flat, 0xFB, 0xC),   # 0x20 ring-3 code, 32-bit
+            pack_descriptor(0, flat, 0xF3, 0xC),   # 0x28 ring-3 data
+            pack_descriptor(0, flat, 0xFB, 0xA),   # 0x30 ring-3 code, 64-bit
+            pack_descriptor(tss, TSS_LIMIT, 0x8B, 0x0),  # 0x38 busy TSS (as after LTR)
+            struct.pack("<Q", tss >> 32),          # upper half of a 64-bit TSS descriptor
+        ])
+        self.write(Layout.GDT, gdt)
+        self.gdt_limit = len(gdt) - 1
+        # TSS: ESP0/SS0 (32-bit layout) and RSP0 (64-bit layout, offset 4) both point to
+        # the kernel stack, so either kind of CPU finds it on a privilege change.
+        self.write(tss, bytes(0x68))
+        self.write(tss + 4, struct.pack("<Q", Layout.KERNEL_STACK))
+        self.write(tss + 8, struct.pack("<I", Selector.KERNEL_DATA))
+        self.write(Layout.IDT, bytes(256 * 16))

@@ -1,0 +1,154 @@
+"""The vCPU side of VMX transitions, and the narrow interface a VMM uses between them.
+
+:class:`VcpuServices` is part of :class:`vtlab.cpu.vmx.VmxCpu`.  It holds two things:
+
+* the end of a VM entry - the VM exit in the SDM's step order (28.2 exit information,
+  28.3 guest state, 28.5 host state) and the VM-entry failure (27.8);
+* what a hypervisor may ask of the processor while the guest is out, beyond the VMX
+  instructions: fast VMREAD/VMWRITE helpers that raise instead of returning an outcome
+  (as KVM's ``vmcs_read64()``/``vmcs_write64()`` wrap the instructions), interrupts and
+  NMIs raised by virtual devices, EPT permissions of guest-physical pages, and capturing
+  the CPU's current state as the initial guest state.
+
+Everything above the processor layer (:mod:`vtlab.vmm`) uses only these public methods.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..arch.exceptions import Vector
+from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
+from ..arch.vmcs_fields import VmcsField as F
+from ..errors import VmxFailure
+from .outcome import Status, VmxOperation, VmxOutcome
+from .vmexit import VmExit, record_exit_information
+
+if TYPE_CHECKING:
+    from .entry_checks import Violation
+    from .vmcs import Vmcs
+
+_HOST_CR0, _HOST_CR4 = int(F.HOST_CR0), int(F.HOST_CR4)
+
+
+class VcpuServices:
+    """VM-exit completion and the VMM-facing helpers of :class:`vtlab.cpu.vmx.VmxCpu`."""
+
+    # ------------------------------------------------------------- VM exit
+    def _finish(self, outcome: VmxOutcome) -> VmxOutcome:
+        """The guest stopped: perform the VM exit if there was one, record the outcome."""
+        if outcome.status is Status.VM_EXIT:
+            self._vm_exit(outcome.exit)
+        return self._done(outcome)
+
+    def _vm_exit(self, exit_: VmExit) -> None:
+        """Perform a VM exit (SDM Vol. 3C chapter 28), step by step."""
+        monitor, g = self.monitor, self.guest
+        vmcs = monitor.vmcs
+        # 28.1: the exit happens *at* the instruction (faults, exiting instructions) -
+        # an MTF exit after it - so RIP is where the exit says.
+        rip = g.rip
+        if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
+            g.rip = rip = exit_.guest_rip
+        # 28.2: exit reason, qualification, lengths, interruption information ...
+        record_exit_information(vmcs, exit_)
+        # 28.3: guest state (RIP now, the rest when software first reads it).
+        monitor.state.after_exit(vmcs, rip)
+        if exit_.reason is ExitReason.TRIPLE_FAULT:
+            monitor.halted = False
+        # 28.5: host state - the VMM's CR0/CR4 come back from the host-state area.
+        self.cr0 = vmcs.get(_HOST_CR0) or self.cr0
+        self.cr4 = vmcs.get(_HOST_CR4) or self.cr4
+        self.operation = VmxOperation.ROOT
+        for listener in self.exit_listeners:
+            listener(exit_)
+
+    def _entry_failure(self, insn: str, vmcs: "Vmcs", qualification: int, message: str,
+                       violations: "list[Violation]") -> VmxOutcome:
+        """VM entry fails on guest state (SDM 27.8): exit reason 33 with bit 31 set."""
+        vmcs.put(F.VM_EXIT_REASON, int(ExitReason.INVALID_STATE) | VM_ENTRY_FAILURE_BIT)
+        vmcs.put(F.EXIT_QUALIFICATION, qualification)
+        exit_ = VmExit(ExitReason.INVALID_STATE, qualification=qualification, entry_failure=True,
+                       guest_rip=vmcs.get(F.GUEST_RIP), note=message)
+        for listener in self.exit_listeners:
+            listener(exit_)
+        return self._done(VmxOutcome(insn, Status.ENTRY_FAILED, exit=exit_, message=message,
+                                     violations=violations))
+
+    # ---------------------------------------------------- continuing a pause
+    def continue_guest(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
+        """Let a paused guest go on (after ``max_instructions`` ran out, or to single-step).
+
+        Not an instruction: a debugger-style pause of the simulation.  The guest stays in
+        VMX non-root operation while paused and nothing is written to the VMCS.
+        """
+        if self.operation is not VmxOperation.NON_ROOT or self.monitor is None:
+            raise VmxFailure(VmxOutcome("continue", Status.FAULT, vector=Vector.UD,
+                                        message="the guest is not running (not in VMX non-root operation)"))
+        return self._finish(self.monitor.run("continue", max_instructions, step=step))
+
+    # ------------------------------------------------ VMREAD/VMWRITE helpers
+    def _current_or_raise(self, what: str):
+        if self.operation is not VmxOperation.ROOT:
+            raise VmxFailure(VmxOutcome(what, Status.FAULT, vector=Vector.UD, message=(
+                "not in VMX root operation" if self.operation is VmxOperation.OUTSIDE else
+                "the guest is running (VMX non-root operation)")))
+        view = self.current_vmcs
+        if view is None:
+            raise VmxFailure(VmxOutcome(what, Status.VMFAIL_INVALID,
+                                        message="there is no current VMCS (VMPTRLD one first)"))
+        return view
+
+    def vmcs_read(self, field: F | int | str) -> int:
+        """VMREAD of the current VMCS for a VMM written in Python: the value, or an error
+        raised (:class:`vtlab.errors.VmcsError` with the VM-instruction error, :class:`VmxFailure`)."""
+        return self._current_or_raise("VMREAD").read(field)
+
+    def vmcs_write(self, field: F | int | str, value: int) -> None:
+        """VMWRITE likewise (high bits beyond the field's width are dropped, as VMWRITE does)."""
+        self._current_or_raise("VMWRITE").write(field, int(value), truncate=True)
+
+    # --------------------------------------------------- what devices raise
+    def raise_interrupt(self, vector: int) -> None:
+        """An external interrupt from a virtual device: it exits or is delivered at the
+        next VM entry, as the pin-based controls and the guest's RFLAGS.IF say (SDM 26.2)."""
+        if not 0 <= int(vector) <= 255:
+            raise ValueError(f"interrupt vector {vector} is not 0-255")
+        self.monitor.pending_interrupts.append(int(vector))
+
+    def raise_nmi(self) -> None:
+        """An NMI: exits if "NMI exiting" is 1, else goes to the guest's vector 2."""
+        self.monitor.pending_nmi = True
+
+    @property
+    def pending_interrupts(self) -> list[int]:
+        """External-interrupt vectors raised and not yet taken (oldest first)."""
+        return list(self.monitor.pending_interrupts) if self.monitor is not None else []
+
+    # ------------------------------------------------------------------- EPT
+    def set_ept_permissions(self, gpa: int, size: int, perms: int = 7) -> None:
+        """Read (1) / write (2) / execute (4) permissions of guest-physical pages.
+
+        vtlab's EPT is the permission of each guest-physical page (identity mapped); an
+        access it does not allow is an EPT violation (SDM 29.3.3).  Pages never set keep
+        all permissions.
+        """
+        pages = self.monitor.ept_pages
+        if pages is None:
+            pages = self.monitor.ept_pages = {p: 7 for p in range(0, self.guest.memory_size, 0x1000)}
+        for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
+            pages[page] = perms & 7
+            self.guest.protect(page, 0x1000, read=bool(perms & 1), write=bool(perms & 2),
+                               execute=bool(perms & 4))
+
+    def ept_permissions(self, gpa: int) -> int:
+        """The EPT permissions (RWX bits) of the page holding ``gpa``."""
+        pages = self.monitor.ept_pages
+        return 7 if pages is None else pages.get(gpa & ~0xFFF, 7)
+
+    # ------------------------------------------------------------- set-up
+    def capture_guest_state(self) -> None:
+        """Write the guest CPU's current state into the current VMCS's guest-state area,
+        as a VMM's VMWRITEs would: the guest starts where its CPU is now, and the first
+        VM entry loads all of it."""
+        view = self._current_or_raise("VMWRITE")
+        self.monitor.state.capture(view.region)

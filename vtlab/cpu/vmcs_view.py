@@ -1,0 +1,134 @@
+"""The current VMCS as the processor sees it: the region plus what the vCPU keeps about it.
+
+A processor may keep VMCS data on the chip while a VMCS is current (SDM Vol. 3C 25.11.1:
+software must not touch the region in memory directly, only with VMREAD/VMWRITE).
+vtlab's processor does the same two things a real one gets for free from that cache:
+
+* after a VM exit it saves the guest state *lazily* - the first VMREAD of a guest-state
+  field completes the save (:class:`vtlab.cpu.guest_state.GuestStateCache`);
+* it notes which fields software wrote, so the next VM entry loads just those into the
+  CPU and re-checks just the entry rules that read them.
+
+:class:`CurrentVmcs` is that view.  It behaves like :class:`vtlab.cpu.vmcs.Vmcs` (read,
+write, ``[]``, fields, to_dataframe, launch state) and is what ``cpu.current_vmcs`` and
+``vm.vmcs`` return; the region object itself holds nothing but fields, revision
+identifier and launch state.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from ..arch.vmcs_fields import FieldType, VmcsArea, VmcsField
+from .vmcs import LaunchState, Vmcs, fields_dataframe, lookup
+
+if TYPE_CHECKING:
+    from .guest_state import GuestStateCache
+
+_GUEST_STATE = FieldType.GUEST_STATE
+
+
+class CurrentVmcs:
+    """A VMCS region seen through the vCPU that has it current (see the module doc)."""
+
+    __slots__ = ("region", "_state", "_written")
+
+    def __init__(self, region: Vmcs, state: "GuestStateCache", written: set[int]):
+        self.region = region
+        self._state = state
+        #: fields software wrote since the entry checks last ran on this VMCS
+        self._written = written
+
+    # --------------------------------------------------------------- identity
+    @property
+    def address(self) -> int:
+        return self.region.address
+
+    @property
+    def revision_id(self) -> int:
+        return self.region.revision_id
+
+    @property
+    def launch_state(self) -> LaunchState:
+        return self.region.launch_state
+
+    @launch_state.setter
+    def launch_state(self, value: LaunchState) -> None:
+        self.region.launch_state = value
+
+    @property
+    def abort_indicator(self) -> int:
+        return self.region.abort_indicator
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, CurrentVmcs):
+            return other.region is self.region
+        return other is self.region
+
+    def __hash__(self) -> int:
+        return id(self.region)
+
+    # ----------------------------------------------------------------- access
+    def read(self, encoding: int | str | VmcsField) -> int:
+        """VMREAD semantics; a guest-state field first completes a lazy save."""
+        enc = lookup(encoding)
+        if enc.type is _GUEST_STATE or enc.full_encoding == VmcsField.VM_ENTRY_CONTROLS:
+            self._state.complete(self.region, enc.full_encoding)
+        return self.region.read(enc.encoding)
+
+    def get(self, field: VmcsField | int) -> int:
+        """Fast read of a full field (no encoding checks), completing a lazy save."""
+        self._state.complete(self.region, field)
+        return self.region._data.get(field, 0)
+
+    def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> None:
+        """VMWRITE semantics for software (read-only fields refuse with error 13)."""
+        enc = lookup(encoding)
+        if enc.access_type.name == "HIGH" and enc.type is _GUEST_STATE:
+            self._state.complete(self.region)  # the other half must be the saved value
+        self.region.write(enc.encoding, value, truncate=truncate)
+        full = enc.full_encoding
+        self._written.add(full)
+        self._state.software_wrote(self.region, full, enc.type)
+
+    __getitem__ = read
+
+    def __setitem__(self, encoding, value) -> None:
+        self.write(encoding, value)
+
+    # The processor's own writes (exit information, saved guest state).
+    def put(self, field: VmcsField | int, value: int) -> None:
+        self.region.put(field, value)
+
+    set_exit_info = save_guest = put
+
+    # ------------------------------------------------------------- inspection
+    def fields(self, area: VmcsArea | None = None) -> Iterator[tuple[VmcsField, int]]:
+        """Every field (optionally of one area) with its current value."""
+        self._state.complete(self.region)
+        return self.region.fields(area)
+
+    def to_dataframe(self, nonzero: bool = False):
+        """All fields as a pandas DataFrame: area, encoding, width, read-only, value."""
+        return fields_dataframe(self.fields(), nonzero)
+
+    def clear(self) -> None:
+        """What VMCLEAR does: the launch state becomes clear (and the CPU's copy is flushed)."""
+        self._state.complete(self.region)
+        self.region.clear()
+
+    def __repr__(self) -> str:
+        return repr(self.region).replace("<Vmcs", "<current Vmcs", 1)
+
+
+class _Detached:
+    """The vCPU state of a VmxCpu without a guest CPU: nothing is ever pending."""
+
+    def complete(self, region=None, field=None) -> None:
+        return None
+
+    def software_wrote(self, region, field, field_type) -> None:
+        return None
+
+
+#: Shared by every guest-less VmxCpu (the VMX-instruction exercises of notebook 02).
+DETACHED = _Detached()
