@@ -107,7 +107,7 @@ def test_exception_in_exit_rule_propagates(monkeypatch):
     as it does through the Unicorn binding's own hook wrapper."""
     def broken(m, insn):
         raise RuntimeError("rule failed")
-    monkeypatch.setitem(exits.RULES, "cpuid", broken)
+    monkeypatch.setitem(exits.EXIT_RULES, ExitReason.CPUID, broken)
     vm = VirtualMachine("mov eax, 1\ncpuid\nhlt", mode="protected")
     with pytest.raises(RuntimeError, match="rule failed"):
         vm.run()

@@ -399,10 +399,16 @@ def _capstone(bits: int, detail: bool) -> capstone.Cs:
     return cs
 
 
-def _kind(insn) -> InsnKind:
+def _kind(insn, bits: int) -> InsnKind:
     """The kind of a (detailed) Capstone instruction, from its id and operand ids."""
     kind = _KIND_BY_ID.get(insn.id)
     if kind is not None:
+        if kind is InsnKind.VMPTRLD and bits == 16 and insn.prefix[2] == 0x66:
+            # VMCLEAR is 66 0F C7 /6, VMPTRLD NP 0F C7 /6 in every mode (SDM Vol. 3C
+            # 31.3); Capstone 5 takes the mandatory 66H of 16-bit code for an operand-size
+            # prefix and calls both VMPTRLD.  (It cannot decode INVEPT/INVVPID in 16-bit
+            # code at all, so the sweep ends before them, as the disassembly does.)
+            return InsnKind.VMCLEAR
         return kind
     if insn.id == _MOV:
         for position, op in enumerate(insn.operands):
@@ -425,7 +431,7 @@ def _operand_size(bits: int, prefix66: bool, rex: int) -> int:
 
 
 def _record(insn, bits: int) -> DecodedInstruction:
-    kind = _kind(insn)
+    kind = _kind(insn, bits)
     strict = kind is not InsnKind.OTHER  # an unknown register is an error only where it matters
     p = insn.prefix
     prefixes = Prefixes(rep=p[0] == 0xF3, repne=p[0] == 0xF2, lock=p[0] == 0xF0,
@@ -456,9 +462,10 @@ def _record(insn, bits: int) -> DecodedInstruction:
                     raise
     if kind in (InsnKind.CLTS, InsnKind.LMSW, InsnKind.SMSW):
         cr = 0  # they access CR0 (the CR-access qualification reports CR number 0)
+    mnemonic = "vmclear" if kind is InsnKind.VMCLEAR else insn.mnemonic  # (see _kind)
     return DecodedInstruction(
         address=insn.address, length=insn.size, raw=raw,
-        text=f"{insn.mnemonic} {insn.op_str}".strip(), kind=kind, code_size=bits,
+        text=f"{mnemonic} {insn.op_str}".strip(), kind=kind, code_size=bits,
         operand_size=_operand_size(bits, prefixes.operand_size, insn.rex if bits == 64 else 0),
         address_size=address_size, prefixes=prefixes, registers=tuple(registers),
         memory=memory, immediate=immediate, control_register=cr, debug_register=dr)

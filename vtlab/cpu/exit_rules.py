@@ -1,7 +1,20 @@
 """Which guest instructions cause VM exits, under which controls (SDM Vol. 3C 26.1).
 
-Each rule gets the monitor and the decoded instruction and returns a :class:`VmExit`,
-None (no exit: the CPU executes it), or "emulated" (vtlab carried it out itself).
+Two tables, both over the records :mod:`vtlab.cpu.decoder` made when the code was
+loaded - no decision here looks at an instruction's text:
+
+* :data:`EXIT_REASON_BY_KIND` - which exit reason an instruction kind can cause
+  (MOV to/from CR, CLTS and LMSW -> CR_ACCESS; IN, OUT, INS, OUTS -> IO_INSTRUCTION ...);
+* :data:`EXIT_RULES` - for each exit reason, the rule that decides whether *this*
+  execution exits.
+
+A rule gets the monitor and the :class:`~vtlab.cpu.decoder.DecodedInstruction` and
+returns a :class:`VmExit`, None (no exit: the CPU executes the instruction), or the
+string "emulated" (vtlab carried it out itself, e.g. a read of CR0 through the read
+shadow).  Faults come first: an instruction that raises #UD, or #GP because it is
+privileged and CPL > 0, does so *before* any exit check (SDM 26.1.1), so rules begin
+with those checks.  :data:`NON_EXITING_RULES` holds the instructions that never exit
+but still behave differently in non-root operation (SMSW reads the CR0 read shadow).
 """
 from __future__ import annotations
 
@@ -11,76 +24,135 @@ from ..arch.controls import ProcBased, ProcBased2
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Efer
-from ..arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType,
-                                  IoDirection,
-                                  IoQualification)
+from ..arch.qualifications import CrAccessQualification, CrAccessType, IoDirection, IoQualification
 from ..arch.vmcs_fields import VmcsField as F
-from .asm import Instruction
-
+from .decoder import DecodedInstruction, InsnKind
+from .operands import displacement, instruction_information
 from .vmexit import VmExit
 
 if TYPE_CHECKING:
     from .nonroot import ExitMonitor
 
-# ----------------------------------------------------------------------- exit rules
-# Each rule gets the monitor and the decoded instruction and returns a VmExit, None (no
-# exit: the CPU executes it), or the string "emulated" (vtlab carried it out itself,
-# e.g. a read of CR0 through the read shadow).  Privileged instructions at CPL > 0
-# raise #GP *before* any exit check (SDM 26.1.1), so their rules start with _ring0().
+Rule = Callable[["ExitMonitor", DecodedInstruction], "VmExit | None | str"]
 
-Rule = Callable[["ExitMonitor", Instruction], "VmExit | None | str"]
+K = InsnKind
+R = ExitReason
+
+# Plain-int copies of the bits the rules test: ``int & IntFlag`` dispatches to
+# IntFlag.__rand__, written in Python, on every exit (see nonroot_consts).
+_HLT_EXITING = int(ProcBased.HLT_EXITING)
+_INVLPG_EXITING = int(ProcBased.INVLPG_EXITING)
+_MWAIT_EXITING = int(ProcBased.MWAIT_EXITING)
+_RDPMC_EXITING = int(ProcBased.RDPMC_EXITING)
+_RDTSC_EXITING = int(ProcBased.RDTSC_EXITING)
+_CR3_LOAD_EXITING = int(ProcBased.CR3_LOAD_EXITING)
+_CR3_STORE_EXITING = int(ProcBased.CR3_STORE_EXITING)
+_CR8_LOAD_EXITING = int(ProcBased.CR8_LOAD_EXITING)
+_CR8_STORE_EXITING = int(ProcBased.CR8_STORE_EXITING)
+_MOV_DR_EXITING = int(ProcBased.MOV_DR_EXITING)
+_UNCOND_IO_EXITING = int(ProcBased.UNCOND_IO_EXITING)
+_USE_IO_BITMAPS = int(ProcBased.USE_IO_BITMAPS)
+_USE_MSR_BITMAPS = int(ProcBased.USE_MSR_BITMAPS)
+_MONITOR_EXITING = int(ProcBased.MONITOR_EXITING)
+_PAUSE_EXITING = int(ProcBased.PAUSE_EXITING)
+_DESC = int(ProcBased2.DESC)
+_ENABLE_RDTSCP = int(ProcBased2.ENABLE_RDTSCP)
+_WBINVD_EXITING = int(ProcBased2.WBINVD_EXITING)
+_RDRAND_EXITING = int(ProcBased2.RDRAND_EXITING)
+_RDSEED_EXITING = int(ProcBased2.RDSEED_EXITING)
+_CR0_PE, _CR0_TS = int(Cr0.PE), int(Cr0.TS)
+_CR4_OSXSAVE, _CR4_PCE, _CR4_TSD = int(Cr4.OSXSAVE), int(Cr4.PCE), int(Cr4.TSD)
+_EFER_LMA = int(Efer.LMA)
+_RFLAGS_VM = 1 << 17
 
 
-def _exit(m: "ExitMonitor", insn: Instruction, reason: ExitReason, qualification: int = 0, **kw) -> VmExit:
-    return VmExit(reason, qualification, insn.size, m.guest.rip, insn.text, **kw)
+# ----------------------------------------------------------------------- helpers
+def _exit(m: "ExitMonitor", d: DecodedInstruction, reason: ExitReason, qualification: int = 0,
+          **kw) -> VmExit:
+    """The exit record: reason, qualification, instruction length (SDM 28.2.5), RIP."""
+    return VmExit(reason, qualification, d.length, m.guest.rip, d.text, decoded_insn=d, **kw)
 
 
 def _ring0(m: "ExitMonitor") -> bool:
     return m.guest.cpl == 0
 
 
-def unconditional(reason: ExitReason) -> Rule:
-    """CPUID, GETSEC and VMCALL always exit (SDM 26.1.2; INVD, XSETBV and the other VMX
-    instructions exit unconditionally too, after their own fault checks - see below)."""
-    def rule(m, insn):
-        return _exit(m, insn, reason)
-    rule.__doc__ = f"{reason.name}: exits unconditionally"
-    return rule
+# ------------------------------------------------------ unconditional (SDM 26.1.2)
+def rule_cpuid(m, d):
+    """CPUID exits unconditionally (SDM 26.1.2), at any CPL."""
+    return _exit(m, d, R.CPUID)
 
 
-def when(control, reason: ExitReason, privileged: bool = True) -> Rule:
-    """Exits if a processor-based control (primary or secondary) is 1 (SDM 26.1.3)."""
-    def rule(m, insn):
-        if privileged and not _ring0(m):
-            return None
-        return _exit(m, insn, reason) if m.control_on(control) else None
-    rule.__doc__ = f"{reason.name}: exits if {control.name} is 1"
-    return rule
+def rule_getsec(m, d):
+    """GETSEC exits unconditionally (SDM 26.1.2)."""
+    return _exit(m, d, R.GETSEC)
 
 
-def rule_invd(m, insn):
+def rule_vmcall(m, d):
+    """VMCALL exits unconditionally (SDM 26.1.2) - in every mode, with no #UD check
+    before the exit (unlike the other VMX instructions, see :func:`rule_vmx_instruction`)."""
+    return _exit(m, d, R.VMCALL)
+
+
+def rule_invd(m, d):
     """INVD exits unconditionally (SDM 26.1.2) - but it is privileged, and a #GP at
     CPL > 0 has priority over the VM exit (SDM 26.1.1)."""
     if not _ring0(m):
         return None  # the CPU raises #GP(0)
-    return _exit(m, insn, ExitReason.INVD)
+    return _exit(m, d, R.INVD)
 
 
-def rule_xsetbv(m, insn):
+def rule_xsetbv(m, d):
     """XSETBV exits unconditionally (SDM 26.1.2) once its own fault checks pass.
 
     XSETBV raises #UD if CR4.OSXSAVE = 0 and #GP(0) at CPL > 0 (SDM Vol. 2, XSETBV);
     both have priority over the VM exit (SDM 26.1.1: invalid-opcode exceptions and
     faults based on privilege level come first).
     """
-    if not m.guest.reg("cr4") & Cr4.OSXSAVE:
+    if not m.guest.reg("cr4") & _CR4_OSXSAVE:
         return m.raise_exception(Vector.UD, "XSETBV with CR4.OSXSAVE = 0 raises #UD")
     if not _ring0(m):
         return None  # the CPU raises #GP(0)
-    return _exit(m, insn, ExitReason.XSETBV)
+    return _exit(m, d, R.XSETBV)
 
 
-def rule_rdpmc(m, insn):
+def rule_vmx_instruction(m, d):
+    """VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON,
+    INVEPT, INVVPID: a VM exit in non-root operation (SDM 26.1.2) - after the #UD checks.
+
+    Their pseudo-code (SDM Vol. 3C 31.3, Vol. 2 for INVEPT/INVVPID) tests
+    ``(CR0.PE = 0) or (RFLAGS.VM = 1) or (IA32_EFER.LMA = 1 and CS.L = 0)`` -> #UD
+    *before* ``ELSIF in VMX non-root operation THEN VM exit``, and invalid-opcode
+    exceptions have priority over VM exits (SDM 26.1.1).  So an (unrestricted) real-mode
+    guest, a virtual-8086 task or compatibility-mode code gets #UD, not an exit.  The
+    exit qualification is the displacement of the memory operand (SDM 28.2.1).
+    """
+    g = m.guest
+    if (not g.reg("cr0") & _CR0_PE or g.reg("eflags") & _RFLAGS_VM
+            or (g.reg("efer") & _EFER_LMA and g.bits != 64)):
+        return m.raise_exception(Vector.UD, f"{d.kind.name} with CR0.PE = 0, "
+                                 "RFLAGS.VM = 1 or in compatibility mode raises #UD")
+    return _exit(m, d, EXIT_REASON_BY_KIND[d.kind], displacement(d))
+
+
+# ------------------------------------------------------ conditional (SDM 26.1.3)
+def rule_hlt(m, d):
+    """HLT exits if "HLT exiting" is 1 (SDM 26.1.3); otherwise the guest halts inside
+    non-root operation.  Privileged: #GP at CPL > 0 comes first."""
+    if not _ring0(m):
+        return None
+    return _exit(m, d, R.HLT) if m.proc & _HLT_EXITING else None
+
+
+def rule_invlpg(m, d):
+    """INVLPG exits if "INVLPG exiting" is 1 (SDM 26.1.3); the exit qualification is
+    the linear-address operand (SDM 28.2.1)."""
+    if not _ring0(m) or not m.proc & _INVLPG_EXITING:
+        return None
+    return _exit(m, d, R.INVLPG, d.linear_address(m.guest))
+
+
+def rule_rdpmc(m, d):
     """RDPMC exits if "RDPMC exiting" is 1 (SDM 26.1.3), after the CPL/CR4.PCE #GP check.
 
     With the control 0 the CPU reads the counter.  QEMU (Unicorn) does not implement
@@ -88,16 +160,32 @@ def rule_rdpmc(m, insn):
     so EDX:EAX = 0.
     """
     g = m.guest
-    if g.cpl > 0 and not g.reg("cr4") & Cr4.PCE:
+    if g.cpl > 0 and not g.reg("cr4") & _CR4_PCE:
         return None  # #GP(0) (SDM Vol. 2, RDPMC), before any exit
-    if m.proc & ProcBased.RDPMC_EXITING:
-        return _exit(m, insn, ExitReason.RDPMC)
+    if m.proc & _RDPMC_EXITING:
+        return _exit(m, d, R.RDPMC)
     g.set_reg("rax", 0)
     g.set_reg("rdx", 0)
     return "emulated"
 
 
-def _monitor_mwait(control, reason: ExitReason) -> Rule:
+def rule_rdtsc(m, d):
+    """RDTSC exits if "RDTSC exiting" is 1 (SDM 26.1.3), after the CR4.TSD #GP check
+    at CPL > 0."""
+    if m.guest.cpl > 0 and m.guest.reg("cr4") & _CR4_TSD:
+        return None
+    return _exit(m, d, R.RDTSC) if m.proc & _RDTSC_EXITING else None
+
+
+def rule_rdtscp(m, d):
+    """RDTSCP: #UD unless "enable RDTSCP" is 1; exits (reason 51) if "RDTSC exiting"
+    is also 1 (SDM 26.1.3, and 26.1.1 for the #UD's priority)."""
+    if not m.proc2 & _ENABLE_RDTSCP:
+        return m.raise_exception(Vector.UD, "RDTSCP with \"enable RDTSCP\" = 0 raises #UD")
+    return _exit(m, d, R.RDTSCP) if m.proc & _RDTSC_EXITING else None
+
+
+def _monitor_mwait(m, d, control: int, reason: ExitReason):
     """MONITOR / MWAIT exit if their control is 1 (SDM 26.1.3); both are #UD at CPL > 0
     here (IA32_MISC_ENABLE gives no user-mode MONITOR/MWAIT), which comes first.
 
@@ -106,81 +194,66 @@ def _monitor_mwait(control, reason: ExitReason) -> Rule:
     out: MONITOR arms a monitor nobody watches, and MWAIT returns at once, as the SDM
     allows it to on any implementation-specific event (KVM does the same: MWAIT as NOP).
     """
-    def rule(m, insn):
-        if not _ring0(m):
-            return None
-        return _exit(m, insn, reason) if m.proc & control else "emulated"
-    rule.__doc__ = f"{reason.name}: exits if {control.name} is 1, else executes (as a NOP)"
-    return rule
-
-
-def rule_hlt(m, insn):
-    """HLT exits if "HLT exiting" is 1; otherwise the guest halts inside non-root operation."""
     if not _ring0(m):
         return None
-    return _exit(m, insn, ExitReason.HLT) if m.proc & ProcBased.HLT_EXITING else None
+    return _exit(m, d, reason) if m.proc & control else "emulated"
 
 
-def rule_invlpg(m, insn):
-    """INVLPG exits if "INVLPG exiting" is 1; the qualification is the linear address."""
-    if not _ring0(m) or not m.proc & ProcBased.INVLPG_EXITING:
-        return None
-    return _exit(m, insn, ExitReason.INVLPG, m.effective_address(insn))
+def rule_monitor(m, d):
+    """MONITOR exits if "MONITOR exiting" is 1, else executes (SDM 26.1.3; see _monitor_mwait)."""
+    return _monitor_mwait(m, d, _MONITOR_EXITING, R.MONITOR_INSTRUCTION)
 
 
-def rule_rdtsc(m, insn):
-    """RDTSC exits if "RDTSC exiting" is 1 (after the CR4.TSD check at CPL > 0)."""
-    if m.guest.cpl > 0 and m.guest.reg("cr4") & Cr4.TSD:
-        return None
-    return _exit(m, insn, ExitReason.RDTSC) if m.proc & ProcBased.RDTSC_EXITING else None
+def rule_mwait(m, d):
+    """MWAIT exits if "MWAIT exiting" is 1, else executes as a NOP (SDM 26.1.3)."""
+    return _monitor_mwait(m, d, _MWAIT_EXITING, R.MWAIT_INSTRUCTION)
 
 
-def rule_rdtscp(m, insn):
-    """RDTSCP: #UD unless "enable RDTSCP"; exits (reason 51) if RDTSC exiting is also 1."""
-    if not m.proc2 & ProcBased2.ENABLE_RDTSCP:
-        return m.raise_exception(Vector.UD, "RDTSCP with \"enable RDTSCP\" = 0 raises #UD")
-    return _exit(m, insn, ExitReason.RDTSCP) if m.proc & ProcBased.RDTSC_EXITING else None
+def rule_pause(m, d):
+    """PAUSE exits if "PAUSE exiting" is 1 (SDM 26.1.3), at any CPL (not privileged)."""
+    return _exit(m, d, R.PAUSE_INSTRUCTION) if m.proc & _PAUSE_EXITING else None
 
 
-def _cr_operands(insn: Instruction) -> tuple[int, str, bool]:
-    """(CR number, general register, to_cr) of a MOV CR instruction."""
-    dst, src = [o.strip() for o in insn.op_str.split(",")]
-    to_cr = dst.startswith("cr")
-    cr = int((dst if to_cr else src)[2:])
-    return cr, (src if to_cr else dst), to_cr
-
-
-def _gpr_index(reg: str) -> int:
-    """SDM register number (GPR_ORDER) of any width's name: rbx/ebx/bx -> 3, r9d/r9w -> 9."""
-    reg = reg.lower()
-    names32 = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
-    if reg in names32:
-        return names32[reg]
-    if "r" + reg in GPR_ORDER[:8]:  # 16-bit names: ax, cx, dx, bx, sp, bp, si, di
-        return GPR_ORDER.index("r" + reg)
-    return GPR_ORDER.index(reg.rstrip("dwb")) if reg.rstrip("dwb") in GPR_ORDER else 0
-
-
-def rule_mov_cr(m, insn):
-    """MOV to/from CR0, CR3, CR4, CR8 (SDM 26.1.3, 26.3 on guest/host masks and read shadows)."""
+def rule_wbinvd(m, d):
+    """WBINVD exits if "WBINVD exiting" is 1 (SDM 26.1.3); privileged (#GP first)."""
     if not _ring0(m):
         return None
-    cr, reg, to_cr = _cr_operands(insn)
-    gpr = _gpr_index(reg)
-    qual = CrAccessQualification(cr, CrAccessType.MOV_TO_CR if to_cr else CrAccessType.MOV_FROM_CR, gpr).encode()
+    return _exit(m, d, R.WBINVD) if m.proc2 & _WBINVD_EXITING else None
+
+
+def rule_rdrand(m, d):
+    """RDRAND exits if "RDRAND exiting" is 1 (SDM 26.1.3), at any CPL."""
+    return _exit(m, d, R.RDRAND) if m.proc2 & _RDRAND_EXITING else None
+
+
+def rule_rdseed(m, d):
+    """RDSEED exits if "RDSEED exiting" is 1 (SDM 26.1.3), at any CPL."""
+    return _exit(m, d, R.RDSEED) if m.proc2 & _RDSEED_EXITING else None
+
+
+# ------------------------------------------------------------- control registers
+def rule_mov_cr(m, d):
+    """MOV to/from CR0, CR3, CR4, CR8 (SDM 26.1.3; 25.6.6 on guest/host masks and
+    read shadows).  Qualification: CR number, direction, register (Table 28-3)."""
+    if not _ring0(m) or not d.registers:
+        return None
+    cr, to_cr = d.control_register, d.kind is K.MOV_TO_CR
+    reg = d.registers[0].name
+    qual = CrAccessQualification(cr, CrAccessType.MOV_TO_CR if to_cr else CrAccessType.MOV_FROM_CR,
+                                 d.registers[0].number).encode()
     v = m.vmcs.get
     if cr == 3:
         if to_cr:
             value = m.guest.reg(reg)
             targets = [v(F[f"CR3_TARGET_VALUE{i}"]) for i in range(min(v(F.CR3_TARGET_COUNT), 4))]
-            if m.proc & ProcBased.CR3_LOAD_EXITING and value not in targets:
-                return _exit(m, insn, ExitReason.CR_ACCESS, qual)
-        elif m.proc & ProcBased.CR3_STORE_EXITING:
-            return _exit(m, insn, ExitReason.CR_ACCESS, qual)
+            if m.proc & _CR3_LOAD_EXITING and value not in targets:
+                return _exit(m, d, R.CR_ACCESS, qual)
+        elif m.proc & _CR3_STORE_EXITING:
+            return _exit(m, d, R.CR_ACCESS, qual)
         return None
     if cr == 8:
-        control = ProcBased.CR8_LOAD_EXITING if to_cr else ProcBased.CR8_STORE_EXITING
-        return _exit(m, insn, ExitReason.CR_ACCESS, qual) if m.proc & control else None
+        control = _CR8_LOAD_EXITING if to_cr else _CR8_STORE_EXITING
+        return _exit(m, d, R.CR_ACCESS, qual) if m.proc & control else None
     if cr in (0, 4):
         mask, shadow = (v(F.CR0_GUEST_HOST_MASK), v(F.CR0_READ_SHADOW)) if cr == 0 else \
                        (v(F.CR4_GUEST_HOST_MASK), v(F.CR4_READ_SHADOW))
@@ -188,99 +261,113 @@ def rule_mov_cr(m, insn):
         if to_cr:
             value = m.guest.reg(reg)
             if (value ^ shadow) & mask:
-                return _exit(m, insn, ExitReason.CR_ACCESS, qual)
-            if mask:  # bits the VMM owns keep their real value (SDM 26.3)
+                return _exit(m, d, R.CR_ACCESS, qual)
+            if mask:  # bits the VMM owns keep their real value (SDM 25.6.6)
                 m.guest.set_reg(f"cr{cr}", (actual & mask) | (value & ~mask))
                 return "emulated"
             return None
         if mask:  # reads see the shadow for owned bits
             m.guest.set_reg(reg, (actual & ~mask) | (shadow & mask))
             return "emulated"
-    return None
+    return None  # CR2 (and the reserved CRs, #UD) never exit
 
 
-def rule_clts(m, insn):
-    """CLTS exits if CR0.TS is owned by the VMM (mask bit 3) and the shadow's TS is 1."""
+def rule_clts(m, d):
+    """CLTS exits if CR0.TS is owned by the VMM (mask bit 3) and the shadow's TS is 1
+    (SDM 26.1.3)."""
     if not _ring0(m):
         return None
     mask, shadow = m.vmcs.get(F.CR0_GUEST_HOST_MASK), m.vmcs.get(F.CR0_READ_SHADOW)
-    if mask & Cr0.TS and shadow & Cr0.TS:
-        return _exit(m, insn, ExitReason.CR_ACCESS, CrAccessQualification(0, CrAccessType.CLTS).encode())
+    if mask & _CR0_TS and shadow & _CR0_TS:
+        return _exit(m, d, R.CR_ACCESS, CrAccessQualification(0, CrAccessType.CLTS).encode())
     return None
 
 
-def rule_lmsw(m, insn):
-    """LMSW exits if it would change an owned bit of CR0[3:0] away from the shadow (SDM 26.1.3)."""
+def rule_lmsw(m, d):
+    """LMSW exits if it would change an owned bit of CR0[3:0] away from the shadow, or
+    set an owned PE whose shadow is 0 (SDM 26.1.3).  The qualification carries the
+    source operand (Table 28-3)."""
     if not _ring0(m):
         return None
     mask, shadow = m.vmcs.get(F.CR0_GUEST_HOST_MASK), m.vmcs.get(F.CR0_READ_SHADOW)
-    op = insn.op_str.strip()
-    memory = "[" in op
-    value = m.guest.read(m.effective_address(insn), 2) if memory else None
-    value = int.from_bytes(value, "little") if memory else m.guest.reg(op) & 0xFFFF
+    memory = d.memory is not None
+    if memory:
+        value = int.from_bytes(m.guest.read(d.linear_address(m.guest), 2), "little")
+    else:
+        value = m.guest.reg(d.registers[0].name) & 0xFFFF
     pe_set = mask & 1 and not shadow & 1 and value & 1
     others = (value ^ shadow) & mask & 0xE
     if pe_set or others:
         q = CrAccessQualification(0, CrAccessType.LMSW, 0, memory, value & 0xFFFF).encode()
-        return _exit(m, insn, ExitReason.CR_ACCESS, q)
+        return _exit(m, d, R.CR_ACCESS, q)
     return None
 
 
-def rule_smsw(m, insn):
-    """SMSW never exits, but reads CR0[15:0] through the read shadow for owned bits."""
+_CR_ACCESS_RULES: dict[InsnKind, Rule] = {
+    K.MOV_TO_CR: rule_mov_cr, K.MOV_FROM_CR: rule_mov_cr, K.CLTS: rule_clts, K.LMSW: rule_lmsw,
+}
+
+
+def rule_cr_access(m, d):
+    """Control-register accesses (reason 28, SDM 26.1.3): MOV to/from CR, CLTS, LMSW."""
+    return _CR_ACCESS_RULES[d.kind](m, d)
+
+
+def rule_smsw(m, d):
+    """SMSW never exits (SDM 26.1.3 lists no control for it), but it reads CR0[15:0]
+    through the read shadow for the bits the VMM owns (SDM 25.6.6)."""
     mask = m.vmcs.get(F.CR0_GUEST_HOST_MASK) & 0xFFFF
-    if not mask or "[" in insn.op_str:
+    if not mask or d.memory is not None or not d.registers:
         return None
     actual = m.guest.reg("cr0")
-    m.guest.set_reg(insn.op_str.strip(), ((actual & ~mask) | (m.vmcs.get(F.CR0_READ_SHADOW) & mask)) & 0xFFFF)
+    m.guest.set_reg(d.registers[0].name, ((actual & ~mask) | (m.vmcs.get(F.CR0_READ_SHADOW) & mask)) & 0xFFFF)
     return "emulated"
 
 
-def rule_mov_dr(m, insn):
-    """MOV DR exits if "MOV-DR exiting" is 1 (SDM 26.1.3); qualification per Table 28-4."""
-    if not _ring0(m) or not m.proc & ProcBased.MOV_DR_EXITING:
+# ------------------------------------------------------------- debug registers
+def rule_dr_access(m, d):
+    """MOV DR exits if "MOV-DR exiting" is 1 (SDM 26.1.3); qualification per Table 28-4:
+    bits 2:0 the DR number, bit 4 the direction (1 = MOV from DR), bits 11:8 the register."""
+    if not _ring0(m) or not m.proc & _MOV_DR_EXITING or not d.registers:
         return None
-    dst, src = [o.strip() for o in insn.op_str.split(",")]
-    to_dr = dst.startswith("dr")
-    dr = int((dst if to_dr else src)[2:])
-    reg = src if to_dr else dst
-    q = dr | (0 if to_dr else 1 << 4) | (_gpr_index(reg) << 8)
-    return _exit(m, insn, ExitReason.DR_ACCESS, q)
+    from_dr = d.kind is K.MOV_FROM_DR
+    q = d.debug_register | (int(from_dr) << 4) | (d.registers[0].number << 8)
+    return _exit(m, d, R.DR_ACCESS, q)
 
 
-_IO_SIZES = {"b": 1, "w": 2, "d": 4}
+# ------------------------------------------------------------------------- I/O
+def io_operands(m: "ExitMonitor", d: DecodedInstruction) -> IoQualification:
+    """The I/O exit qualification of IN/OUT/INS/OUTS (SDM Table 28-5), from the record.
 
-
-def io_operands(m: "ExitMonitor", insn: Instruction) -> IoQualification:
-    """Decode IN/OUT/INS/OUTS into the I/O exit qualification (SDM Table 28-5)."""
-    mnem = insn.mnemonic.split()
-    base = mnem[-1]
-    rep = len(mnem) > 1 and mnem[0].startswith("rep")
-    if base in ("in", "out"):
-        ops = [o.strip() for o in insn.op_str.split(",")]
-        port_op, reg = (ops[1], ops[0]) if base == "in" else (ops[0], ops[1])
-        size = {"al": 1, "ax": 2, "eax": 4}[reg]
-        immediate = port_op != "dx"
-        port = int(port_op, 0) if immediate else m.guest.reg("dx")
-        string = False
-    else:
-        size, immediate, string = _IO_SIZES[base[-1]], False, True
-        port = m.guest.reg("dx")
-    direction = IoDirection.IN if base.startswith("in") else IoDirection.OUT
+    The access size is the data register's width (AL, AX, EAX) for IN/OUT and the memory
+    operand's for INS/OUTS; the port is the immediate, or DX.  REP and REPNE both mark a
+    repeated string instruction (bit 5).
+    """
+    kind = d.kind
+    string = kind is K.INS or kind is K.OUTS
+    if string:
+        size = d.memory.size
+    else:  # IN acc, port / OUT port, acc: the accumulator is the first / last register
+        size = (d.registers[0] if kind is K.IN else d.registers[-1]).width // 8
+    immediate = d.immediate is not None
+    port = d.immediate if immediate else m.guest.reg("dx") & 0xFFFF
+    direction = IoDirection.IN if kind is K.IN or kind is K.INS else IoDirection.OUT
+    rep = string and (d.prefixes.rep or d.prefixes.repne)
     return IoQualification(port, size, direction, string, rep, immediate)
 
 
-def rule_io(m, insn):
+def rule_io_instruction(m, d):
     """I/O instructions: unconditional I/O exiting, or the I/O bitmaps (SDM 26.1.3).
 
     With "use I/O bitmaps" = 1, "unconditional I/O exiting" is ignored and the access
     exits if the bit of *any* port it touches is 1 in bitmap A (ports 0000H-7FFFH) or B
-    (8000H-FFFFH); an access that wraps past FFFFH always exits.
+    (8000H-FFFFH); an access that wraps past FFFFH always exits.  The I/O-permission
+    #GP (CPL > IOPL) comes first (SDM 26.1.1).
     """
     if m.guest._stop is not None:  # the CPL/IOPL check already raised #GP
         return None
-    q = io_operands(m, insn)
-    if m.proc & ProcBased.USE_IO_BITMAPS:
+    q = io_operands(m, d)
+    if m.proc & _USE_IO_BITMAPS:
         exits = False
         for port in range(q.port, q.port + q.size):
             if port > 0xFFFF:
@@ -291,37 +378,19 @@ def rule_io(m, insn):
                 exits = True
                 break
     else:
-        exits = bool(m.proc & ProcBased.UNCOND_IO_EXITING)
+        exits = bool(m.proc & _UNCOND_IO_EXITING)
     if not exits:
         return None
     kw = {}
     if q.string:
-        kw["guest_linear_address"] = _string_io_linear_address(m, insn, q)
-    return _exit(m, insn, ExitReason.IO_INSTRUCTION, q.encode(), **kw)
+        # The guest-linear-address field: the linear address of the memory operand,
+        # segment base + offset (SDM 28.2.1) - ES:rDI for INS, DS:rSI (or the override
+        # prefix's segment) for OUTS, the offset register at the address size.
+        kw["guest_linear_address"] = d.linear_address(m.guest)
+    return _exit(m, d, R.IO_INSTRUCTION, q.encode(), **kw)
 
 
-def _string_io_linear_address(m: "ExitMonitor", insn: Instruction, q: IoQualification) -> int:
-    """Linear address of the memory operand of INS/OUTS (the guest-linear-address field).
-
-    A *linear* address: segment base plus offset (SDM 28.2.1) - ES:rDI for INS (ES
-    cannot be overridden), DS:rSI for OUTS unless a segment prefix names another
-    segment; the offset register has the instruction's address size (SI, ESI or RSI).
-    """
-    ops = insn.op_str.lower()
-    index = "di" if q.direction is IoDirection.IN else "si"
-    seg = "es" if q.direction is IoDirection.IN else "ds"
-    for s in ("es", "cs", "ss", "ds", "fs", "gs"):
-        if f"{s}:[" in ops.replace(" ", ""):
-            seg = s if q.direction is IoDirection.OUT else "es"
-    if f"[r{index}]" in ops:
-        offset = m.guest.reg("r" + index)
-    elif f"[e{index}]" in ops:
-        offset = m.guest.reg("r" + index) & 0xFFFF_FFFF
-    else:
-        offset = m.guest.reg("r" + index) & 0xFFFF
-    return (m.guest.segment(seg).base + offset) & 0xFFFF_FFFF_FFFF_FFFF
-
-
+# ------------------------------------------------------------------------ MSRs
 def msr_bitmap_position(msr: int) -> tuple[int, int] | None:
     """(byte offset of its read bitmap, bit) of ``msr`` in the 4-KByte MSR bitmap (SDM 25.6.9).
 
@@ -338,7 +407,7 @@ def msr_bitmap_position(msr: int) -> tuple[int, int] | None:
 
 def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
     """Does RDMSR/WRMSR of ``msr`` exit: always, or per the MSR bitmap (SDM 26.1.3)."""
-    if not m.proc & ProcBased.USE_MSR_BITMAPS:
+    if not m.proc & _USE_MSR_BITMAPS:
         return True
     position = msr_bitmap_position(msr)
     if position is None:
@@ -347,120 +416,106 @@ def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
     return m.cpu.memory.test_bit(m.vmcs.get(F.MSR_BITMAP) + offset + (2048 if write else 0), bit)
 
 
-def rule_rdmsr(m, insn):
-    """RDMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1."""
+def rule_rdmsr(m, d):
+    """RDMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1 (SDM 26.1.3);
+    privileged (#GP at CPL > 0 first)."""
     if not _ring0(m):
         return None
     msr = m.guest.reg("ecx")
-    return _exit(m, insn, ExitReason.MSR_READ) if msr_bitmap_exits(m, msr, False) else None
+    return _exit(m, d, R.MSR_READ) if msr_bitmap_exits(m, msr, False) else None
 
 
-def rule_wrmsr(m, insn):
-    """WRMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1."""
+def rule_wrmsr(m, d):
+    """WRMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1 (SDM 26.1.3);
+    privileged (#GP at CPL > 0 first)."""
     if not _ring0(m):
         return None
     msr = m.guest.reg("ecx")
-    return _exit(m, insn, ExitReason.MSR_WRITE) if msr_bitmap_exits(m, msr, True) else None
+    return _exit(m, d, R.MSR_WRITE) if msr_bitmap_exits(m, msr, True) else None
 
 
-_DESC_IDENTITY = {"sgdt": 0, "sidt": 1, "lgdt": 2, "lidt": 3, "sldt": 0, "str": 1, "lldt": 2, "ltr": 3}
+# ----------------------------------------------------------- descriptor tables
+#: Instruction identity, bits 29:28 of the instruction-information field (Tables 28-10, 28-11).
+_DESC_IDENTITY = {K.SGDT: 0, K.SIDT: 1, K.LGDT: 2, K.LIDT: 3, K.SLDT: 0, K.STR: 1, K.LLDT: 2, K.LTR: 3}
+_GDTR_IDTR_KINDS = frozenset({K.SGDT, K.SIDT, K.LGDT, K.LIDT})
+_DESC_LOADS = frozenset({K.LGDT, K.LIDT, K.LLDT, K.LTR})
 
 
-def rule_descriptor_table(m, insn):
-    """LGDT/LIDT/SGDT/SIDT (reason 46) and LLDT/LTR/SLDT/STR (47) with descriptor-table exiting.
+def rule_descriptor_table(m, d):
+    """LGDT/LIDT/SGDT/SIDT (reason 46) and LLDT/LTR/SLDT/STR (47) exit if
+    "descriptor-table exiting" is 1 (SDM 26.1.3).
 
     The loads are privileged (#GP at CPL > 0 comes first); the stores exit at any CPL,
-    which is how a VMM can hide its own tables from a curious guest.
+    which is how a VMM can hide its own tables from a curious guest.  Qualification:
+    the displacement (SDM 28.2.1); instruction information per Tables 28-10 / 28-11.
     """
-    base = insn.mnemonic
-    gdtr_idtr = base in ("sgdt", "sidt", "lgdt", "lidt")
-    if not gdtr_idtr and (not m.guest.reg("cr0") & Cr0.PE or m.guest.reg("eflags") & (1 << 17)):
+    kind = d.kind
+    gdtr_idtr = kind in _GDTR_IDTR_KINDS
+    if not gdtr_idtr and (not m.guest.reg("cr0") & _CR0_PE or m.guest.reg("eflags") & _RFLAGS_VM):
         return None  # LLDT/LTR/SLDT/STR are #UD in real and virtual-8086 mode (SDM Vol. 2)
-    if base.startswith("l") and not _ring0(m):
+    if kind in _DESC_LOADS and not _ring0(m):
         return None
-    if not m.proc2 & ProcBased2.DESC:
+    if not m.proc2 & _DESC:
         return None
-    reason = ExitReason.GDTR_IDTR if gdtr_idtr else ExitReason.LDTR_TR
-    info = m.instruction_information(insn, gdtr_idtr) | _DESC_IDENTITY[base] << 28
-    return _exit(m, insn, reason, m.displacement(insn), instruction_info=info)
+    reason = R.GDTR_IDTR if gdtr_idtr else R.LDTR_TR
+    info = instruction_information(d, gdtr_idtr) | _DESC_IDENTITY[kind] << 28
+    return _exit(m, d, reason, displacement(d), instruction_info=info)
 
 
-def _vmx_rule(reason: ExitReason) -> Rule:
-    """VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON,
-    INVEPT, INVVPID: a VM exit in non-root operation - after the #UD checks.
-
-    Their pseudo-code (SDM Vol. 3C 31.3, Vol. 2 for INVEPT/INVVPID) tests
-    ``(CR0.PE = 0) or (RFLAGS.VM = 1) or (IA32_EFER.LMA = 1 and CS.L = 0)`` -> #UD
-    *before* ``ELSIF in VMX non-root operation THEN VM exit``, and invalid-opcode
-    exceptions have priority over VM exits (SDM 26.1.1).  So an (unrestricted) real-mode
-    guest, a virtual-8086 task or compatibility-mode code gets #UD, not an exit.
-    VMCALL has no such check and exits in every mode (rule ``unconditional``).
-    """
-    def rule(m, insn):
-        g = m.guest
-        if (not g.reg("cr0") & Cr0.PE or g.reg("eflags") & (1 << 17)
-                or (g.reg("efer") & Efer.LMA and g.bits != 64)):
-            return m.raise_exception(Vector.UD, f"{insn.mnemonic.upper()} with CR0.PE = 0, "
-                                     "RFLAGS.VM = 1 or in compatibility mode raises #UD")
-        # Exit qualification: the displacement of the memory operand (SDM 28.2.1).
-        return _exit(m, insn, reason, m.displacement(insn))
-    rule.__doc__ = f"{reason.name}: exits unless a #UD condition comes first"
-    return rule
-
-
-RULES: dict[str, Rule] = {
-    "cpuid": unconditional(ExitReason.CPUID),
-    "getsec": unconditional(ExitReason.GETSEC),
-    "invd": rule_invd,
-    "xsetbv": rule_xsetbv,
-    "vmcall": unconditional(ExitReason.VMCALL),
-    "vmclear": _vmx_rule(ExitReason.VMCLEAR),
-    "vmlaunch": _vmx_rule(ExitReason.VMLAUNCH),
-    "vmptrld": _vmx_rule(ExitReason.VMPTRLD),
-    "vmptrst": _vmx_rule(ExitReason.VMPTRST),
-    "vmread": _vmx_rule(ExitReason.VMREAD),
-    "vmresume": _vmx_rule(ExitReason.VMRESUME),
-    "vmwrite": _vmx_rule(ExitReason.VMWRITE),
-    "vmxoff": _vmx_rule(ExitReason.VMOFF),
-    "vmxon": _vmx_rule(ExitReason.VMON),
-    "invept": _vmx_rule(ExitReason.INVEPT),
-    "invvpid": _vmx_rule(ExitReason.INVVPID),
-    "hlt": rule_hlt,
-    "invlpg": rule_invlpg,
-    "rdpmc": rule_rdpmc,
-    "rdtsc": rule_rdtsc,
-    "rdtscp": rule_rdtscp,
-    "mwait": _monitor_mwait(ProcBased.MWAIT_EXITING, ExitReason.MWAIT_INSTRUCTION),
-    "monitor": _monitor_mwait(ProcBased.MONITOR_EXITING, ExitReason.MONITOR_INSTRUCTION),
-    "pause": when(ProcBased.PAUSE_EXITING, ExitReason.PAUSE_INSTRUCTION, privileged=False),
-    "wbinvd": when(ProcBased2.WBINVD_EXITING, ExitReason.WBINVD),
-    "rdrand": when(ProcBased2.RDRAND_EXITING, ExitReason.RDRAND, privileged=False),
-    "rdseed": when(ProcBased2.RDSEED_EXITING, ExitReason.RDSEED, privileged=False),
-    "mov cr": rule_mov_cr,
-    "mov dr": rule_mov_dr,
-    "clts": rule_clts,
-    "lmsw": rule_lmsw,
-    "smsw": rule_smsw,
-    "in": rule_io, "out": rule_io,
-    "insb": rule_io, "insw": rule_io, "insd": rule_io,
-    "outsb": rule_io, "outsw": rule_io, "outsd": rule_io,
-    "rdmsr": rule_rdmsr,
-    "wrmsr": rule_wrmsr,
-    "lgdt": rule_descriptor_table, "lidt": rule_descriptor_table,
-    "sgdt": rule_descriptor_table, "sidt": rule_descriptor_table,
-    "lldt": rule_descriptor_table, "ltr": rule_descriptor_table,
-    "sldt": rule_descriptor_table, "str": rule_descriptor_table,
+# ------------------------------------------------------------------- the tables
+#: Which exit reason each instruction kind can cause (SDM 26.1.2, 26.1.3).
+EXIT_REASON_BY_KIND: dict[InsnKind, ExitReason] = {
+    K.CPUID: R.CPUID, K.GETSEC: R.GETSEC, K.INVD: R.INVD, K.XSETBV: R.XSETBV,
+    K.VMCALL: R.VMCALL, K.VMCLEAR: R.VMCLEAR, K.VMLAUNCH: R.VMLAUNCH, K.VMPTRLD: R.VMPTRLD,
+    K.VMPTRST: R.VMPTRST, K.VMREAD: R.VMREAD, K.VMRESUME: R.VMRESUME, K.VMWRITE: R.VMWRITE,
+    K.VMXOFF: R.VMOFF, K.VMXON: R.VMON, K.INVEPT: R.INVEPT, K.INVVPID: R.INVVPID,
+    K.HLT: R.HLT, K.INVLPG: R.INVLPG, K.RDPMC: R.RDPMC, K.RDTSC: R.RDTSC, K.RDTSCP: R.RDTSCP,
+    K.MONITOR: R.MONITOR_INSTRUCTION, K.MWAIT: R.MWAIT_INSTRUCTION, K.PAUSE: R.PAUSE_INSTRUCTION,
+    K.WBINVD: R.WBINVD, K.RDRAND: R.RDRAND, K.RDSEED: R.RDSEED,
+    K.MOV_TO_CR: R.CR_ACCESS, K.MOV_FROM_CR: R.CR_ACCESS, K.CLTS: R.CR_ACCESS, K.LMSW: R.CR_ACCESS,
+    K.MOV_TO_DR: R.DR_ACCESS, K.MOV_FROM_DR: R.DR_ACCESS,
+    K.IN: R.IO_INSTRUCTION, K.OUT: R.IO_INSTRUCTION, K.INS: R.IO_INSTRUCTION, K.OUTS: R.IO_INSTRUCTION,
+    K.RDMSR: R.MSR_READ, K.WRMSR: R.MSR_WRITE,
+    K.LGDT: R.GDTR_IDTR, K.LIDT: R.GDTR_IDTR, K.SGDT: R.GDTR_IDTR, K.SIDT: R.GDTR_IDTR,
+    K.LLDT: R.LDTR_TR, K.LTR: R.LDTR_TR, K.SLDT: R.LDTR_TR, K.STR: R.LDTR_TR,
 }
 
+#: The rule deciding each instruction-caused exit reason.
+EXIT_RULES: dict[ExitReason, Rule] = {
+    R.CPUID: rule_cpuid,
+    R.GETSEC: rule_getsec,
+    R.INVD: rule_invd,
+    R.XSETBV: rule_xsetbv,
+    R.VMCALL: rule_vmcall,
+    **{reason: rule_vmx_instruction for reason in (
+        R.VMCLEAR, R.VMLAUNCH, R.VMPTRLD, R.VMPTRST, R.VMREAD, R.VMRESUME, R.VMWRITE,
+        R.VMOFF, R.VMON, R.INVEPT, R.INVVPID)},
+    R.HLT: rule_hlt,
+    R.INVLPG: rule_invlpg,
+    R.RDPMC: rule_rdpmc,
+    R.RDTSC: rule_rdtsc,
+    R.RDTSCP: rule_rdtscp,
+    R.MONITOR_INSTRUCTION: rule_monitor,
+    R.MWAIT_INSTRUCTION: rule_mwait,
+    R.PAUSE_INSTRUCTION: rule_pause,
+    R.WBINVD: rule_wbinvd,
+    R.RDRAND: rule_rdrand,
+    R.RDSEED: rule_rdseed,
+    R.CR_ACCESS: rule_cr_access,
+    R.DR_ACCESS: rule_dr_access,
+    R.IO_INSTRUCTION: rule_io_instruction,
+    R.MSR_READ: rule_rdmsr,
+    R.MSR_WRITE: rule_wrmsr,
+    R.GDTR_IDTR: rule_descriptor_table,
+    R.LDTR_TR: rule_descriptor_table,
+}
 
-def rule_key(insn: Instruction) -> str | None:
-    """Which rule governs ``insn`` (None: it never exits and is not hooked)."""
-    mnem = insn.mnemonic.split()[-1]
-    if mnem == "mov":
-        ops = insn.op_str
-        if "cr" in ops and any(f"cr{n}" in ops.replace(" ", "").split(",") for n in (0, 2, 3, 4, 8)):
-            return "mov cr"
-        if any(f"dr{n}" in ops.replace(" ", "").split(",") for n in range(8)):
-            return "mov dr"
-        return None
-    return mnem if mnem in RULES else None
+#: Instructions that never exit but that non-root operation changes: SMSW reads CR0
+#: through the read shadow (SDM 25.6.6).
+NON_EXITING_RULES: dict[InsnKind, Rule] = {K.SMSW: rule_smsw}
+
+
+def rule_for(kind: InsnKind) -> Rule | None:
+    """The rule that governs an instruction of ``kind`` (None: it is not watched)."""
+    reason = EXIT_REASON_BY_KIND.get(kind)
+    return EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES.get(kind)

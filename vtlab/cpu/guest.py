@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import unicorn
 from unicorn import x86_const as X
 
-from . import asm
+from . import asm, decoder
 from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, Msr  # noqa: F401
 from .counter import InstructionCounter
@@ -65,13 +65,19 @@ class RunResult:
 
 @dataclass
 class Program:
-    """Code loaded into guest memory, with its disassembly."""
+    """Code loaded into guest memory, with its disassembly.
+
+    ``instructions`` lists every instruction (for display and the instruction counter);
+    ``decoded`` holds, by address, the typed record of each instruction VMX cares about
+    (:class:`vtlab.cpu.decoder.DecodedInstruction`), decoded once here at load time.
+    """
 
     address: int
     code: bytes
     bits: int
     source: str | None = None
     instructions: list[asm.Instruction] = field(default_factory=list)
+    decoded: dict[int, decoder.DecodedInstruction] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
@@ -144,7 +150,9 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
 
         The code is swept with Capstone so that vtlab knows where every instruction
         starts: the VMX layer hooks exactly the sensitive ones, and the instruction
-        counter knows how many instructions each executed block holds.
+        counter knows how many instructions each executed block holds.  Instructions of
+        interest are decoded into typed records once, here (``Program.decoded``); hooks
+        are placed by their kind, never by their text.
         """
         bits = bits or self.mode.bits
         source = program if isinstance(program, str) else None
@@ -154,22 +162,25 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         self.write(address, code)
         # Unicorn keeps translated blocks across memory writes: drop any stale ones.
         self.uc.ctl_remove_cache(address, address + max(len(code), 1))
-        prog = Program(address, code, bits, source, asm.disassemble(code, address, bits))
+        instructions, decoded = decoder.sweep(code, address, bits)
+        prog = Program(address, code, bits, source, instructions, decoded)
         self.programs.append(prog)
         if prog.instructions:
             self.counter.add_instructions(i.address for i in prog.instructions)
-        for insn in prog.instructions:
-            if insn.address in self._hlt_hooks:
+        kinds = decoder.InsnKind
+        for at, d in decoded.items():
+            if at in self._hlt_hooks:
                 continue
-            if insn.mnemonic == "hlt":
-                self._hlt_hooks.add(insn.address)
-                self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_hlt, begin=insn.address, end=insn.address)
-            elif insn.mnemonic in ("rdtsc", "rdtscp"):
-                self._hlt_hooks.add(insn.address)
-                self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_rdtsc, begin=insn.address, end=insn.address)
-            elif insn.mnemonic.split()[-1] in _IO_MNEMONICS:  # "rep outsb" -> "outsb"
-                self._hlt_hooks.add(insn.address)
-                self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_io_check, begin=insn.address, end=insn.address)
+            if d.kind is kinds.HLT:
+                hook = self._on_hlt
+            elif d.kind is kinds.RDTSC or d.kind is kinds.RDTSCP:
+                hook = self._on_rdtsc  # the virtual TSC
+            elif d.kind in decoder.IO_KINDS:
+                hook = self._on_io_check  # the I/O-permission check Unicorn skips
+            else:
+                continue
+            self._hlt_hooks.add(at)
+            self.uc.hook_add(unicorn.UC_HOOK_CODE, hook, begin=at, end=at)
         for listener in self.load_listeners:
             listener(prog)
         return prog

@@ -41,11 +41,16 @@ if TYPE_CHECKING:
     from .vmx import VmxCpu
 
 from .vmexit import VmExit
-from .exit_rules import RULES, rule_key
+from .decoder import DecodedInstruction, InsnKind
+from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .operands import OperandDecoder
 from .guest_state import GuestStateCache
 from .events import EventUnit
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
+
+#: Kinds the guest hooks itself (Guest.load); its hooks call _on_hlt / _on_rdtsc.
+_GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
+
 
 class ExitMonitor(EventUnit, OperandDecoder):
     """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
@@ -58,8 +63,9 @@ class ExitMonitor(EventUnit, OperandDecoder):
         self.event: tuple | None = None          # (vector, rip, software?) from the INTR hook
         self.mem_fault: tuple | None = None
         self.halted = False
-        self._hooked: dict[int, Instruction] = {}
-        self._rule_keys: dict[int, str] = {}      # address -> RULES key, found once at load time
+        # address -> (decoded instruction, the exit reason it can cause or None for SMSW),
+        # found once at load time (see watch_program)
+        self._watched: dict[int, tuple[DecodedInstruction, ExitReason | None]] = {}
         # Which VMCS (and which write of software's) pin/proc/proc2 were read from: run()
         # re-reads the controls only when software wrote outside the guest-state area since.
         self._controls_of: tuple | None = None
@@ -92,19 +98,25 @@ class ExitMonitor(EventUnit, OperandDecoder):
 
     # --------------------------------------------------------------- hooks
     def watch_program(self, prog: "Program") -> None:
-        """Hook every sensitive instruction of a newly loaded program (one hook per address)."""
-        for insn in prog.instructions:
-            key = rule_key(insn)
-            if insn.address in self._hooked or key is None:
+        """Hook every sensitive instruction of a newly loaded program (one hook per address).
+
+        The program's instructions were decoded when it was loaded (``prog.decoded``);
+        an instruction is sensitive if its kind can cause an exit (EXIT_REASON_BY_KIND)
+        or behaves differently in non-root operation (NON_EXITING_RULES: SMSW).
+        """
+        for address, d in prog.decoded.items():
+            if address in self._watched:
                 continue
-            self._hooked[insn.address] = insn
-            self._rule_keys[insn.address] = key
-            if insn.mnemonic in ("hlt", "rdtsc", "rdtscp"):
+            reason = EXIT_REASON_BY_KIND.get(d.kind)
+            if reason is None and d.kind not in NON_EXITING_RULES:
+                continue
+            self._watched[address] = (d, reason)
+            if d.kind in _GUEST_HOOKED:
                 continue  # the guest's own hook for these calls _on_hlt / _on_rdtsc
             handle = _ucmod.uc_hook_h()
             status = _uc_hook_add(self.guest.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE,
-                                  self._code_hook_fn, None, ctypes.c_uint64(insn.address),
-                                  ctypes.c_uint64(insn.address))
+                                  self._code_hook_fn, None, ctypes.c_uint64(address),
+                                  ctypes.c_uint64(address))
             if status != unicorn.UC_ERR_OK:
                 raise unicorn.UcError(status)
 
@@ -128,10 +140,10 @@ class ExitMonitor(EventUnit, OperandDecoder):
         """Decide, just before a sensitive instruction executes, whether it exits."""
         if self.pending is not None or self.vmcs is None or self.event is not None:
             return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
-        insn = self._hooked.get(address)
-        if insn is None:
+        watched = self._watched.get(address)
+        if watched is None:
             return False
-        key = self._rule_keys[address]
+        d, reason = watched
         # Unicorn (QEMU) passes the size it decoded, except for instructions its
         # translator turns straight into #UD (GETSEC, VMCALL and the other VMX
         # instructions): their size arrives as the placeholder 0xF1F1F1F1, or as the
@@ -139,21 +151,23 @@ class ExitMonitor(EventUnit, OperandDecoder):
         # Those are exactly instructions that exit unconditionally, so trust the
         # sweep's size for them (the byte comparison below still guards against
         # self-modifying code).
-        if insn.size != size and size != _UNDECODED_SIZE and key not in _NOT_IN_QEMU:
+        if d.length != size and size != _UNDECODED_SIZE and d.kind not in _NOT_IN_QEMU:
             return False
         g = self.guest
         # Self-modifying code: trust the bytes that are there now, not the sweep.
-        if not g.memory_holds(address, insn.bytes):
+        if not g.memory_holds(address, d.raw):
             return False
-        result = RULES[key](self, insn)
+        rule = EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES[d.kind]
+        result = rule(self, d)
         if result is None:
             return False
-        if result == "emulated":
-            g.counter.unretire_rest_of_block(address, retired_here=True)
-            g.rip = g.rip + insn.size  # the rule did the work; skip it
-            return False
-        if result == "emulated-fault":
-            return True
+        # (A type test first: ``VmExit == str`` would run the dataclass's Python __eq__.)
+        if result.__class__ is str:
+            if result == "emulated":
+                g.counter.unretire_rest_of_block(address, retired_here=True)
+                g.rip = g.rip + d.length  # the rule did the work; skip it
+                return False
+            return True  # "emulated-fault": the rule raised an exception instead
         g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
         result.guest_instructions = g.counter.total
         result.cpl = g.cpl
@@ -174,8 +188,8 @@ class ExitMonitor(EventUnit, OperandDecoder):
         """Called by the guest before RDTSC/RDTSCP: True if it exits (or faults) instead."""
         if self.pending is not None or self.vmcs is None:
             return False
-        insn = self._hooked.get(address)
-        return insn is not None and self._on_sensitive(self.guest.uc, address, insn.size, None)
+        watched = self._watched.get(address)
+        return watched is not None and self._on_sensitive(self.guest.uc, address, watched[0].length, None)
 
 
     def _load_controls(self) -> None:

@@ -7,6 +7,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from ..arch.controls import ProcBased
 from ..arch.msrs import Msr
 from ..arch.vmcs_fields import VmcsField as F
+from .decoder import InsnKind
 
 
 
@@ -16,11 +17,12 @@ _SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"
                    F[f"GUEST_{s.upper()}_LIMIT"], F[f"GUEST_{s.upper()}_AR_BYTES"]) for s in _SEGMENTS}
 #: The size a UC_HOOK_CODE callback receives for an instruction QEMU does not implement.
 _UNDECODED_SIZE = 0xF1F1F1F1
-#: Rules of instructions QEMU does not implement (it raises #UD for them), so the size it
+#: Kinds of instruction QEMU does not implement (it raises #UD for them), so the size it
 #: reports to a code hook says nothing about the instruction.
-_NOT_IN_QEMU = frozenset({"getsec", "vmcall", "vmclear", "vmlaunch", "vmptrld", "vmptrst",
-                          "vmread", "vmresume", "vmwrite", "vmxoff", "vmxon", "invept",
-                          "invvpid"})
+_NOT_IN_QEMU = frozenset({InsnKind.GETSEC, InsnKind.VMCALL, InsnKind.VMCLEAR, InsnKind.VMLAUNCH,
+                          InsnKind.VMPTRLD, InsnKind.VMPTRST, InsnKind.VMREAD, InsnKind.VMRESUME,
+                          InsnKind.VMWRITE, InsnKind.VMXOFF, InsnKind.VMXON, InsnKind.INVEPT,
+                          InsnKind.INVVPID})
 #: Guest-state fields that can be saved on their own (see ExitMonitor.materialize).
 _SINGLE_FIELD_SAVERS = {
     int(F.GUEST_SYSENTER_CS): lambda g: g.uc.msr_read(Msr.IA32_SYSENTER_CS) & 0xFFFF_FFFF,

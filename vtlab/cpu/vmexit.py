@@ -43,6 +43,9 @@ class VmExit:
     guest_instructions: int = 0
     cpl: int = 0
     device: str | None = None
+    #: The guest instruction's :class:`~vtlab.cpu.decoder.DecodedInstruction` (decoded
+    #: at load time) for an instruction-caused exit; None for other exits.
+    decoded_insn: object | None = None
 
     @property
     def reason_number(self) -> int:

@@ -349,31 +349,41 @@ def handle_ud(vm: "VirtualMachine", exit: VmExit) -> bool:
 
 
 def handle_descriptor_table(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """SGDT/SIDT/LGDT/LIDT and SLDT/STR/LLDT/LTR under descriptor-table exiting: emulate them."""
-    insn = vm.guest.instruction_at(vm.guest.linear_rip())
-    op = insn.mnemonic
-    ea = vm.cpu.monitor.effective_address(insn) if "[" in insn.op_str else None
-    wide = vm.guest.bits == 64
-    if op in ("sgdt", "sidt"):
-        base, limit = (vm.vmread(F.GUEST_GDTR_BASE), vm.vmread(F.GUEST_GDTR_LIMIT)) if op == "sgdt" else \
+    """SGDT/SIDT/LGDT/LIDT and SLDT/STR/LLDT/LTR under descriptor-table exiting: emulate them.
+
+    What to do comes from the exit's decoded instruction - its kind, its memory
+    operand's linear address, its register operand - the facts a real VMM reads from
+    the exit qualification and the instruction-information field (SDM 28.2.1, 28.2.5).
+    """
+    from ..cpu.decoder import InsnKind as K, decode_instruction
+
+    d = exit.decoded_insn
+    if d is None:  # (an exit recorded without its instruction: decode it where RIP points)
+        at = vm.guest.linear_rip()
+        d = decode_instruction(vm.guest.read(at, 15), at, vm.guest.bits)
+    kind = d.kind
+    ea = d.linear_address(vm.guest) if d.memory is not None else None
+    wide = d.code_size == 64
+    if kind in (K.SGDT, K.SIDT):
+        base, limit = (vm.vmread(F.GUEST_GDTR_BASE), vm.vmread(F.GUEST_GDTR_LIMIT)) if kind is K.SGDT else \
                       (vm.vmread(F.GUEST_IDTR_BASE), vm.vmread(F.GUEST_IDTR_LIMIT))
         vm.guest.write(ea, struct.pack("<HQ" if wide else "<HI", limit, base if wide else base & 0xFFFF_FFFF))
-    elif op in ("lgdt", "lidt"):
+    elif kind in (K.LGDT, K.LIDT):
         raw = vm.guest.read(ea, 10 if wide else 6)
         limit, base = struct.unpack("<HQ" if wide else "<HI", raw)
-        prefix = "GUEST_GDTR" if op == "lgdt" else "GUEST_IDTR"
+        prefix = "GUEST_GDTR" if kind is K.LGDT else "GUEST_IDTR"
         vm.vmwrite(F[prefix + "_BASE"], base)
         vm.vmwrite(F[prefix + "_LIMIT"], limit)
-    elif op in ("sldt", "str"):
-        sel = vm.vmread(F.GUEST_LDTR_SELECTOR if op == "sldt" else F.GUEST_TR_SELECTOR)
+    elif kind in (K.SLDT, K.STR):
+        sel = vm.vmread(F.GUEST_LDTR_SELECTOR if kind is K.SLDT else F.GUEST_TR_SELECTOR)
         if ea is not None:
             vm.guest.write(ea, struct.pack("<H", sel))
         else:
-            vm.regs[insn.op_str.strip()] = sel
-    else:  # lldt / ltr: load the selector through the guest's GDT
-        sel = vm.regs[insn.op_str.strip()] if ea is None else struct.unpack("<H", vm.guest.read(ea, 2))[0]
-        vm.guest.uc.reg_write(X.UC_X86_REG_LDTR if op == "lldt" else X.UC_X86_REG_TR,
-                              (sel, 0, 0, 0x8200 if op == "lldt" else 0x8B00))
+            vm.regs[d.registers[0].name] = sel
+    else:  # LLDT / LTR: load the selector through the guest's GDT
+        sel = vm.regs[d.registers[0].name] if ea is None else struct.unpack("<H", vm.guest.read(ea, 2))[0]
+        vm.guest.uc.reg_write(X.UC_X86_REG_LDTR if kind is K.LLDT else X.UC_X86_REG_TR,
+                              (sel, 0, 0, 0x8200 if kind is K.LLDT else 0x8B00))
     vm.skip_instruction()
     return True
 
