@@ -11,8 +11,16 @@ chapters 24-31 and Appendices A-C) and matches Linux's
 * :mod:`.msrs` - MSR numbers and CR0/CR4/EFER/RFLAGS/IA32_FEATURE_CONTROL bits
 * :mod:`.exceptions` - exception vectors and the interruption-information format
 * :mod:`.qualifications` - exit-qualification layouts
+
+Section numbers cited anywhere in vtlab are those of the edition in :data:`SDM_EDITION`
+(Vol. 3C: 24 Introduction to VMX, 25 VMCS, 26 VMX non-root operation, 27 VM entries,
+28 VM exits, 29 address translation, 31 VMX instruction reference).
 """
 from __future__ import annotations
+
+#: The Intel SDM edition whose section and table numbers vtlab cites.
+SDM_EDITION = ("Intel 64 and IA-32 Architectures Software Developer's Manual, Combined "
+               "Volumes 1-4, Order Number 325462-084US, June 2024")
 
 from .controls import (
     CONTROL_CLASSES,
@@ -85,6 +93,7 @@ from .vmcs_fields import (
 )
 
 __all__ = [
+    "SDM_EDITION",
     # exit_reasons
     "ExitReason",
     "ExitReasonInfo",

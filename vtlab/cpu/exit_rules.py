@@ -33,7 +33,10 @@ from .vmexit import VmExit
 if TYPE_CHECKING:
     from .nonroot import ExitMonitor
 
-Rule = Callable[["ExitMonitor", DecodedInstruction], "VmExit | None | str"]
+#: What a rule returns: the VM exit, None (no exit: the CPU executes the instruction),
+#: "emulated" (vtlab carried it out) or "emulated-fault" (it raised an exception).
+Outcome = VmExit | None | str
+Rule = Callable[["ExitMonitor", DecodedInstruction], Outcome]
 
 K = InsnKind
 R = ExitReason
@@ -67,34 +70,34 @@ _RFLAGS_VM = 1 << 17
 
 
 # ----------------------------------------------------------------------- helpers
-def _exit(m: "ExitMonitor", d: DecodedInstruction, reason: ExitReason, qualification: int = 0,
+def _exit(m: ExitMonitor, d: DecodedInstruction, reason: ExitReason, qualification: int = 0,
           **kw) -> VmExit:
     """The exit record: reason, qualification, instruction length (SDM 28.2.5), RIP."""
     return VmExit(reason, qualification, d.length, m.guest.rip, d.text, decoded_insn=d, **kw)
 
 
-def _ring0(m: "ExitMonitor") -> bool:
+def _ring0(m: ExitMonitor) -> bool:
     return m.guest.cpl == 0
 
 
 # ------------------------------------------------------ unconditional (SDM 26.1.2)
-def rule_cpuid(m, d):
+def rule_cpuid(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """CPUID exits unconditionally (SDM 26.1.2), at any CPL."""
     return _exit(m, d, R.CPUID)
 
 
-def rule_getsec(m, d):
+def rule_getsec(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """GETSEC exits unconditionally (SDM 26.1.2)."""
     return _exit(m, d, R.GETSEC)
 
 
-def rule_vmcall(m, d):
+def rule_vmcall(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """VMCALL exits unconditionally (SDM 26.1.2) - in every mode, with no #UD check
     before the exit (unlike the other VMX instructions, see :func:`rule_vmx_instruction`)."""
     return _exit(m, d, R.VMCALL)
 
 
-def rule_invd(m, d):
+def rule_invd(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """INVD exits unconditionally (SDM 26.1.2) - but it is privileged, and a #GP at
     CPL > 0 has priority over the VM exit (SDM 26.1.1)."""
     if not _ring0(m):
@@ -102,7 +105,7 @@ def rule_invd(m, d):
     return _exit(m, d, R.INVD)
 
 
-def rule_xsetbv(m, d):
+def rule_xsetbv(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """XSETBV exits unconditionally (SDM 26.1.2) once its own fault checks pass.
 
     XSETBV raises #UD if CR4.OSXSAVE = 0 and #GP(0) at CPL > 0 (SDM Vol. 2, XSETBV);
@@ -116,7 +119,7 @@ def rule_xsetbv(m, d):
     return _exit(m, d, R.XSETBV)
 
 
-def rule_vmx_instruction(m, d):
+def rule_vmx_instruction(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON,
     INVEPT, INVVPID: a VM exit in non-root operation (SDM 26.1.2) - after the #UD checks.
 
@@ -136,7 +139,7 @@ def rule_vmx_instruction(m, d):
 
 
 # ------------------------------------------------------ conditional (SDM 26.1.3)
-def rule_hlt(m, d):
+def rule_hlt(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """HLT exits if "HLT exiting" is 1 (SDM 26.1.3); otherwise the guest halts inside
     non-root operation.  Privileged: #GP at CPL > 0 comes first."""
     if not _ring0(m):
@@ -144,7 +147,7 @@ def rule_hlt(m, d):
     return _exit(m, d, R.HLT) if m.proc & _HLT_EXITING else None
 
 
-def rule_invlpg(m, d):
+def rule_invlpg(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """INVLPG exits if "INVLPG exiting" is 1 (SDM 26.1.3); the exit qualification is
     the linear-address operand (SDM 28.2.1)."""
     if not _ring0(m) or not m.proc & _INVLPG_EXITING:
@@ -152,7 +155,7 @@ def rule_invlpg(m, d):
     return _exit(m, d, R.INVLPG, d.linear_address(m.guest))
 
 
-def rule_rdpmc(m, d):
+def rule_rdpmc(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDPMC exits if "RDPMC exiting" is 1 (SDM 26.1.3), after the CPL/CR4.PCE #GP check.
 
     With the control 0 the CPU reads the counter.  QEMU (Unicorn) does not implement
@@ -169,7 +172,7 @@ def rule_rdpmc(m, d):
     return "emulated"
 
 
-def rule_rdtsc(m, d):
+def rule_rdtsc(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDTSC exits if "RDTSC exiting" is 1 (SDM 26.1.3), after the CR4.TSD #GP check
     at CPL > 0."""
     if m.guest.cpl > 0 and m.guest.reg("cr4") & _CR4_TSD:
@@ -177,7 +180,7 @@ def rule_rdtsc(m, d):
     return _exit(m, d, R.RDTSC) if m.proc & _RDTSC_EXITING else None
 
 
-def rule_rdtscp(m, d):
+def rule_rdtscp(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDTSCP: #UD unless "enable RDTSCP" is 1; exits (reason 51) if "RDTSC exiting"
     is also 1 (SDM 26.1.3, and 26.1.1 for the #UD's priority)."""
     if not m.proc2 & _ENABLE_RDTSCP:
@@ -185,7 +188,7 @@ def rule_rdtscp(m, d):
     return _exit(m, d, R.RDTSCP) if m.proc & _RDTSC_EXITING else None
 
 
-def _monitor_mwait(m, d, control: int, reason: ExitReason):
+def _monitor_mwait(m: ExitMonitor, d: DecodedInstruction, control: int, reason: ExitReason) -> Outcome:
     """MONITOR / MWAIT exit if their control is 1 (SDM 26.1.3); both are #UD at CPL > 0
     here (IA32_MISC_ENABLE gives no user-mode MONITOR/MWAIT), which comes first.
 
@@ -199,40 +202,40 @@ def _monitor_mwait(m, d, control: int, reason: ExitReason):
     return _exit(m, d, reason) if m.proc & control else "emulated"
 
 
-def rule_monitor(m, d):
+def rule_monitor(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """MONITOR exits if "MONITOR exiting" is 1, else executes (SDM 26.1.3; see _monitor_mwait)."""
     return _monitor_mwait(m, d, _MONITOR_EXITING, R.MONITOR_INSTRUCTION)
 
 
-def rule_mwait(m, d):
+def rule_mwait(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """MWAIT exits if "MWAIT exiting" is 1, else executes as a NOP (SDM 26.1.3)."""
     return _monitor_mwait(m, d, _MWAIT_EXITING, R.MWAIT_INSTRUCTION)
 
 
-def rule_pause(m, d):
+def rule_pause(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """PAUSE exits if "PAUSE exiting" is 1 (SDM 26.1.3), at any CPL (not privileged)."""
     return _exit(m, d, R.PAUSE_INSTRUCTION) if m.proc & _PAUSE_EXITING else None
 
 
-def rule_wbinvd(m, d):
+def rule_wbinvd(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """WBINVD exits if "WBINVD exiting" is 1 (SDM 26.1.3); privileged (#GP first)."""
     if not _ring0(m):
         return None
     return _exit(m, d, R.WBINVD) if m.proc2 & _WBINVD_EXITING else None
 
 
-def rule_rdrand(m, d):
+def rule_rdrand(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDRAND exits if "RDRAND exiting" is 1 (SDM 26.1.3), at any CPL."""
     return _exit(m, d, R.RDRAND) if m.proc2 & _RDRAND_EXITING else None
 
 
-def rule_rdseed(m, d):
+def rule_rdseed(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDSEED exits if "RDSEED exiting" is 1 (SDM 26.1.3), at any CPL."""
     return _exit(m, d, R.RDSEED) if m.proc2 & _RDSEED_EXITING else None
 
 
 # ------------------------------------------------------------- control registers
-def rule_mov_cr(m, d):
+def rule_mov_cr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """MOV to/from CR0, CR3, CR4, CR8 (SDM 26.1.3; 25.6.6 on guest/host masks and
     read shadows).  Qualification: CR number, direction, register (Table 28-3)."""
     if not _ring0(m) or not d.registers:
@@ -272,7 +275,7 @@ def rule_mov_cr(m, d):
     return None  # CR2 (and the reserved CRs, #UD) never exit
 
 
-def rule_clts(m, d):
+def rule_clts(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """CLTS exits if CR0.TS is owned by the VMM (mask bit 3) and the shadow's TS is 1
     (SDM 26.1.3)."""
     if not _ring0(m):
@@ -283,7 +286,7 @@ def rule_clts(m, d):
     return None
 
 
-def rule_lmsw(m, d):
+def rule_lmsw(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """LMSW exits if it would change an owned bit of CR0[3:0] away from the shadow, or
     set an owned PE whose shadow is 0 (SDM 26.1.3).  The qualification carries the
     source operand (Table 28-3)."""
@@ -308,12 +311,12 @@ _CR_ACCESS_RULES: dict[InsnKind, Rule] = {
 }
 
 
-def rule_cr_access(m, d):
+def rule_cr_access(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """Control-register accesses (reason 28, SDM 26.1.3): MOV to/from CR, CLTS, LMSW."""
     return _CR_ACCESS_RULES[d.kind](m, d)
 
 
-def rule_smsw(m, d):
+def rule_smsw(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """SMSW never exits (SDM 26.1.3 lists no control for it), but it reads CR0[15:0]
     through the read shadow for the bits the VMM owns (SDM 25.6.6)."""
     mask = m.vmcs.get(F.CR0_GUEST_HOST_MASK) & 0xFFFF
@@ -325,7 +328,7 @@ def rule_smsw(m, d):
 
 
 # ------------------------------------------------------------- debug registers
-def rule_dr_access(m, d):
+def rule_dr_access(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """MOV DR exits if "MOV-DR exiting" is 1 (SDM 26.1.3); qualification per Table 28-4:
     bits 2:0 the DR number, bit 4 the direction (1 = MOV from DR), bits 11:8 the register."""
     if not _ring0(m) or not m.proc & _MOV_DR_EXITING or not d.registers:
@@ -336,7 +339,7 @@ def rule_dr_access(m, d):
 
 
 # ------------------------------------------------------------------------- I/O
-def io_operands(m: "ExitMonitor", d: DecodedInstruction) -> IoQualification:
+def io_operands(m: ExitMonitor, d: DecodedInstruction) -> IoQualification:
     """The I/O exit qualification of IN/OUT/INS/OUTS (SDM Table 28-5), from the record.
 
     The access size is the data register's width (AL, AX, EAX) for IN/OUT and the memory
@@ -356,7 +359,7 @@ def io_operands(m: "ExitMonitor", d: DecodedInstruction) -> IoQualification:
     return IoQualification(port, size, direction, string, rep, immediate)
 
 
-def rule_io_instruction(m, d):
+def rule_io_instruction(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """I/O instructions: unconditional I/O exiting, or the I/O bitmaps (SDM 26.1.3).
 
     With "use I/O bitmaps" = 1, "unconditional I/O exiting" is ignored and the access
@@ -405,7 +408,7 @@ def msr_bitmap_position(msr: int) -> tuple[int, int] | None:
     return None
 
 
-def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
+def msr_bitmap_exits(m: ExitMonitor, msr: int, write: bool) -> bool:
     """Does RDMSR/WRMSR of ``msr`` exit: always, or per the MSR bitmap (SDM 26.1.3)."""
     if not m.proc & _USE_MSR_BITMAPS:
         return True
@@ -416,7 +419,7 @@ def msr_bitmap_exits(m: "ExitMonitor", msr: int, write: bool) -> bool:
     return m.cpu.memory.test_bit(m.vmcs.get(F.MSR_BITMAP) + offset + (2048 if write else 0), bit)
 
 
-def rule_rdmsr(m, d):
+def rule_rdmsr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1 (SDM 26.1.3);
     privileged (#GP at CPL > 0 first)."""
     if not _ring0(m):
@@ -425,7 +428,7 @@ def rule_rdmsr(m, d):
     return _exit(m, d, R.MSR_READ) if msr_bitmap_exits(m, msr, False) else None
 
 
-def rule_wrmsr(m, d):
+def rule_wrmsr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """WRMSR exits always, or per the MSR bitmap when "use MSR bitmaps" is 1 (SDM 26.1.3);
     privileged (#GP at CPL > 0 first)."""
     if not _ring0(m):
@@ -441,7 +444,7 @@ _GDTR_IDTR_KINDS = frozenset({K.SGDT, K.SIDT, K.LGDT, K.LIDT})
 _DESC_LOADS = frozenset({K.LGDT, K.LIDT, K.LLDT, K.LTR})
 
 
-def rule_descriptor_table(m, d):
+def rule_descriptor_table(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """LGDT/LIDT/SGDT/SIDT (reason 46) and LLDT/LTR/SLDT/STR (47) exit if
     "descriptor-table exiting" is 1 (SDM 26.1.3).
 

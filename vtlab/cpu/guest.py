@@ -45,7 +45,6 @@ from .segments import TSS_LIMIT, Segment, SegmentUnit, _descriptor, _TSS_LIMIT, 
 #: for emulate(), which runs on every VM entry.
 _CR0_PE = int(Cr0.PE)
 
-_IO_MNEMONICS = {"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"}
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 from typing import TYPE_CHECKING
 
-import capstone
 import unicorn
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
@@ -31,7 +30,6 @@ from ..arch.controls import ProcBased2
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import ExitReason
 from ..arch.vmcs_fields import VmcsField as F
-from .asm import Instruction
 from .quirks import forget_exception
 from .outcome import Status, VmxOutcome
 
@@ -43,7 +41,6 @@ if TYPE_CHECKING:
 from .vmexit import VmExit
 from .decoder import DecodedInstruction, InsnKind
 from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
-from .operands import OperandDecoder
 from .guest_state import GuestStateCache
 from .events import EventUnit
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
@@ -52,7 +49,7 @@ from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _
 _GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
 
 
-class ExitMonitor(EventUnit, OperandDecoder):
+class ExitMonitor(EventUnit):
     """Watches a guest in VMX non-root operation and turns sensitive events into VM exits."""
 
     def __init__(self, cpu: "VmxCpu"):
@@ -88,8 +85,6 @@ class ExitMonitor(EventUnit, OperandDecoder):
         # noticeable part of a VM exit.  One callback object serves every address; it
         # must stay referenced for as long as the engine may call it.
         self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
-        self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self._cs.detail = True
 
     @property
     def vmcs(self) -> "Vmcs | None":

@@ -57,18 +57,3 @@ def instruction_information(d: DecodedInstruction, gdtr_idtr: bool) -> int:
     info |= mem.base << 23 if mem.base is not None else 1 << 27  # RIP-relative: no base
     return info
 
-
-class OperandDecoder:
-    """The non-root monitor's operand helpers, over decoded records (nothing is decoded
-    again at exit time).  Kept so that ``ExitMonitor`` can keep listing it as a base;
-    the exit rules call the module functions directly."""
-
-    def effective_address(self, d: DecodedInstruction) -> int:
-        """Linear address of ``d``'s memory operand (0 if it has none)."""
-        return d.linear_address(self.guest) if d.memory is not None else 0
-
-    def displacement(self, d: DecodedInstruction) -> int:
-        return displacement(d)
-
-    def instruction_information(self, d: DecodedInstruction, gdtr_idtr: bool) -> int:
-        return instruction_information(d, gdtr_idtr)

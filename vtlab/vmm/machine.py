@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from unicorn import x86_const as X
-
 from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
 from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
@@ -382,8 +380,8 @@ def handle_descriptor_table(vm: "VirtualMachine", exit: VmExit) -> bool:
             vm.regs[d.registers[0].name] = sel
     else:  # LLDT / LTR: load the selector through the guest's GDT
         sel = vm.regs[d.registers[0].name] if ea is None else struct.unpack("<H", vm.guest.read(ea, 2))[0]
-        vm.guest.uc.reg_write(X.UC_X86_REG_LDTR if kind is K.LLDT else X.UC_X86_REG_TR,
-                              (sel, 0, 0, 0x8200 if kind is K.LLDT else 0x8B00))
+        vm.guest.set_system_segment("ldtr" if kind is K.LLDT else "tr", sel, 0, 0,
+                                    0x82 if kind is K.LLDT else 0x8B)
     vm.skip_instruction()
     return True
 

@@ -1,14 +1,16 @@
-"""Running the VM-entry rules: all of them, or only those a VMWRITE may have broken.
+"""Running the VM-entry rules: all of them, or only those a change may have broken.
 
 A real processor runs every check of SDM 27.2-27.3 on every VMLAUNCH/VMRESUME.  vtlab
 gets the same answers with less work: a rule is a pure function of the fields it
-``reads`` (and, for some, of processor state), so after a VM exit the VMM's handler -
-which typically writes nothing but GUEST_RIP - can only have changed the verdict of the
-rules that read a field it wrote.  :class:`EntryChecker` keeps each VMCS's verdicts and
-re-runs just those rules.
+``reads`` (and, for some, of processor state), so a rule whose fields kept their values
+since the last check of a VMCS keeps its verdict.  After a VM exit the VMM's handler
+typically writes nothing but GUEST_RIP, so VMRESUME re-runs one rule instead of ~130.
 
-State the *processor* writes (the guest state saved on a VM exit, SDM 28.3) is not
-re-checked: it is state the processor was running with, which the checks accept.
+:class:`EntryChecker` keeps each VMCS's verdicts.  The caller says which fields changed
+since the previous check of that VMCS: VMWRITEs, and guest state the VM exit saved with a
+new value (vtlab's vCPU tracks both, see :class:`vtlab.cpu.guest_state.GuestStateCache`).
+A superset is always safe; a field left out is a verdict left stale, which is why every
+rule's ``reads`` is tested to be complete (tests/test_entry_rules.py).
 """
 from __future__ import annotations
 
@@ -27,38 +29,43 @@ _NOTHING: frozenset[int] = frozenset()
 
 
 def processor_key(cpu: "VmxCpu") -> tuple:
-    """A snapshot of what the ``processor=True`` rules read outside the VMCS: the capability
-    MSRs (the attributes of ``cpu.caps`` that ``caps.msrs()`` is computed from, dicts
-    copied so that changing one in place shows) and the physical-address width.
-    :func:`same_processor` compares it without building anything."""
+    """A snapshot of what the ``processor=True`` rules read outside the VMCS:
+    ``(cpu.caps, physical-address width, copy of the capabilities' attributes)``.
+
+    The attributes of :class:`vtlab.cpu.capabilities.VmxCapabilities` are what its
+    capability MSRs (``caps.msrs()``) are computed from; the dicts among them are copied,
+    so that replacing one control's allowed settings in place shows as a change.
+    """
     caps = cpu.caps
-    fields = getattr(caps, "__dict__", None)
-    if fields is None:  # a capabilities object without instance dict: its MSR values
-        return caps, cpu.memory.width, None, caps.msrs()
     return caps, cpu.memory.width, {k: v.copy() if isinstance(v, (dict, list, set)) else v
-                                    for k, v in fields.items()}, None
+                                    for k, v in vars(caps).items()}
 
 
 def same_processor(cpu: "VmxCpu", key: tuple) -> bool:
-    """Is the processor state :func:`processor_key` took still the same?  (About 0.2 us:
-    one C-level comparison of the capability attributes.)"""
+    """Is the processor state :func:`processor_key` took still the same?  (One identity
+    test and one C-level dict comparison: a fraction of a microsecond, unlike building
+    ``caps.msrs()``.)"""
     caps = cpu.caps
-    if caps is not key[0] or cpu.memory.width != key[1]:
-        return False
-    if key[2] is None:
-        return caps.msrs() == key[3]
-    return caps.__dict__ == key[2]
+    return caps is key[0] and cpu.memory.width == key[1] and caps.__dict__ == key[2]
+
+
+def _region(vmcs: Any) -> Any:
+    """What the verdicts are kept under: the VMCS region (``cpu.current_vmcs`` is a view
+    of it, :class:`vtlab.cpu.vmcs_view.CurrentVmcs`, which reads through the lazy save)."""
+    return getattr(vmcs, "region", vmcs)
 
 
 class _State:
     """The verdicts of every rule for one VMCS, as of its last check."""
 
-    __slots__ = ("results", "failing", "key", "rip", "__weakref__")
+    __slots__ = ("results", "failing", "caps", "width", "caps_dict", "rip", "__weakref__")
 
     def __init__(self, n: int):
         self.results: list[tuple[Violation, ...]] = [()] * n   #: per rule index
         self.failing: set[int] = set()                         #: indexes with violations
-        self.key: tuple = ()                                   #: processor_key at the check
+        self.caps: Any = None          #: cpu.caps, cpu.memory.width and a copy of the
+        self.width = -1                #: capabilities' attributes at the check
+        self.caps_dict: dict | None = None
         self.rip = -1                                          #: GUEST_RIP at the check
 
 
@@ -68,10 +75,13 @@ class EntryChecker:
     ``violations(cpu, vmcs)`` runs every rule; ``violations(cpu, vmcs, changed)``, with
     ``changed`` the set of field encodings written since the previous check of the same
     VMCS, re-runs only the rules whose ``reads`` meet it and reuses the other verdicts.
-    GUEST_RIP is compared with its value at the last check (the VMCS does not count RIP
-    writes as changes), and the processor-dependent rules re-run whenever the capability
-    MSRs or the physical-address width differ.  The field -> rules index comes from the
-    rules' ``reads`` once, here.
+    GUEST_RIP is also compared with its value at the last check, so a caller that does not
+    count RIP writes as changes is still right; the processor-dependent rules re-run
+    whenever the capability MSRs or the physical-address width differ.  The field -> rules
+    index comes from the rules' ``reads`` once, here.
+
+    VM entry uses the processor's checker, ``cpu.entry_checker``; :func:`entry_violations`
+    is the stateless full check.
     """
 
     def __init__(self, rule_list: Iterable[Rule] | None = None):
@@ -111,8 +121,8 @@ class EntryChecker:
 
     def forget(self, vmcs: Any) -> None:
         """Drop the verdicts kept for ``vmcs``: its next check runs every rule."""
-        self._states.pop(vmcs, None)
-        if self._last_vmcs is vmcs:
+        self._states.pop(_region(vmcs), None)
+        if self._last_vmcs is not None and _region(self._last_vmcs) is _region(vmcs):
             self._last_vmcs = self._last_state = None
 
     def violations(self, cpu: "VmxCpu", vmcs: "Vmcs", changed: Iterable[int] | None = None) -> list[Violation]:
@@ -123,49 +133,67 @@ class EntryChecker:
         reading one of them, or GUEST_RIP if it moved, or processor state if it differs, run.
         """
         # This runs on every VMLAUNCH/VMRESUME: the common case (after a VM exit whose
-        # handler advanced GUEST_RIP) must cost about a microsecond, so no objects are
-        # built unless a rule re-runs.
-        if vmcs is self._last_vmcs:
-            state = self._last_state
-        else:
-            state = self._states.get(vmcs)
-            if state is not None:
-                self._last_vmcs, self._last_state = vmcs, state
-        if changed is None or state is None:
-            state = self._full(cpu, vmcs)
-        else:
-            get = vmcs.get
-            todo = None
-            rip = get(_GUEST_RIP)
-            if rip != state.rip:   # a VMCS need not count VMWRITEs of GUEST_RIP as changes
-                state.rip = rip
-                todo = self._rip_rules
-            if changed:
-                by_field = self.by_field
-                for f in changed:
-                    ix = by_field.get(f)
-                    if ix is not None and ix is not todo:
-                        todo = ix if todo is None else todo | ix
-            if not same_processor(cpu, state.key):
-                state.key = processor_key(cpu)
-                todo = self._processor if todo is None else todo | self._processor
-            if todo is None:
-                self.last_run = _NOTHING
-            else:
-                self._run(cpu, get, state, todo)
-        failing = state.failing
-        if not failing:
+        # handler advanced GUEST_RIP) must cost well under a microsecond, so it builds no
+        # objects and calls nothing but the rules that re-run.
+        state = self._last_state
+        if vmcs is not self._last_vmcs or changed is None or state is None:
+            state = self._states.get(_region(vmcs)) if changed is not None else None
+            if state is None:
+                state = self._full(cpu, vmcs)
+                return self._report(state)
+            self._last_vmcs, self._last_state = vmcs, state
+        get = vmcs.get
+        todo = None
+        rip = get(_GUEST_RIP)
+        if rip != state.rip:   # a VMCS need not count VMWRITEs of GUEST_RIP as changes
+            state.rip = rip
+            todo = self._rip_rules
+        if changed:
+            by_field = self.by_field
+            for f in changed:
+                ix = by_field.get(f)
+                if ix is not None and ix is not todo:
+                    todo = ix if todo is None else todo | ix
+        caps = cpu.caps   # same_processor(), inlined
+        if caps is not state.caps or cpu.memory.width != state.width or caps.__dict__ != state.caps_dict:
+            self._note_processor(cpu, state)
+            todo = self._processor if todo is None else todo | self._processor
+        if todo is None:
+            self.last_run = _NOTHING
+        else:   # _run(), inlined: this is the per-entry path
+            self.last_run = todo
+            fns, results, failing = self._fns, state.results, state.failing
+            for i in todo:
+                found = fns[i](get, cpu)
+                if found:
+                    violation = self.rules[i].violation
+                    results[i] = tuple(violation(m) for m in found)
+                    failing.add(i)
+                elif i in failing:
+                    failing.discard(i)
+                    results[i] = ()
+        if not state.failing:
             return []
-        results = state.results
-        return [v for i in sorted(failing) for v in results[i]]
+        return self._report(state)
 
     # ------------------------------------------------------------ internals
+    @staticmethod
+    def _report(state: _State) -> list[Violation]:
+        results = state.results
+        return [v for i in sorted(state.failing) for v in results[i]]
+
+    @staticmethod
+    def _note_processor(cpu: "VmxCpu", state: _State) -> None:
+        """Remember the processor state the processor-dependent verdicts were made with."""
+        state.caps, state.width, state.caps_dict = processor_key(cpu)
+
     def _full(self, cpu: "VmxCpu", vmcs: "Vmcs") -> _State:
         state = _State(len(self.rules))
         get = vmcs.get
-        state.rip, state.key = get(_GUEST_RIP), processor_key(cpu)
+        state.rip = get(_GUEST_RIP)
+        self._note_processor(cpu, state)
         self._run(cpu, get, state, range(len(self.rules)))
-        self._states[vmcs] = state
+        self._states[_region(vmcs)] = state
         self._last_vmcs, self._last_state = vmcs, state
         return state
 

@@ -198,7 +198,7 @@ def _add_cs_dpl_rules(ar_reads: set) -> None:
                     f"so CS DPL must be 0; it is {found[1]}"]
         return []
 
-    @guest("guest_cs_dpl_nonconforming", "27.3.1.2", reads=ar_reads | {ss_ar},
+    @guest("guest_cs_dpl_nonconforming", "27.3.1.2", reads=ar_reads,
            breaks=set_bits(cs_ar, 3 << 5))
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         """If the CS type is 9 or 11 (non-conforming code segment), the CS DPL must equal

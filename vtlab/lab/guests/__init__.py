@@ -166,10 +166,7 @@ def make_vm(name: str, **kwargs):
         vm.set_control(ProcBased.HLT_EXITING, True)
         vm.run()
     """
-    import vtlab
+    from ...vmm.machine import VirtualMachine
 
-    vm_class = getattr(vtlab, "VirtualMachine", None)
-    if vm_class is None:
-        raise RuntimeError("vtlab.VirtualMachine is not available in this version of vtlab")
     wi = info(name)
-    return vm_class(source(name), mode=wi.mode, load=wi.load, **kwargs)
+    return VirtualMachine(source(name), mode=wi.mode, load=wi.load, **kwargs)
