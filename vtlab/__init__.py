@@ -20,7 +20,7 @@ from .cpu.guest import Guest, Layout, Mode, Selector
 from .cpu.vmcs import INVALID_POINTER, LaunchState, Vmcs
 from .cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
 from .vmm.devices import DebugPort, Device, DeviceBus, PostCodePort, Serial16550, UserspaceDevice
-from .vmm.machine import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
+from .vmm import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
 from .vmm.trace import Trace, TraceEvent
 
 __all__ = list(_arch_all) + [

@@ -44,6 +44,7 @@ def _add_segment_rules(seg: str) -> None:
     # "If the register is CS or if the register is usable" (SDM 27.3.1.2): an unusable
     # data segment register is not checked further; CS is always checked.
     usable_only = seg != "CS"
+    when = f"If {seg} is usable, the" if usable_only else "The"   # how the docs below start
 
     def checked(get: Reader) -> int | None:
         """The access rights if the non-virtual-8086 rules apply to this register, else None."""
@@ -115,8 +116,8 @@ def _add_segment_rules(seg: str) -> None:
             return []
 
     @guest(f"guest_{s}_s_bit", "27.3.1.2", reads=ar_reads, breaks=clear_bits(ar_f, _S),
-           doc=f"If the register is CS or usable, the S bit (bit 4) of {seg} must be 1: a code or "
-               "data segment, not a system descriptor.")
+           doc=f"{when} S bit (bit 4) of {seg} must be 1: a code or data segment, not a system "
+               "descriptor.")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         ar = checked(get)
         if ar is not None and not ar & _S:
@@ -124,7 +125,7 @@ def _add_segment_rules(seg: str) -> None:
         return []
 
     @guest(f"guest_{s}_present", "27.3.1.2", reads=ar_reads, breaks=clear_bits(ar_f, _P),
-           doc=f"If the register is CS or usable, the P bit (bit 7) of {seg} must be 1 (present).")
+           doc=f"{when} P bit (bit 7) of {seg} must be 1 (present).")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         ar = checked(get)
         if ar is not None and not ar & _P:
@@ -148,8 +149,8 @@ def _add_segment_rules(seg: str) -> None:
 
     @guest(f"guest_{s}_limit_granularity_low", "27.3.1.2", reads=ar_reads | {limit_f}, mode="protected",
            breaks=write(limit_f, 0xFFFF_F000),
-           doc=f"If the register is CS or usable and any bit in the range 11:0 of the {seg} limit "
-               "field is 0, G (bit 15) must be 0: a 4-KByte-granular limit always ends in FFFH.")
+           doc=f"{when} G bit (bit 15) of {seg} must be 0 if any bit in the range 11:0 of the limit "
+               "field is 0: a 4-KByte-granular limit always ends in FFFH.")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         ar = checked(get)
         if ar is not None and ar & _G and (get(limit_f) & 0xFFF) != 0xFFF:
@@ -158,8 +159,8 @@ def _add_segment_rules(seg: str) -> None:
 
     @guest(f"guest_{s}_limit_granularity_high", "27.3.1.2", reads=ar_reads | {limit_f}, mode="protected",
            breaks=clear_bits(ar_f, _G),
-           doc=f"If the register is CS or usable and any bit in the range 31:20 of the {seg} limit "
-               "field is 1, G must be 1: a byte-granular limit has 20 bits.")
+           doc=f"{when} G bit (bit 15) of {seg} must be 1 if any bit in the range 31:20 of the "
+               "limit field is 1: a byte-granular limit has only 20 bits.")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         ar = checked(get)
         if ar is not None and get(limit_f) >> 20 and not ar & _G:
@@ -198,7 +199,7 @@ def _add_cs_dpl_rules(ar_reads: set) -> None:
                     f"so CS DPL must be 0; it is {found[1]}"]
         return []
 
-    @guest("guest_cs_dpl_nonconforming", "27.3.1.2", reads=ar_reads,
+    @guest("guest_cs_dpl_nonconforming", "27.3.1.2", reads=ar_reads | {ss_ar},
            breaks=set_bits(cs_ar, 3 << 5))
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         """If the CS type is 9 or 11 (non-conforming code segment), the CS DPL must equal

@@ -161,7 +161,13 @@ def rules() -> tuple[Rule, ...]:
     if _RULES is None:
         for name in RULE_MODULES:
             importlib.import_module(f"{__package__}.{name}")
-        _RULES = tuple(sorted(_REGISTERED, key=lambda r: GROUPS.index(r.group)))  # stable sort
+        # Group first, then the module's place in RULE_MODULES (whichever was imported
+        # first), then the order of registration within the module.
+        def order(r: Rule) -> tuple[int, int]:
+            module = r.fn.__module__.rpartition(".")[2]
+            return (GROUPS.index(r.group),
+                    RULE_MODULES.index(module) if module in RULE_MODULES else len(RULE_MODULES))
+        _RULES = tuple(sorted(_REGISTERED, key=order))  # a stable sort keeps registration order
     return _RULES
 
 
