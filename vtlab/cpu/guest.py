@@ -19,6 +19,8 @@ This module knows nothing about VMX; :mod:`vtlab.vmx` drives a Guest from the VM
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 from dataclasses import dataclass, field
 
 import unicorn
@@ -84,6 +86,18 @@ class Program:
 
     def listing(self) -> str:
         return "\n".join(str(i) for i in self.instructions)
+
+
+class GuestMonitor(Protocol):
+    """What :meth:`Guest.attach_monitor` expects of a monitor (the VMX exit monitor)."""
+
+    #: True if the monitor records a HLT stop itself (the guest then does not).
+    records_own_stops: bool
+
+    def interrupt_raised(self, vector: int) -> None: ...
+    def before_hlt(self, address: int) -> bool: ...
+    def before_rdtsc(self, address: int) -> bool: ...
+    def program_loaded(self, program: "Program") -> None: ...
 
 
 class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, EventDelivery):
@@ -219,6 +233,25 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
     def remove_hook(self, handle) -> None:
         """Remove a hook that :meth:`add_code_hook` returned."""
         self.uc.hook_del(handle)
+
+    # ------------------------------------------------------------ monitors
+    def attach_monitor(self, monitor: "GuestMonitor") -> None:
+        """Let ``monitor`` watch this CPU run (VMX non-root operation attaches its exit
+        monitor here): it hears of every exception and interrupt, of each HLT and RDTSC
+        before it executes, and of every program loaded, including those loaded already.
+        Without a monitor the guest itself records why a bare run stopped."""
+        self.on_interrupt = monitor.interrupt_raised
+        self.on_hlt = monitor.before_hlt
+        self.on_rdtsc = monitor.before_rdtsc
+        self.on_hlt_stops_itself = monitor.records_own_stops
+        self.load_listeners.append(monitor.program_loaded)
+        for prog in self.programs:
+            monitor.program_loaded(prog)
+
+    def connect_io(self, read, write) -> None:
+        """Wire port I/O that does not exit to "hardware": ``read(port, size) -> value``
+        and ``write(port, size, value)`` (a VMM's device bus, a test's recorder)."""
+        self.io_read, self.io_write = read, write
 
     # --------------------------------------------------------------- running
     def _on_hlt(self, uc, address, size, _user):

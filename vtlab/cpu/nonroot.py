@@ -72,19 +72,28 @@ class ExitMonitor(EventUnit):
         self.pending_nmi = False
         self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
         g = self.guest
-        g.on_interrupt = self._on_interrupt
-        g.on_hlt = self._on_hlt
-        g.on_rdtsc = self._on_rdtsc
-        g.on_hlt_stops_itself = True
-        g.load_listeners.append(self.watch_program)
-        for prog in g.programs:
-            self.watch_program(prog)
+        g.attach_monitor(self)
         g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
         # The code hook of the sensitive instructions, as a raw ctypes callback: the
         # binding's hook_add wraps every callback in two more Python frames, which is a
         # noticeable part of a VM exit.  One callback object serves every address; it
         # must stay referenced for as long as the engine may call it.
         self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
+
+    # The Guest.attach_monitor interface (vtlab.cpu.guest.GuestMonitor).
+    records_own_stops = True
+
+    def interrupt_raised(self, vector: int) -> None:
+        self._on_interrupt(vector)
+
+    def before_hlt(self, address: int) -> bool:
+        return self._on_hlt(address)
+
+    def before_rdtsc(self, address: int) -> bool:
+        return self._on_rdtsc(address)
+
+    def program_loaded(self, program: "Program") -> None:
+        self.watch_program(program)
 
     @property
     def vmcs(self) -> "Vmcs | None":

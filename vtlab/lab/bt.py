@@ -209,7 +209,7 @@ def run_translated(source: str | bytes, mode: str | Mode = "protected",
     # 1. native, CPL 0
     g = Guest(mode)
     native_out: list = []
-    g.io_write = lambda port, size, value: native_out.append((port, value))
+    g.connect_io(g.io_read, lambda port, size, value: native_out.append((port, value)))
     g.load(code, address)
     for r, val in regs.items():
         g.set_reg(r, val)
@@ -272,7 +272,7 @@ def run_translated(source: str | bytes, mode: str | Mode = "protected",
     # 3. untranslated, CPL 3: trap-and-emulate with nothing emulated
     g3 = _vmm_guest(mode)
     untranslated_out: list = []
-    g3.io_write = lambda port, size, value: untranslated_out.append((port, value))
+    g3.connect_io(g3.io_read, lambda port, size, value: untranslated_out.append((port, value)))
     for r, val in regs.items():
         g3.set_reg(r, val)
     try:

@@ -80,7 +80,7 @@ class VirtualMachine:
         self.cpu = VmxCpu(self.guest)
         self.regs = Registers(self.guest)
         self.bus = devices or standard_devices()
-        self.guest.io_read, self.guest.io_write = self.bus.read, self.bus.write
+        self.guest.connect_io(self.bus.read, self.bus.write)
         self.handlers: dict[ExitReason, Handler] = dict(HANDLERS)
         self.hypercalls = dict(HYPERCALLS)
         self.trace = Trace()

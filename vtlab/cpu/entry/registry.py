@@ -30,6 +30,7 @@ that say what is wrong in the SDM's words - empty when the rule holds.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -141,15 +142,18 @@ def rule(group: str, id: str, section: str, *, reads: Iterable[F], breaks: Calla
         raise ValueError(f"rule {id}: mode {mode!r} is not one of {MODES}")
 
     def register(fn: Callable) -> Callable:
+        global _RULES
         if any(r.id == id for r in _REGISTERED):
             raise ValueError(f"rule id {id!r} is registered twice")
         check = fn
         if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
             def check(get: Reader, cpu: "VmxCpu", _fn=fn) -> tuple[str, ...]:
                 return tuple(_fn(get, cpu))
         _REGISTERED.append(Rule(id, group, section, frozenset(F(f) for f in reads), check,
                                 qualification, processor, breaks, mode,
                                 inspect.cleandoc(doc) if doc else inspect.getdoc(fn) or ""))
+        _RULES = None   # rules() sorts again (checkers made before keep their own list)
         return fn
     return register
 
