@@ -29,20 +29,9 @@ from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
-from .entry_checks import Violation, entry_violations
+from .entry_checks import EntryChecker, Violation, entry_violations
 from .nonroot_consts import _RIP_ONLY
 
-try:  # the rule registry's incremental checker (vtlab.cpu.entry)
-    from .entry_checks import EntryChecker
-except ImportError:  # pragma: no cover - until the registry lands
-    EntryChecker = None
-
-
-class _FullChecker:
-    """Stand-in checker: every entry re-checks every rule."""
-
-    def violations(self, cpu, vmcs, changed=None):
-        return entry_violations(cpu, vmcs)
 from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
 from ..errors import VmcsError, VmxFailure
@@ -88,7 +77,7 @@ class VmxCpu(VcpuServices):
         #: The processor's view of each VMCS it made current (see vtlab.cpu.vmcs_view).
         self._views: dict[int, CurrentVmcs] = {}
         #: The VM-entry checks, re-run only where fields changed (vtlab.cpu.entry).
-        self.entry_checker = EntryChecker() if EntryChecker is not None else _FullChecker()
+        self.entry_checker = EntryChecker()
         #: Called with each :class:`vtlab.exits.VmExit` right after the exit completes.
         self.exit_listeners: list[Callable] = []
         if guest is not None:
