@@ -29,7 +29,9 @@ from unicorn import x86_const as X
 from . import asm, decoder
 from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, Msr  # noqa: F401
-from .counter import InstructionCounter
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from .counter import _CTX_FIELDS, InstructionCounter
 from .quirks import forget_exception
 from ..errors import BudgetExceeded, GuestFault
 # The parts a Guest is assembled from (one job each), and the names this module has
@@ -46,6 +48,11 @@ from .segments import TSS_LIMIT, Segment, SegmentUnit, _descriptor, _TSS_LIMIT, 
 #: CR0.PE as a plain int: ``int & IntFlag`` runs IntFlag.__rand__ in Python, too slow
 #: for emulate(), which runs on every VM entry.
 _CR0_PE = int(Cr0.PE)
+_UC_CR0 = X.UC_X86_REG_CR0
+_uc_emu_start = _ucmod.uclib.uc_emu_start
+#: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
+_TOTAL, _STOP_AT = _CTX_FIELDS.index("total"), _CTX_FIELDS.index("stop_at")
+_NO_STOP = (1 << 64) - 1
 
 
 
@@ -140,6 +147,7 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         self.exceptions: list[GuestException] = []
         self.counter = InstructionCounter(self.uc)
         self._stop: tuple | None = None
+        self._counting_tbs = False  # translated blocks made for a counted (exact) run
         # Hooks the VMX layer can take over; defaults serve a bare run.
         self.on_interrupt = self._record_interrupt
         self._hlt_hooks: set[int] = set()
@@ -337,21 +345,37 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         The native block counter stops a runaway guest at block granularity with no
         Python on the hot path; ``exact=True`` (single-stepping) makes Unicorn count
         every instruction instead, which is precise but slow.
+
+        ``uc_emu_start`` is called straight through ctypes, with the binding's contract
+        kept (an exception raised in a hook comes out of here): the binding's wrapper
+        costs as much as the rest of a short run.
         """
-        begin = self.rip
-        if not self._read_raw(X.UC_X86_REG_CR0) & _CR0_PE:  # (a plain int: see _CR0_PE)
+        begin = self._read_raw(self._pc)
+        if not self._read_raw(_UC_CR0) & _CR0_PE:  # (a plain int: see _CR0_PE)
             begin &= 0xFFFF
-        # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
-        until = 0
+        ctx = self.counter._ctx
         if exact:
-            self.counter.stop_at = (1 << 64) - 1
-            self.uc.emu_start(begin, until, count=budget)
+            ctx[_STOP_AT] = _NO_STOP
+            count = budget
+            if not self._counting_tbs:
+                # Unicorn counts instructions (``count``) with code it adds when it
+                # translates a block; blocks translated for a run without a count would
+                # ignore it, so the first counted run after uncounted ones starts afresh.
+                self.uc.ctl_flush_tb()
+                self._counting_tbs = True
         else:
-            self.counter.stop_at = self.counter.total + budget
-            try:
-                self.uc.emu_start(begin, until)
-            finally:
-                self.counter.stop_at = (1 << 64) - 1
+            self._counting_tbs = False
+            ctx[_STOP_AT] = min(ctx[_TOTAL] + budget, _NO_STOP)
+            count = 0
+        uc = self.uc
+        uc._hook_exception = None
+        # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
+        status = _uc_emu_start(self._uch, begin, 0, 0, count)
+        ctx[_STOP_AT] = _NO_STOP
+        if status:
+            raise unicorn.UcError(status)
+        if uc._hook_exception is not None:
+            raise uc._hook_exception
 
     def run(self, start: int | None = None, max_instructions: int = 1_000_000) -> RunResult:
         """Run the guest (no VMX) until HLT, an exception or the instruction budget.

@@ -43,6 +43,7 @@ from .decoder import DecodedInstruction, InsnKind
 from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .guest_state import GuestStateCache
 from .events import EventUnit
+_uc_emu_stop = _ucmod.uclib.uc_emu_stop
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
 
 #: Kinds the guest hooks itself (Guest.load); its hooks call _on_hlt / _on_rdtsc.
@@ -68,6 +69,9 @@ class ExitMonitor(EventUnit):
         self._controls_of: tuple | None = None
         #: what the vCPU keeps about the VMCS it last ran (lazy save, fields to load)
         self.state = GuestStateCache(self.guest, self)
+        self._single = False       # the current run steps one instruction at a time
+        self._pf_may_exit = True   # (set from the controls by _load_controls)
+        self._cr2: int | None = None  # CR2 before this run, for a #PF that exits
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
         self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
@@ -128,7 +132,7 @@ class ExitMonitor(EventUnit):
         """UC_HOOK_CODE entry point (see __init__), with the binding's exception contract:
         an exception stops emulation and ``Uc.emu_start`` raises it once Unicorn returns."""
         try:
-            self._on_sensitive(self.guest.uc, address, size, None)
+            self._on_sensitive(self.guest.uc, address, size, True)
         except BaseException as exc:
             uc = self.guest.uc
             if uc._hook_exception is None:
@@ -140,8 +144,13 @@ class ExitMonitor(EventUnit):
             return bool(self.proc2 & control)
         return bool(self.proc & control)
 
-    def _on_sensitive(self, uc, address, size, _user) -> bool:
-        """Decide, just before a sensitive instruction executes, whether it exits."""
+    def _on_sensitive(self, uc, address, size, in_place=None) -> bool:
+        """Decide, just before a sensitive instruction executes, whether it exits.
+
+        ``in_place`` (from the code hook only): the processor may perform the exit, let
+        the VMM handle it and re-enter the guest right here, without stopping Unicorn
+        (see :meth:`vtlab.cpu.vmx.VmxCpu.exit_in_place`).
+        """
         if self.pending is not None or self.vmcs is None or self.event is not None:
             return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
         watched = self._watched.get(address)
@@ -176,7 +185,11 @@ class ExitMonitor(EventUnit):
         result.guest_instructions = g.counter.total
         result.cpl = g.cpl
         self.pending = result
-        uc.emu_stop()
+        if in_place and not self._single and self.cpu.resume_in_place is not None:
+            if self.cpu.exit_in_place(result):
+                self.pending = None   # handled and re-entered: the guest goes on
+                return False
+        _uc_emu_stop(g._uch)
         return True
 
     def _on_hlt(self, address: int) -> bool:
@@ -212,6 +225,10 @@ class ExitMonitor(EventUnit):
         self.pin = v(F.PIN_BASED_VM_EXEC_CONTROL)
         self.proc = v(F.CPU_BASED_VM_EXEC_CONTROL)
         self.proc2 = v(F.SECONDARY_VM_EXEC_CONTROL) if self.proc & _ACTIVATE_SECONDARY else 0
+        # A #PF exits when exception-bitmap bit 14 equals "PFEC & mask == match" (SDM 26.2):
+        # with bit 14 clear and mask = match = 0 it never does.
+        self._pf_may_exit = bool(v(F.EXCEPTION_BITMAP) >> 14 & 1 or v(F.PAGE_FAULT_ERROR_CODE_MASK)
+                                 or v(F.PAGE_FAULT_ERROR_CODE_MATCH))
         self._controls_of = source
 
     def run(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
@@ -233,10 +250,12 @@ class ExitMonitor(EventUnit):
                 return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
                                   "instructions without a VM exit (budget)")
             mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
-            single = step or mtf
+            single = self._single = step or mtf
             self.pending, self.event = None, None
             rip_before = g.rip if single else None  # (only the step message shows it)
-            cr2 = g.reg("cr2")  # QEMU overwrites it when it raises #PF
+            # QEMU overwrites CR2 when it raises #PF; a #PF that exits must leave it alone
+            # (SDM 28.1), so keep it - when a #PF can exit at all (SDM 26.2).
+            self._cr2 = g.reg("cr2") if self._pf_may_exit else None
             try:
                 g.emulate(1 if single else remaining, exact=single)
             except unicorn.UcError as exc:
@@ -256,7 +275,8 @@ class ExitMonitor(EventUnit):
                     if self.event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
                         # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
                         # address is in the exit qualification instead.
-                        g.uc.reg_write(X.UC_X86_REG_CR2, cr2)
+                        if self._cr2 is not None:
+                            g.uc.reg_write(X.UC_X86_REG_CR2, self._cr2)
                     break
                 continue
             if self.halted:

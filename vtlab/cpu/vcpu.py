@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..arch.controls import ProcBased
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
 from ..arch.vmcs_fields import VmcsField as F
 from ..errors import VmxFailure
 from .outcome import Status, VmxOperation, VmxOutcome
+from .nonroot_consts import _RIP_ONLY, _VALID
 from .vmexit import VmExit, record_exit_information
 
 if TYPE_CHECKING:
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from .vmcs import Vmcs
 
 _HOST_CR0, _HOST_CR4 = int(F.HOST_CR0), int(F.HOST_CR4)
+_GUEST_RIP, _ENTRY_INTR_INFO = int(F.GUEST_RIP), int(F.VM_ENTRY_INTR_INFO_FIELD)
+_MTF = int(ProcBased.MONITOR_TRAP_FLAG)
 
 
 class VcpuServices:
@@ -36,9 +40,73 @@ class VcpuServices:
     # ------------------------------------------------------------- VM exit
     def _finish(self, outcome: VmxOutcome) -> VmxOutcome:
         """The guest stopped: perform the VM exit if there was one, record the outcome."""
+        outcome.instruction = self._entry_insn
         if outcome.status is Status.VM_EXIT:
+            if outcome.exit is self._exited_in_place:  # performed (and recorded) already
+                self._exited_in_place = None
+                return outcome
             self._vm_exit(outcome.exit)
         return self._done(outcome)
+
+    # ---------------------------------------------------- exits in place
+    #: Set by a VMM loop (``VirtualMachine.run``) to handle instruction exits without
+    #: leaving the emulator: called with the exit, it runs the exit handler and returns
+    #: True if it re-entered the guest (:meth:`vmresume_in_place`).
+    resume_in_place = None
+    _exited_in_place = None
+    _entry_insn = "VMLAUNCH"
+
+    def exit_in_place(self, exit_: VmExit) -> bool:
+        """Perform a VM exit from inside the emulator and let the VMM loop handle it there.
+
+        On silicon the VMM runs between VM exit and VMRESUME while the guest waits; here
+        the guest's Unicorn run may simply wait too, instead of being stopped and started
+        again for every exit.  Everything architectural happens exactly as on the slow
+        path: the exit's steps (SDM 28), the outcome in :attr:`history`, the VMM's handler,
+        the VM-entry checks and guest-state load of the VMRESUME.  Returns True if the
+        guest was re-entered (emulation goes on at the new RIP); False leaves the exit
+        performed and the run stops as usual.
+        """
+        self._vm_exit(exit_)
+        self._done(VmxOutcome(self._entry_insn, Status.VM_EXIT, exit=exit_))
+        self._exited_in_place = exit_
+        if self.resume_in_place(exit_):
+            self._exited_in_place = None
+            return True
+        return False
+
+    def vmresume_in_place(self, exit_: VmExit) -> bool:
+        """VMRESUME from inside the exit of :meth:`exit_in_place`, for the common case only.
+
+        Declines (returns False, changes nothing) unless the entry is one the running
+        emulator can take without restarting: same VMCS, no event to inject, no pending
+        interrupt or NMI, no monitor trap flag, only GUEST_RIP written since the exit and
+        moved away from the exiting instruction, and every VM-entry check passing.  The
+        caller then leaves the emulator and executes VMRESUME the ordinary way.
+        """
+        monitor = self.monitor
+        state = monitor.state
+        if (self.operation is not VmxOperation.ROOT or self.cpl
+                or self.current_vmcs_pointer != getattr(state.vmcs, "address", None)
+                or monitor.pending_interrupts or monitor.pending_nmi or monitor.halted):
+            return False
+        vmcs = state.vmcs
+        if vmcs.get(_ENTRY_INTR_INFO) & _VALID or not state.unloaded <= _RIP_ONLY:
+            return False
+        rip = vmcs.get(_GUEST_RIP)
+        if rip == exit_.guest_rip or _GUEST_RIP not in state.unloaded:
+            return False  # the exiting instruction would run natively instead of exiting
+        monitor._load_controls()
+        if monitor.proc & _MTF:
+            return False
+        if self._check_entry(vmcs):
+            return False  # the ordinary VMRESUME reports the failure
+        state.load(vmcs)
+        self.operation = VmxOperation.NON_ROOT
+        self._entry_insn = "VMRESUME"
+        if monitor._pf_may_exit:
+            monitor._cr2 = self.guest.reg("cr2")
+        return True
 
     def _vm_exit(self, exit_: VmExit) -> None:
         """Perform a VM exit (SDM Vol. 3C chapter 28), step by step."""
@@ -84,6 +152,7 @@ class VcpuServices:
         if self.operation is not VmxOperation.NON_ROOT or self.monitor is None:
             raise VmxFailure(VmxOutcome("continue", Status.FAULT, vector=Vector.UD,
                                         message="the guest is not running (not in VMX non-root operation)"))
+        self._entry_insn = "continue"
         return self._finish(self.monitor.run("continue", max_instructions, step=step))
 
     # ------------------------------------------------ VMREAD/VMWRITE helpers

@@ -412,6 +412,7 @@ class VmxCpu(VcpuServices):
         if insn == "VMLAUNCH":
             vmcs.launch_state = LaunchState.LAUNCHED
         self.operation = VmxOperation.NON_ROOT
+        self._entry_insn = insn
         return self._finish(self.monitor.run(insn, budget, step=step))
 
     def _check_entry(self, vmcs: Vmcs) -> list[Violation]:
@@ -422,7 +423,7 @@ class VmxCpu(VcpuServices):
         if changed and not changed <= _RIP_ONLY:
             state.complete(vmcs)  # the rules to re-run must see the saved guest state
         violations = self.entry_checker.violations(self, vmcs, changed)
-        if changed:
+        if changed and not violations:  # (after a failure the next attempt looks again)
             changed.clear()
         return violations
 

@@ -97,6 +97,13 @@ class VirtualMachine:
         #: An exit that happened but whose handler has not run yet (see next_exit / step).
         self.pending_exit: VmExit | None = None
         self._pending_event = None
+        #: [first instruction count, max instructions, max exits, exits] of the current run
+        self._budget = [0, 0, 0, 0]
+        self._verdict = True      # False: a handler run in place asked to stop
+        self._in_place = None     # the last exit recorded and handled in place
+        #: Let run() handle instruction exits inside the emulator (same results, faster;
+        #: set False to see the ordinary path, one emulator run per exit).
+        self.exits_in_place = True
         self.msrs: dict[int, int] = {
             Msr.IA32_TIME_STAMP_COUNTER: 0, Msr.IA32_APIC_BASE: 0xFEE0_0900, Msr.IA32_PAT: 0x0007_0406_0007_0406,
             Msr.IA32_MISC_ENABLE: 1, Msr.IA32_SYSENTER_CS: 0, Msr.IA32_SYSENTER_ESP: 0,
@@ -296,6 +303,7 @@ class VirtualMachine:
         event = self.trace.record_exit(exit_, _handler_name(self.handlers.get(exit_.reason, _unhandled)),
                                        self._state_summary())
         self.pending_exit, self._pending_event = exit_, event
+        self._budget[3] += 1
         return event
 
     def handle_pending_exit(self) -> bool:
@@ -336,7 +344,8 @@ class VirtualMachine:
             outcome = enter(budget, step=step)
         self.last_outcome = outcome
         if outcome.status is Status.VM_EXIT:
-            self._record(outcome.exit)
+            if outcome.exit is not self._in_place:  # (an exit handled in place is recorded)
+                self._record(outcome.exit)
         elif outcome.status is Status.ENTRY_FAILED:
             self.trace.record_exit(outcome.exit, "(VM-entry failure)")
             self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
@@ -352,43 +361,79 @@ class VirtualMachine:
 
         Ends with state BUDGET (and a message saying which budget) if the guest runs
         ``max_instructions`` instructions or causes ``max_exits`` exits first.
+
+        Instruction exits are handled *in place* when they can be (see
+        :meth:`vtlab.cpu.vmx.VmxCpu.exit_in_place`): the handler runs and the guest
+        re-enters without the emulator being stopped and started again, which halves
+        the cost of a round trip; the trace, the VMCS and the outcome are the same.
         """
         if self.state in self._FINAL:
             return self._summary()
         self.state, self.message = VmState.RUNNING, ""
         g = self.guest
-        start_insns, exits = g.counter.total, 0
+        start_insns = g.counter.total
+        self._budget = [start_insns, max_instructions, max_exits, 0]  # ..., exits so far
+        self._verdict = True
         next_tick = g.counter.total + self.timer_period if self.timer_period else None
-        while True:
-            if self.pending_exit is not None and not self.handle_pending_exit():
-                break
-            used = g.counter.total - start_insns
-            if used >= max_instructions:
-                self.stop(VmState.BUDGET, f"instruction budget exhausted: the guest ran {used:,} "
-                          f"instructions (max_instructions={max_instructions:,}) - a runaway loop?")
-                break
-            if exits >= max_exits:
-                self.stop(VmState.BUDGET, f"exit budget exhausted: {exits:,} VM exits (max_exits={max_exits:,})")
-                break
-            budget = max_instructions - used
-            if next_tick is not None:
-                budget = max(1, min(budget, next_tick - g.counter.total))
-            outcome = self._advance(budget)
-            if outcome.status is Status.VM_EXIT:
-                exits += 1
-                continue
-            if self.state is not VmState.RUNNING:
-                break
-            # PAUSED: the guest halted without exiting, or the budget slice ran out
-            if next_tick is not None and g.counter.total >= next_tick:
-                self.raise_interrupt(self.timer_vector)
-                next_tick = g.counter.total + self.timer_period
-                continue
-            if outcome.halted:
-                self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0) "
-                          "and nothing will wake it")
-                break
-        return self._summary(exits, g.counter.total - start_insns)
+        if next_tick is None and self.exits_in_place:  # (a timer slices runs: not in place)
+            self.cpu.resume_in_place = self._exit_in_place
+        try:
+            while True:
+                if self.pending_exit is not None:
+                    if not self.handle_pending_exit():
+                        break
+                elif not self._verdict or self.state is not VmState.RUNNING:
+                    break  # an exit handled in place stopped the VM
+                used = g.counter.total - start_insns
+                exits = self._budget[3]
+                if used >= max_instructions:
+                    self.stop(VmState.BUDGET, f"instruction budget exhausted: the guest ran {used:,} "
+                              f"instructions (max_instructions={max_instructions:,}) - a runaway loop?")
+                    break
+                if exits >= max_exits:
+                    self.stop(VmState.BUDGET, f"exit budget exhausted: {exits:,} VM exits (max_exits={max_exits:,})")
+                    break
+                budget = max_instructions - used
+                if next_tick is not None:
+                    budget = max(1, min(budget, next_tick - g.counter.total))
+                outcome = self._advance(budget)
+                if outcome.status is Status.VM_EXIT:
+                    continue
+                if self.state is not VmState.RUNNING:
+                    break
+                # PAUSED: the guest halted without exiting, or the budget slice ran out
+                if next_tick is not None and g.counter.total >= next_tick:
+                    self.raise_interrupt(self.timer_vector)
+                    next_tick = g.counter.total + self.timer_period
+                    continue
+                if outcome.halted:
+                    self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0) "
+                              "and nothing will wake it")
+                    break
+        finally:
+            self.cpu.resume_in_place = None
+        return self._summary(self._budget[3], g.counter.total - start_insns)
+
+    def _exit_in_place(self, exit_: VmExit) -> bool:
+        """One turn of :meth:`run`'s loop for an exit handled inside the emulator: record
+        it, run its handler, check the budgets, re-enter.  True if the guest re-entered;
+        False leaves what is left of the turn to the loop (it stops, or re-enters the
+        ordinary way)."""
+        self._record(exit_)
+        self._in_place = exit_
+        if not self.handle_pending_exit():
+            self._verdict = False
+            return False
+        start, max_instructions, max_exits, exits = self._budget
+        if exits >= max_exits or self.guest.counter.total - start >= max_instructions:
+            return False
+        cpu = self.cpu
+        rip = cpu.vmcs_read(F.GUEST_RIP)
+        total = self.guest.counter.total
+        if not cpu.vmresume_in_place(exit_):
+            return False
+        self.trace.record_entry("VMRESUME", rip, total)
+        return True
 
     def next_exit(self, max_instructions: int = 10_000_000) -> VmExit | None:
         """Handle the pending exit (if any), run the guest, and stop at the next VM exit
