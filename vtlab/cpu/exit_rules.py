@@ -73,11 +73,11 @@ _RFLAGS_VM = 1 << 17
 def _exit(m: ExitMonitor, d: DecodedInstruction, reason: ExitReason, qualification: int = 0,
           **kw) -> VmExit:
     """The exit record: reason, qualification, instruction length (SDM 28.2.5), RIP."""
-    return VmExit(reason, qualification, d.length, m.guest.rip, d.text, decoded_insn=d, **kw)
+    return VmExit(reason, qualification, d.length, m.rip, d.text, decoded_insn=d, cpl=m.cpl, **kw)
 
 
 def _ring0(m: ExitMonitor) -> bool:
-    return m.guest.cpl == 0
+    return m.cpl == 0
 
 
 # ------------------------------------------------------ unconditional (SDM 26.1.2)
@@ -163,7 +163,7 @@ def rule_rdpmc(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     so EDX:EAX = 0.
     """
     g = m.guest
-    if g.cpl > 0 and not g.reg("cr4") & _CR4_PCE:
+    if m.cpl > 0 and not g.reg("cr4") & _CR4_PCE:
         return None  # #GP(0) (SDM Vol. 2, RDPMC), before any exit
     if m.proc & _RDPMC_EXITING:
         return _exit(m, d, R.RDPMC)
@@ -175,7 +175,7 @@ def rule_rdpmc(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
 def rule_rdtsc(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """RDTSC exits if "RDTSC exiting" is 1 (SDM 26.1.3), after the CR4.TSD #GP check
     at CPL > 0."""
-    if m.guest.cpl > 0 and m.guest.reg("cr4") & _CR4_TSD:
+    if m.cpl > 0 and m.guest.reg("cr4") & _CR4_TSD:
         return None
     return _exit(m, d, R.RDTSC) if m.proc & _RDTSC_EXITING else None
 

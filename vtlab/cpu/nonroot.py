@@ -44,6 +44,7 @@ from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .guest_state import GuestStateCache
 from .events import EventUnit
 _uc_emu_stop = _ucmod.uclib.uc_emu_stop
+_RIP_CR0_CS = ("rip", "cr0", "cs")
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
 
 #: Kinds the guest hooks itself (Guest.load); its hooks call _on_hlt / _on_rdtsc.
@@ -70,6 +71,8 @@ class ExitMonitor(EventUnit):
         #: what the vCPU keeps about the VMCS it last ran (lazy save, fields to load)
         self.state = GuestStateCache(self.guest, self)
         self._single = False       # the current run steps one instruction at a time
+        #: RIP and CPL at the sensitive instruction being decided (set just before its rule)
+        self.rip = self.cpl = 0
         self._pf_may_exit = True   # (set from the controls by _load_controls)
         self._cr2: int | None = None  # CR2 before this run, for a #PF that exits
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
@@ -170,6 +173,10 @@ class ExitMonitor(EventUnit):
         # Self-modifying code: trust the bytes that are there now, not the sweep.
         if not g.memory_holds(address, d.raw):
             return False
+        # What the rules and the exit record need of the CPU, in one call into it:
+        # RIP, and the CPL (CS.RPL in protected mode, 0 in real mode).
+        self.rip, cr0, cs = g.read_registers(_RIP_CR0_CS)
+        self.cpl = cs & 3 if cr0 & 1 else 0
         rule = EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES[d.kind]
         result = rule(self, d)
         if result is None:
@@ -183,7 +190,6 @@ class ExitMonitor(EventUnit):
             return True  # "emulated-fault": the rule raised an exception instead
         g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
         result.guest_instructions = g.counter.total
-        result.cpl = g.cpl
         self.pending = result
         if in_place and not self._single and self.cpu.resume_in_place is not None:
             if self.cpu.exit_in_place(result):

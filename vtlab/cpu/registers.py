@@ -42,6 +42,9 @@ _MMR_REGS |= {regid for name, regid in _REGS.items()
               and name not in ("fpcw", "fpsw", "fptag")}
 
 
+_UNBUILT = object()  # (a batch not looked for yet; None means "no batch possible")
+
+
 class _RegisterBatch:
     """Preallocated arguments of uc_reg_read_batch / uc_reg_write_batch.
 
@@ -152,9 +155,9 @@ class RegisterAccess:
         if len(values) != len(names):
             raise ValueError(f"{len(names)} register names but {len(values)} values")
         key = (names, True)
-        if key not in self._batches:
-            self._batches[key] = _RegisterBatch.build(self, names, write=True)
-        batch = self._batches[key]
+        batch = self._batches.get(key, _UNBUILT)
+        if batch is _UNBUILT:
+            batch = self._batches[key] = _RegisterBatch.build(self, names, write=True)
         if batch is not None:
             batch.values[:] = array.array("Q", values)  # same length: the buffer stays put
             if not _uc_reg_write_batch(self._uch, batch.ids, batch.pointers, batch.count):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _HOST_CR0, _HOST_CR4 = int(F.HOST_CR0), int(F.HOST_CR4)
 _GUEST_RIP, _ENTRY_INTR_INFO = int(F.GUEST_RIP), int(F.VM_ENTRY_INTR_INFO_FIELD)
 _MTF = int(ProcBased.MONITOR_TRAP_FLAG)
+_ROOT = VmxOperation.ROOT
 
 
 class VcpuServices:
@@ -67,7 +68,7 @@ class VcpuServices:
         guest was re-entered (emulation goes on at the new RIP); False leaves the exit
         performed and the run stops as usual.
         """
-        self._vm_exit(exit_)
+        self._vm_exit(exit_, at_rip=True)
         self._done(VmxOutcome(self._entry_insn, Status.VM_EXIT, exit=exit_))
         self._exited_in_place = exit_
         if self.resume_in_place(exit_):
@@ -75,48 +76,56 @@ class VcpuServices:
             return True
         return False
 
-    def vmresume_in_place(self, exit_: VmExit) -> bool:
+    def vmresume_in_place(self, exit_: VmExit) -> int | None:
         """VMRESUME from inside the exit of :meth:`exit_in_place`, for the common case only.
 
-        Declines (returns False, changes nothing) unless the entry is one the running
+        Declines (returns None, changes nothing) unless the entry is one the running
         emulator can take without restarting: same VMCS, no event to inject, no pending
         interrupt or NMI, no monitor trap flag, only GUEST_RIP written since the exit and
         moved away from the exiting instruction, and every VM-entry check passing.  The
         caller then leaves the emulator and executes VMRESUME the ordinary way.
+        Returns the guest RIP entered at, or None when it declined.
         """
         monitor = self.monitor
         state = monitor.state
         if (self.operation is not VmxOperation.ROOT or self.cpl
                 or self.current_vmcs_pointer != getattr(state.vmcs, "address", None)
                 or monitor.pending_interrupts or monitor.pending_nmi or monitor.halted):
-            return False
+            return None
         vmcs = state.vmcs
         if vmcs.get(_ENTRY_INTR_INFO) & _VALID or not state.unloaded <= _RIP_ONLY:
-            return False
+            return None
         rip = vmcs.get(_GUEST_RIP)
         if rip == exit_.guest_rip or _GUEST_RIP not in state.unloaded:
-            return False  # the exiting instruction would run natively instead of exiting
+            return None  # the exiting instruction would run natively instead of exiting
         monitor._load_controls()
         if monitor.proc & _MTF:
-            return False
+            return None
         if self._check_entry(vmcs):
-            return False  # the ordinary VMRESUME reports the failure
+            return None  # the ordinary VMRESUME reports the failure
         state.load(vmcs)
         self.operation = VmxOperation.NON_ROOT
         self._entry_insn = "VMRESUME"
         if monitor._pf_may_exit:
             monitor._cr2 = self.guest.reg("cr2")
-        return True
+        return rip
 
-    def _vm_exit(self, exit_: VmExit) -> None:
-        """Perform a VM exit (SDM Vol. 3C chapter 28), step by step."""
+    def _vm_exit(self, exit_: VmExit, at_rip: bool = False) -> None:
+        """Perform a VM exit (SDM Vol. 3C chapter 28), step by step.
+
+        ``at_rip``: the CPU is known to stand at the exit's RIP (an exiting instruction,
+        decided just before it executes), so RIP needs no second look.
+        """
         monitor, g = self.monitor, self.guest
         vmcs = monitor.vmcs
         # 28.1: the exit happens *at* the instruction (faults, exiting instructions) -
         # an MTF exit after it - so RIP is where the exit says.
-        rip = g.rip
-        if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
-            g.rip = rip = exit_.guest_rip
+        if at_rip:
+            rip = exit_.guest_rip
+        else:
+            rip = g.rip
+            if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
+                g.rip = rip = exit_.guest_rip
         # 28.2: exit reason, qualification, lengths, interruption information ...
         record_exit_information(vmcs, exit_)
         # 28.3: guest state (RIP now, the rest when software first reads it).
@@ -169,12 +178,19 @@ class VcpuServices:
 
     def vmcs_read(self, field: F | int | str) -> int:
         """VMREAD of the current VMCS for a VMM written in Python: the value, or an error
-        raised (:class:`vtlab.errors.VmcsError` with the VM-instruction error, :class:`VmxFailure`)."""
-        return self._current_or_raise("VMREAD").read(field)
+        raised (:class:`vtlab.errors.VmcsError` with the VM-instruction error,
+        :class:`VmxFailure` when VMREAD could not run at all)."""
+        view = self._views.get(self.current_vmcs_pointer) if self.operation is _ROOT else None
+        if view is None:
+            view = self._current_or_raise("VMREAD")
+        return view.read(field)
 
     def vmcs_write(self, field: F | int | str, value: int) -> None:
         """VMWRITE likewise (high bits beyond the field's width are dropped, as VMWRITE does)."""
-        self._current_or_raise("VMWRITE").write(field, int(value), truncate=True)
+        view = self._views.get(self.current_vmcs_pointer) if self.operation is _ROOT else None
+        if view is None:
+            view = self._current_or_raise("VMWRITE")
+        view.write(field, int(value), truncate=True)
 
     # --------------------------------------------------- what devices raise
     def raise_interrupt(self, vector: int) -> None:

@@ -25,6 +25,21 @@ if TYPE_CHECKING:
     from .guest_state import GuestStateCache
 
 _GUEST_STATE = FieldType.GUEST_STATE
+_ENTRY_CONTROLS = int(VmcsField.VM_ENTRY_CONTROLS)
+
+#: encoding -> (full encoding, HIGH half?, saved lazily?, field type): what a VMREAD or
+#: VMWRITE of the current VMCS needs to know, decoded once per encoding.
+_PLANS: dict[int, tuple[int, bool, bool, FieldType]] = {}
+
+
+def _plan(encoding) -> tuple[int, bool, bool, FieldType]:
+    enc = lookup(encoding)   # raises VmcsError (VM-instruction error 12) for no such field
+    full = enc.full_encoding
+    plan = (full, enc.access_type.name == "HIGH",
+            enc.type is _GUEST_STATE or full == _ENTRY_CONTROLS, enc.type)
+    if type(encoding) is not str:
+        _PLANS[int(encoding)] = plan
+    return plan
 
 
 class CurrentVmcs:
@@ -70,25 +85,32 @@ class CurrentVmcs:
     # ----------------------------------------------------------------- access
     def read(self, encoding: int | str | VmcsField) -> int:
         """VMREAD semantics; a guest-state field first completes a lazy save."""
-        enc = lookup(encoding)
-        if enc.type is _GUEST_STATE or enc.full_encoding == VmcsField.VM_ENTRY_CONTROLS:
-            self._state.complete(self.region, enc.full_encoding)
-        return self.region.read(enc.encoding)
+        plan = _PLANS.get(encoding) if type(encoding) is not str else None
+        if plan is None:
+            plan = _plan(encoding)
+        full, high, lazy, _ = plan
+        if lazy and self._state.pending:
+            self._state.complete(self.region, full)
+        value = self.region._data.get(full, 0)
+        return value >> 32 if high else value
 
     def get(self, field: VmcsField | int) -> int:
         """Fast read of a full field (no encoding checks), completing a lazy save."""
-        self._state.complete(self.region, field)
+        if self._state.pending:
+            self._state.complete(self.region, field)
         return self.region._data.get(field, 0)
 
     def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> None:
         """VMWRITE semantics for software (read-only fields refuse with error 13)."""
-        enc = lookup(encoding)
-        if enc.access_type.name == "HIGH" and enc.type is _GUEST_STATE:
+        plan = _PLANS.get(encoding) if type(encoding) is not str else None
+        if plan is None:
+            plan = _plan(encoding)
+        full, high, _, field_type = plan
+        if high and field_type is _GUEST_STATE and self._state.pending:
             self._state.complete(self.region)  # the other half must be the saved value
-        self.region.write(enc.encoding, value, truncate=truncate)
-        full = enc.full_encoding
+        self.region.write(encoding, value, truncate=truncate)
         self._written.add(full)
-        self._state.software_wrote(self.region, full, enc.type)
+        self._state.software_wrote(self.region, full, field_type)
 
     __getitem__ = read
 
@@ -122,6 +144,8 @@ class CurrentVmcs:
 
 class _Detached:
     """The vCPU state of a VmxCpu without a guest CPU: nothing is ever pending."""
+
+    pending = False
 
     def complete(self, region=None, field=None) -> None:
         return None

@@ -62,26 +62,10 @@ class VmExit:
 
     def decoded(self) -> dict[str, object]:
         """The qualification (and interruption information) split into named fields."""
+        decoder = _DECODERS.get(self.reason)
+        if decoder is not None:
+            return decoder(self)
         q = self.qualification
-        if self.reason is ExitReason.IO_INSTRUCTION:
-            return IoQualification.decode(q).as_dict()
-        if self.reason is ExitReason.CR_ACCESS:
-            return CrAccessQualification.decode(q).as_dict()
-        if self.reason is ExitReason.DR_ACCESS:
-            return DrAccessQualification.decode(q).as_dict()
-        if self.reason is ExitReason.EPT_VIOLATION:
-            d = EptViolationQualification.decode(q).as_dict()
-            d["guest_physical_address"] = self.guest_physical_address
-            return d
-        if self.reason in (ExitReason.EXCEPTION_NMI, ExitReason.EXTERNAL_INTERRUPT):
-            d = IntrInfo.decode(self.intr_info).as_dict()
-            if self.intr_error_code is not None:
-                d["error_code"] = self.intr_error_code
-            return d
-        if self.reason is ExitReason.INVLPG:
-            return {"linear_address": q}
-        if self.reason is ExitReason.INVALID_STATE:
-            return {"entry_failure": True, "qualification": q, "why": self.note}
         return {"qualification": q} if q else {}
 
     def __str__(self) -> str:
@@ -93,6 +77,33 @@ class VmExit:
         n = f" length={self.instruction_length}" if self.instruction_length else ""
         return what + at + q + n
 
+
+
+def _ept_violation(e: VmExit) -> dict[str, object]:
+    d = EptViolationQualification.decode(e.qualification).as_dict()
+    d["guest_physical_address"] = e.guest_physical_address
+    return d
+
+
+def _interruption(e: VmExit) -> dict[str, object]:
+    d = IntrInfo.decode(e.intr_info).as_dict()
+    if e.intr_error_code is not None:
+        d["error_code"] = e.intr_error_code
+    return d
+
+
+#: How :meth:`VmExit.decoded` splits each reason's qualification (SDM 28.2.1 tables).
+_DECODERS = {
+    ExitReason.IO_INSTRUCTION: lambda e: IoQualification.decode(e.qualification).as_dict(),
+    ExitReason.CR_ACCESS: lambda e: CrAccessQualification.decode(e.qualification).as_dict(),
+    ExitReason.DR_ACCESS: lambda e: DrAccessQualification.decode(e.qualification).as_dict(),
+    ExitReason.EPT_VIOLATION: _ept_violation,
+    ExitReason.EXCEPTION_NMI: _interruption,
+    ExitReason.EXTERNAL_INTERRUPT: _interruption,
+    ExitReason.INVLPG: lambda e: {"linear_address": e.qualification},
+    ExitReason.INVALID_STATE: lambda e: {"entry_failure": True, "qualification": e.qualification,
+                                         "why": e.note},
+}
 
 
 def record_exit_information(vmcs: "Vmcs", exit_: VmExit) -> None:

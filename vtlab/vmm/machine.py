@@ -427,10 +427,9 @@ class VirtualMachine:
         start, max_instructions, max_exits, exits = self._budget
         if exits >= max_exits or self.guest.counter.total - start >= max_instructions:
             return False
-        cpu = self.cpu
-        rip = cpu.vmcs_read(F.GUEST_RIP)
         total = self.guest.counter.total
-        if not cpu.vmresume_in_place(exit_):
+        rip = self.cpu.vmresume_in_place(exit_)
+        if rip is None:
             return False
         self.trace.record_entry("VMRESUME", rip, total)
         return True

@@ -52,6 +52,61 @@ def _entry_event(item: tuple) -> TraceEvent:
                       guest_instructions=guest_instructions)
 
 
+class _ExitRecord:
+    """An exit as recorded on the hot path: the VmExit and what the VMM adds, turned into
+    a :class:`TraceEvent` the first time someone looks (most exits are only counted).
+
+    ``device`` and ``note`` may still be set by the VMM after its handler ran; once the
+    TraceEvent exists they are passed on to it.
+    """
+
+    __slots__ = ("seq", "exit", "handler", "state", "_device", "_note", "made")
+
+    def __init__(self, seq: int, exit_, handler: str, state) -> None:
+        self.seq, self.exit, self.handler, self.state = seq, exit_, handler, state
+        self._device, self._note, self.made = exit_.device, exit_.note, None
+
+    @property
+    def device(self):
+        return self._device
+
+    @device.setter
+    def device(self, value) -> None:
+        self._device = value
+        if self.made is not None:
+            self.made.device = value
+
+    @property
+    def note(self) -> str:
+        return self._note
+
+    @note.setter
+    def note(self, value: str) -> None:
+        self._note = value
+        if self.made is not None:
+            self.made.note = value
+
+    def event(self) -> TraceEvent:
+        if self.made is None:
+            e = self.exit
+            self.made = TraceEvent(
+                self.seq, "exit", e.reason.name, int(e.reason), EXIT_REASON_INFO[e.reason].category,
+                e.qualification, e.decoded(), e.instruction_length, e.guest_rip, e.instruction,
+                self.handler, e.guest_instructions, e.cpl, e.entry_failure, self._device, self.state,
+                self._note)
+        return self.made
+
+
+def _made(item) -> TraceEvent:
+    """The TraceEvent of one log item (an entry tuple, an exit record or a TraceEvent)."""
+    kind = type(item)
+    if kind is tuple:
+        return _entry_event(item)
+    if kind is _ExitRecord:
+        return item.event()
+    return item
+
+
 class Trace:
     """Every VM entry and exit of one virtual machine, in order."""
 
@@ -71,8 +126,8 @@ class Trace:
         """Every entry and exit as a :class:`TraceEvent`, in order."""
         log = self._log
         for i, item in enumerate(log):
-            if type(item) is tuple:
-                log[i] = _entry_event(item)
+            if type(item) is not TraceEvent:
+                log[i] = _made(item)
         return log
 
     @events.setter
@@ -86,22 +141,30 @@ class Trace:
         if self.enabled:
             self._log.append((len(self._log), instruction, guest_rip, guest_instructions))
 
-    def record_exit(self, exit_, handler: str = "", state: str = "") -> TraceEvent:
-        ev = TraceEvent(
-            self._next(), "exit", exit_.reason.name, int(exit_.reason),
-            EXIT_REASON_INFO[exit_.reason].category, exit_.qualification, exit_.decoded(),
-            exit_.instruction_length, exit_.guest_rip, exit_.instruction, handler,
-            exit_.guest_instructions, exit_.cpl, exit_.entry_failure, exit_.device, state, exit_.note)
+    def record_exit(self, exit_, handler: str = "", state: str = ""):
+        """Record an exit; returns its record (``seq``, settable ``device`` and ``note``)."""
+        record = _ExitRecord(len(self._log), exit_, handler, state)
         if self.enabled:
-            self._log.append(ev)
-        return ev
+            self._log.append(record)
+        return record
 
     @property
     def exits(self) -> list[TraceEvent]:
-        return [e for e in self._log if type(e) is not tuple and e.event == "exit"]
+        out = []
+        log = self._log
+        for i, item in enumerate(log):
+            kind = type(item)
+            if kind is _ExitRecord:
+                item = log[i] = item.event()
+                out.append(item)
+            elif kind is TraceEvent and item.event == "exit":
+                out.append(item)
+        return out
 
     def __len__(self) -> int:
-        return len(self.exits)
+        """The number of exits (entries are not counted)."""
+        return sum(1 for item in self._log if type(item) is _ExitRecord
+                   or (type(item) is TraceEvent and item.event == "exit"))
 
     def __iter__(self) -> Iterator[TraceEvent]:
         return iter(self.exits)
@@ -144,8 +207,10 @@ class Trace:
             if type(item) is tuple:
                 if include_entries:
                     yield _entry_event(item)
-            elif include_entries or item.event == "exit":
-                yield item
+            else:
+                item = _made(item)
+                if include_entries or item.event == "exit":
+                    yield item
 
     def _repr_html_(self) -> str:
         df = self.to_dataframe()
