@@ -44,7 +44,10 @@ from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .guest_state import GuestStateCache
 from .events import EventUnit
 _uc_emu_stop = _ucmod.uclib.uc_emu_stop
-_RIP_CR0_CS = ("rip", "cr0", "cs")
+#: What the exit rules and the exit record need of the CPU at a sensitive instruction,
+#: read in one call: RIP and the CPL (CS.RPL in protected mode), and the registers a
+#: VMM saves at every exit (VmExit.registers).
+_EXIT_REGISTERS = ("rip", "cr0", "cs", "rax", "rbx", "rcx", "rdx", "rsp", "rflags")
 from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
 
 #: Kinds the guest hooks itself (Guest.load); its hooks call _on_hlt / _on_rdtsc.
@@ -175,8 +178,9 @@ class ExitMonitor(EventUnit):
             return False
         # What the rules and the exit record need of the CPU, in one call into it:
         # RIP, and the CPL (CS.RPL in protected mode, 0 in real mode).
-        self.rip, cr0, cs = g.read_registers(_RIP_CR0_CS)
-        self.cpl = cs & 3 if cr0 & 1 else 0
+        rip, cr0, cs, rax, rbx, rcx, rdx, rsp, rflags = g.read_registers(_EXIT_REGISTERS)
+        self.rip = rip
+        self.cpl = cpl = cs & 3 if cr0 & 1 else 0
         rule = EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES[d.kind]
         result = rule(self, d)
         if result is None:
@@ -190,6 +194,7 @@ class ExitMonitor(EventUnit):
             return True  # "emulated-fault": the rule raised an exception instead
         g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
         result.guest_instructions = g.counter.total
+        result.registers = (rax, rbx, rcx, rdx, rsp, rflags, cpl)
         self.pending = result
         if in_place and not self._single and self.cpu.resume_in_place is not None:
             if self.cpu.exit_in_place(result):

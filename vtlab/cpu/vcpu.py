@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 _HOST_CR0, _HOST_CR4 = int(F.HOST_CR0), int(F.HOST_CR4)
 _GUEST_RIP, _ENTRY_INTR_INFO = int(F.GUEST_RIP), int(F.VM_ENTRY_INTR_INFO_FIELD)
 _MTF = int(ProcBased.MONITOR_TRAP_FLAG)
-_ROOT = VmxOperation.ROOT
+_ROOT, _NON_ROOT = VmxOperation.ROOT, VmxOperation.NON_ROOT
 
 
 class VcpuServices:
@@ -88,23 +88,28 @@ class VcpuServices:
         """
         monitor = self.monitor
         state = monitor.state
-        if (self.operation is not VmxOperation.ROOT or self.cpl
-                or self.current_vmcs_pointer != getattr(state.vmcs, "address", None)
+        vmcs = state.vmcs
+        if (self.operation is not _ROOT or self.cpl or vmcs is None
+                or self.current_vmcs_pointer != vmcs.address
                 or monitor.pending_interrupts or monitor.pending_nmi or monitor.halted):
             return None
-        vmcs = state.vmcs
-        if vmcs.get(_ENTRY_INTR_INFO) & _VALID or not state.unloaded <= _RIP_ONLY:
+        unloaded = state.unloaded
+        if vmcs.get(_ENTRY_INTR_INFO) & _VALID or not unloaded <= _RIP_ONLY:
             return None
         rip = vmcs.get(_GUEST_RIP)
-        if rip == exit_.guest_rip or _GUEST_RIP not in state.unloaded:
+        if rip == exit_.guest_rip or _GUEST_RIP not in unloaded:
             return None  # the exiting instruction would run natively instead of exiting
         monitor._load_controls()
         if monitor.proc & _MTF:
             return None
         if self._check_entry(vmcs):
             return None  # the ordinary VMRESUME reports the failure
-        state.load(vmcs)
-        self.operation = VmxOperation.NON_ROOT
+        # GuestStateCache.load for the case at hand: the CPU holds the guest's state, so
+        # the fields not saved yet need no load; RIP is the one field written.
+        state.pending = False
+        self.guest.rip = rip
+        unloaded.clear()
+        self.operation = _NON_ROOT
         self._entry_insn = "VMRESUME"
         if monitor._pf_may_exit:
             monitor._cr2 = self.guest.reg("cr2")

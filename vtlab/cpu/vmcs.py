@@ -55,6 +55,9 @@ def lookup(encoding: int | str | VmcsField) -> FieldEncoding:
     return enc
 
 
+#: encoding -> (read-only?, width in bits, full encoding, HIGH half?) for VMWRITE.
+_WRITES: dict[int, tuple[bool, int, int, bool]] = {}
+
 #: Decoded encodings by int (an int and its VmcsField member hash alike): every VMREAD
 #: and VMWRITE goes through lookup(), so decoding each encoding once matters.
 _LOOKUP: dict[int, FieldEncoding] = {}
@@ -116,12 +119,16 @@ class Vmcs:
         Returns the decoded encoding (the caller may want its type or full encoding).
         """
         enc = lookup(encoding)
-        if enc.read_only:
+        plan = _WRITES.get(enc.encoding)
+        if plan is None:
+            plan = _WRITES[enc.encoding] = (enc.read_only, enc.access_bits, enc.full_encoding,
+                                            enc.access_type is AccessType.HIGH)
+        read_only, bits, full, high = plan
+        if read_only:
             raise VmcsError(
                 f"VMWRITE to read-only VMCS component {_field_name(enc.encoding)} "
                 f"({enc.encoding:#06x}, a VM-exit information field): VM-instruction error 13",
                 VmInstructionError.VMWRITE_READ_ONLY_VMCS_COMPONENT)
-        bits = enc.access_bits
         value = int(value)
         if value < 0 or value >> bits:
             if not truncate:
@@ -129,8 +136,7 @@ class Vmcs:
                     f"value {value:#x} does not fit the {bits}-bit field "
                     f"{_field_name(enc.encoding)} ({enc.encoding:#06x})")
             value &= (1 << bits) - 1
-        full = enc.full_encoding
-        if enc.access_type is AccessType.HIGH:
+        if high:
             value = (self._data.get(full, 0) & 0xFFFF_FFFF) | (value << 32)
         self._data[full] = value
         return enc

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .vmcs import Vmcs
 
 _ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
+(_REASON, _QUALIFICATION, _LENGTH, _INTR_INFO, _INTR_CODE, _IDT_INFO, _INSN_INFO, _LINEAR,
+ _PHYSICAL) = _EXIT_INFO_FIELDS
+_ENTRY_FAILURE = 1 << 31   # bit 31 of the exit reason: VM-entry failure (SDM 25.9.1)
 
 
 # ----------------------------------------------------------------------------- records
@@ -46,6 +49,9 @@ class VmExit:
     #: The guest instruction's :class:`~vtlab.cpu.decoder.DecodedInstruction` (decoded
     #: at load time) for an instruction-caused exit; None for other exits.
     decoded_insn: object | None = None
+    #: The guest's RAX, RBX, RCX, RDX, RSP, RFLAGS and CPL at the exit, when the processor
+    #: read them anyway (instruction exits): what a VMM's exit stub saves first thing.
+    registers: tuple | None = None
 
     @property
     def reason_number(self) -> int:
@@ -110,10 +116,13 @@ def record_exit_information(vmcs: "Vmcs", exit_: VmExit) -> None:
     """SDM 28.2: write the exit-information fields (all nine, so nothing stale survives)
     and clear the valid bit of the VM-entry interruption-information field, so that an
     injected event is not injected twice (SDM 28.2, introduction)."""
-    vmcs.put_many(zip(_EXIT_INFO_FIELDS, (
-        exit_.exit_reason_field, int(exit_.qualification), int(exit_.instruction_length),
-        int(exit_.intr_info), int(exit_.intr_error_code or 0), 0, int(exit_.instruction_info),
-        int(exit_.guest_linear_address or 0), int(exit_.guest_physical_address or 0))))
-    info = vmcs.get(_ENTRY_INTR_INFO)
+    data = vmcs._data   # the processor's own writes: no software checks (Vmcs.put)
+    (data[_REASON], data[_QUALIFICATION], data[_LENGTH], data[_INTR_INFO], data[_INTR_CODE],
+     data[_IDT_INFO], data[_INSN_INFO], data[_LINEAR], data[_PHYSICAL]) = (
+        exit_.reason | _ENTRY_FAILURE if exit_.entry_failure else int(exit_.reason),
+        exit_.qualification, exit_.instruction_length, exit_.intr_info,
+        exit_.intr_error_code or 0, 0, exit_.instruction_info,
+        exit_.guest_linear_address or 0, exit_.guest_physical_address or 0)
+    info = data.get(_ENTRY_INTR_INFO, 0)
     if info & _VALID:
-        vmcs.put(_ENTRY_INTR_INFO, info & ~_VALID)
+        data[_ENTRY_INTR_INFO] = info & ~_VALID

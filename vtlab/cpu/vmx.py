@@ -32,6 +32,8 @@ from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
 from .entry_checks import EntryChecker, Violation, entry_violations
 from .nonroot_consts import _RIP_ONLY
 
+_GUEST_RIP = int(F.GUEST_RIP)
+
 from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
 from ..errors import VmcsError, VmxFailure
@@ -420,8 +422,10 @@ class VmxCpu(VcpuServices):
         last check of this VMCS (the checker derives which from each rule's ``reads``)."""
         state = self.monitor.state
         changed = state.unchecked.get(id(vmcs))
-        if changed and not changed <= _RIP_ONLY:
-            state.complete(vmcs)  # the rules to re-run must see the saved guest state
+        if changed and state.pending and (not changed <= _RIP_ONLY or vmcs.get(_GUEST_RIP) >> 32):
+            # The rules to re-run must see the saved guest state (the RIP rule reads the
+            # entry controls and CS when RIP is above 4 GBytes).
+            state.complete(vmcs)
         violations = self.entry_checker.violations(self, vmcs, changed)
         if changed and not violations:  # (after a failure the next attempt looks again)
             changed.clear()

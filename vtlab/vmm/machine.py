@@ -241,8 +241,8 @@ class VirtualMachine:
 
     def skip_instruction(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes)."""
-        cpu = self.cpu
-        cpu.vmcs_write(F.GUEST_RIP, cpu.vmcs_read(F.GUEST_RIP) + cpu.vmcs_read(F.VM_EXIT_INSTRUCTION_LEN))
+        read = self.cpu.vmcs_read
+        self.cpu.vmcs_write(F.GUEST_RIP, read(F.GUEST_RIP) + read(F.VM_EXIT_INSTRUCTION_LEN))
 
     def inject_exception(self, vector: int, error_code: int | None = None,
                          kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION) -> bool:
@@ -301,7 +301,7 @@ class VirtualMachine:
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
         event = self.trace.record_exit(exit_, _handler_name(self.handlers.get(exit_.reason, _unhandled)),
-                                       self._state_summary())
+                                       exit_.registers or self._state_summary())
         self.pending_exit, self._pending_event = exit_, event
         self._budget[3] += 1
         return event
