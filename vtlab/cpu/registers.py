@@ -96,7 +96,8 @@ class RegisterAccess:
         self._scratch = ctypes.c_uint64(0)
         self._scratch_w = ctypes.c_uint64(0)
         self._fast_write_ids: dict[str, int] = {}
-        self._batches: dict[tuple, _RegisterBatch | None] = {}  # (names, write?) -> batch
+        self._batches: dict[tuple, _RegisterBatch | None] = {}        # names -> read batch
+        self._write_batches: dict[tuple, _RegisterBatch | None] = {}  # names -> write batch
 
     def reg(self, name: str) -> int:
         """Read a register by name (``rax``, ``eip``, ``cs``, ``cr0``, ``efer`` ...)."""
@@ -139,10 +140,9 @@ class RegisterAccess:
         Names that :meth:`reg` does not read with a bare ``uc_reg_read`` (EFER, CPL, the
         descriptor-table registers) make the whole call take the one-by-one path.
         """
-        key = (names, False)
-        if key not in self._batches:
-            self._batches[key] = _RegisterBatch.build(self, names, write=False)
-        batch = self._batches[key]
+        batch = self._batches.get(names, _UNBUILT)
+        if batch is _UNBUILT:
+            batch = self._batches[names] = _RegisterBatch.build(self, names, write=False)
         if batch is not None:
             batch.values[:] = batch.zeros  # 32-bit (and narrower) registers write only 4 bytes
             if not _uc_reg_read_batch(self._uch, batch.ids, batch.pointers, batch.count):
@@ -151,17 +151,20 @@ class RegisterAccess:
 
     def write_registers(self, names: tuple[str, ...], values) -> None:
         """``set_reg(n, v)`` for each general register name and value, in one call into Unicorn."""
-        values = [v & 0xFFFF_FFFF_FFFF_FFFF for v in values]
+        batch = self._write_batches.get(names, _UNBUILT)
+        if batch is _UNBUILT:
+            batch = self._write_batches[names] = _RegisterBatch.build(self, names, write=True)
         if len(values) != len(names):
             raise ValueError(f"{len(names)} register names but {len(values)} values")
-        key = (names, True)
-        batch = self._batches.get(key, _UNBUILT)
-        if batch is _UNBUILT:
-            batch = self._batches[key] = _RegisterBatch.build(self, names, write=True)
         if batch is not None:
-            batch.values[:] = array.array("Q", values)  # same length: the buffer stays put
+            buf = batch.values   # (its buffer is where the batch's pointers point)
+            i = 0
+            for v in values:
+                buf[i] = v & 0xFFFF_FFFF_FFFF_FFFF
+                i += 1
             if not _uc_reg_write_batch(self._uch, batch.ids, batch.pointers, batch.count):
                 return
+        values = [v & 0xFFFF_FFFF_FFFF_FFFF for v in values]
         for name, value in zip(names, values):
             self.set_reg(name, value)
 

@@ -101,6 +101,7 @@ class VirtualMachine:
         self._budget = [0, 0, 0, 0]
         self._verdict = True      # False: a handler run in place asked to stop
         self._in_place = None     # the last exit recorded and handled in place
+        self._handler_names: dict = {}   # handler -> the name the trace shows
         #: Let run() handle instruction exits inside the emulator (same results, faster;
         #: set False to see the ordinary path, one emulator run per exit).
         self.exits_in_place = True
@@ -176,7 +177,6 @@ class VirtualMachine:
         self.vmwrite(F.CR0_READ_SHADOW, guest_cr0)
         self.vmwrite(F.CR4_GUEST_HOST_MASK, Cr4.VMXE)
         self.vmwrite(F.CR4_READ_SHADOW, guest_cr4)
-        self.cpu.exit_listeners.append(self._on_exit)
 
     # ----------------------------------------------------------- VMCS access
     def vmread(self, field: F | int | str) -> int:
@@ -241,8 +241,13 @@ class VirtualMachine:
 
     def skip_instruction(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes)."""
-        read = self.cpu.vmcs_read
-        self.cpu.vmcs_write(F.GUEST_RIP, read(F.GUEST_RIP) + read(F.VM_EXIT_INSTRUCTION_LEN))
+        cpu = self.cpu
+        if cpu.operation is _ROOT and cpu.current_vmcs_pointer == self.vmcs_address:
+            vmcs = cpu.view(self.vmcs_address)   # VMREAD/VMWRITE without the instruction's checks
+            vmcs.write(F.GUEST_RIP, vmcs.read(F.GUEST_RIP) + vmcs.read(F.VM_EXIT_INSTRUCTION_LEN),
+                       truncate=True)
+            return
+        cpu.vmcs_write(F.GUEST_RIP, cpu.vmcs_read(F.GUEST_RIP) + cpu.vmcs_read(F.VM_EXIT_INSTRUCTION_LEN))
 
     def inject_exception(self, vector: int, error_code: int | None = None,
                          kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION) -> bool:
@@ -291,6 +296,7 @@ class VirtualMachine:
         return "".join(parts) + self.console.decode("latin-1")
 
     def _on_exit(self, exit_: VmExit) -> None:
+        """(Kept for code that registered it as a listener; the VMM records exits itself.)"""
         self.last_exit = exit_
 
     def _state_summary(self) -> tuple:
@@ -300,8 +306,15 @@ class VirtualMachine:
 
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
-        event = self.trace.record_exit(exit_, _handler_name(self.handlers.get(exit_.reason, _unhandled)),
-                                       exit_.registers or self._state_summary())
+        handler = self.handlers.get(exit_.reason, _unhandled)
+        try:
+            name = self._handler_names.get(handler)
+            if name is None:
+                name = self._handler_names[handler] = _handler_name(handler)
+        except TypeError:  # a learner's handler object that cannot be hashed
+            name = _handler_name(handler)
+        event = self.trace.record_exit(exit_, name, exit_.registers or self._state_summary())
+        self.last_exit = exit_
         self.pending_exit, self._pending_event = exit_, event
         self._budget[3] += 1
         return event
@@ -327,9 +340,9 @@ class VirtualMachine:
                 f"at guest RIP {exit_.guest_rip:#x} '{exit_.instruction}': handler {name} raised "
                 f"{type(exc).__name__}: {exc}. The VM is stopped; vm.trace, vm.vmcs and vm.regs "
                 "show where it was.") from exc
-        if event is not None:
+        if event is not None and exit_.device is not None:
             event.device = exit_.device
-        return result is not False and self.state is VmState.RUNNING
+        return result is not False and self.state is _RUNNING
 
     def _advance(self, budget: int, step: bool = False) -> VmxOutcome:
         """Enter the guest (VMLAUNCH/VMRESUME) or let a paused guest go on; record any exit."""
@@ -347,6 +360,7 @@ class VirtualMachine:
             if outcome.exit is not self._in_place:  # (an exit handled in place is recorded)
                 self._record(outcome.exit)
         elif outcome.status is Status.ENTRY_FAILED:
+            self.last_exit = outcome.exit
             self.trace.record_exit(outcome.exit, "(VM-entry failure)")
             self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
                       f"reason 33 (INVALID_STATE) | bit 31: {outcome.message}")
@@ -488,6 +502,9 @@ class VirtualMachine:
         return (f"<VirtualMachine {self.mode.value} guest, {self.state.value}, {len(self.trace)} exits, "
                 f"{self.cpu.operation.value}>")
 
+
+_RUNNING = VmState.RUNNING
+_ROOT = VmxOperation.ROOT
 
 #: Registers of the trace's state summary (see _state_summary): CR0 and CS give the CPL.
 _SUMMARY_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsp", "rflags", "cr0", "cs")
