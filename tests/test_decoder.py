@@ -386,6 +386,7 @@ class FakeMonitor:
         self.proc, self.proc2 = proc, proc2
         self.guest = FakeCpu(regs or {})
         self.guest.cpl, self.guest._stop = 0, None
+        self.rip, self.cpl = 0x1000, 0   # what ExitMonitor reads at the instruction
         self.vmcs = SimpleNamespace(get=lambda f: (fields or {}).get(int(f), 0))
 
 

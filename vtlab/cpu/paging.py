@@ -8,20 +8,21 @@ absent or the access was not allowed.
 """
 from __future__ import annotations
 
+import capstone
 import unicorn
 from unicorn import x86_const as X
 
 from . import asm
 from ..arch.msrs import Cr0, Cr4, Efer
 
-_STACK_WRITERS = frozenset({"push", "pushf", "pushfd", "pushfq", "pusha", "pushal", "call",
-                            "enter"})
+#: Instructions that write the stack whatever their operands (Capstone instruction ids).
+_STACK_WRITERS = frozenset(getattr(capstone.x86_const, f"X86_INS_{name}") for name in (
+    "PUSH", "PUSHF", "PUSHFD", "PUSHFQ", "PUSHAW", "PUSHAL", "CALL", "ENTER", "LCALL")
+    if hasattr(capstone.x86_const, f"X86_INS_{name}"))
 
 
 def _decode_detail(guest, linear: int):
     """Capstone's detailed decode of the instruction at ``linear`` (None if unreadable)."""
-    import capstone
-
     cs = capstone.Cs(capstone.CS_ARCH_X86, asm._CS_MODE[guest.bits])
     cs.detail = True
     try:
@@ -32,9 +33,7 @@ def _decode_detail(guest, linear: int):
 
 def _writes_memory(detail) -> bool:
     """Does the decoded instruction write memory (an operand, or the stack)?"""
-    import capstone
-
-    if detail.mnemonic in _STACK_WRITERS:
+    if detail.id in _STACK_WRITERS:
         return True
     return any(op.type == capstone.x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE
                for op in detail.operands)
