@@ -10,7 +10,7 @@ Prints, for each figure, vtlab's rate, plain Unicorn's rate and their ratio:
 2. CPUID VM-exit round trips per second through the full exit/entry path (exit
    information, lazy guest-state save, the VMM's CPUID handler, trace record, VM-entry
    checks, guest-state load) vs. a plain Unicorn UC_HOOK_INSN CPUID callback that does
-   the same register work (target ratio >= 0.2);
+   the same register work (target ratio >= 0.5);
 3. single-step rate (one guest instruction per step, as the stepper widget does).
 
 Timings are wall-clock, best of several repetitions, on whatever machine runs them.
@@ -103,16 +103,24 @@ def bench_cpuid(n: int = 5_000) -> dict:
         uc.reg_write(X.UC_X86_REG_EDX, 0)
         return 1
 
-    def run_plain():
+    # As for exit-free code, set-up (the engine, the VM and its VMCS) is not part of a
+    # round trip: only the run is timed, for both.
+    def run_plain() -> float:
         uc = plain_unicorn(code, hook)
+        t = time.perf_counter()
         uc.emu_start(0x1000, 0x1000 + len(code) - 1)
+        return time.perf_counter() - t
 
-    def run_vtlab():
+    def run_vtlab() -> float:
         vm = vtlab.VirtualMachine(src, mode="protected")
+        t = time.perf_counter()
         s = vm.run(max_exits=n + 10)
+        dt = time.perf_counter() - t
         assert s.exits == n + 1, s
+        return dt
 
-    tp, tv = best(run_plain), best(run_vtlab, repeat=2)
+    tp = min(run_plain() for _ in range(3))
+    tv = min(run_vtlab() for _ in range(3))
     return {"plain_per_s": n / tp, "vtlab_per_s": n / tv, "ratio": tp / tv,
             "vtlab_us_per_exit": tv / n * 1e6}
 
@@ -133,7 +141,7 @@ def main() -> None:
           f" | ratio {ef['ratio']:.2f} (target >= 0.5)")
     cp = bench_cpuid()
     print(f"CPUID exit round trip: vtlab {cp['vtlab_per_s']:8.0f} /s ({cp['vtlab_us_per_exit']:.1f} us) | plain "
-          f"Unicorn CPUID hook {cp['plain_per_s']:8.0f} /s | ratio {cp['ratio']:.3f} (target >= 0.2)")
+          f"Unicorn CPUID hook {cp['plain_per_s']:8.0f} /s | ratio {cp['ratio']:.3f} (target >= 0.5)")
     st = bench_step()
     print(f"single-step rate     : {st['steps_per_s']:8.0f} steps/s")
     extra = Path(__file__).with_name("widgets_latency.py")

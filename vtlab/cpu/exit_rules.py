@@ -73,7 +73,11 @@ _RFLAGS_VM = 1 << 17
 def _exit(m: ExitMonitor, d: DecodedInstruction, reason: ExitReason, qualification: int = 0,
           **kw) -> VmExit:
     """The exit record: reason, qualification, instruction length (SDM 28.2.5), RIP."""
-    return VmExit(reason, qualification, d.length, m.rip, d.text, decoded_insn=d, cpl=m.cpl, **kw)
+    shown = d.text  # carried along for display only: no decision reads it
+    if not kw:  # (the common case, without building keyword dictionaries)
+        return VmExit(reason, qualification, d.length, m.rip, shown, None, None, 0, None, 0,
+                      False, "", 0, m.cpl, None, d)
+    return VmExit(reason, qualification, d.length, m.rip, shown, decoded_insn=d, cpl=m.cpl, **kw)
 
 
 def _ring0(m: ExitMonitor) -> bool:

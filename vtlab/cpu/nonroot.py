@@ -70,7 +70,7 @@ class ExitMonitor(EventUnit):
         self._watched: dict[int, tuple[DecodedInstruction, ExitReason | None]] = {}
         # Which VMCS (and which write of software's) pin/proc/proc2 were read from: run()
         # re-reads the controls only when software wrote outside the guest-state area since.
-        self._controls_of: tuple | None = None
+        self._controls_vmcs, self._controls_version = None, -1
         #: what the vCPU keeps about the VMCS it last ran (lazy save, fields to load)
         self.state = GuestStateCache(self.guest, self)
         self._single = False       # the current run steps one instruction at a time
@@ -157,7 +157,7 @@ class ExitMonitor(EventUnit):
         the VMM handle it and re-enter the guest right here, without stopping Unicorn
         (see :meth:`vtlab.cpu.vmx.VmxCpu.exit_in_place`).
         """
-        if self.pending is not None or self.vmcs is None or self.event is not None:
+        if self.pending is not None or self.state.vmcs is None or self.event is not None:
             return False  # (an exception - e.g. the I/O-permission #GP - claimed it first)
         watched = self._watched.get(address)
         if watched is None:
@@ -192,8 +192,9 @@ class ExitMonitor(EventUnit):
                 g.rip = g.rip + d.length  # the rule did the work; skip it
                 return False
             return True  # "emulated-fault": the rule raised an exception instead
-        g.counter.unretire_rest_of_block(address)  # it exits instead of retiring
-        result.guest_instructions = g.counter.total
+        counter = g.counter
+        counter.unretire_rest_of_block(address)  # it exits instead of retiring
+        result.guest_instructions = counter.total
         result.registers = (rax, rbx, rcx, rdx, rsp, rflags, cpl)
         self.pending = result
         if in_place and not self._single and self.cpu.resume_in_place is not None:
@@ -228,9 +229,9 @@ class ExitMonitor(EventUnit):
         (VMCS, version) says whether :attr:`pin`, :attr:`proc` and :attr:`proc2` are still
         what it holds.
         """
-        vmcs = self.vmcs
-        source = (vmcs, self.state.controls_version)
-        if source == self._controls_of:
+        state = self.state
+        vmcs = state.vmcs
+        if vmcs is self._controls_vmcs and state.controls_version == self._controls_version:
             return
         v = vmcs.get
         self.pin = v(F.PIN_BASED_VM_EXEC_CONTROL)
@@ -240,7 +241,7 @@ class ExitMonitor(EventUnit):
         # with bit 14 clear and mask = match = 0 it never does.
         self._pf_may_exit = bool(v(F.EXCEPTION_BITMAP) >> 14 & 1 or v(F.PAGE_FAULT_ERROR_CODE_MASK)
                                  or v(F.PAGE_FAULT_ERROR_CODE_MATCH))
-        self._controls_of = source
+        self._controls_vmcs, self._controls_version = vmcs, state.controls_version
 
     def run(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
         """Run the guest in non-root operation until a VM exit (or the budget / a step)."""

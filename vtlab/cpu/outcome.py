@@ -7,8 +7,8 @@ or a VM-entry failure.  :class:`VmxOutcome` says which, in the SDM's words.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from ..arch.errors import VmInstructionError
 from ..arch.exceptions import Vector
@@ -39,7 +39,7 @@ class Status(str, enum.Enum):
     PAUSED = "paused"                  #: vtlab paused the guest (stepping); no exit happened
 
 
-@dataclass
+@dataclass(slots=True)
 class VmxOutcome:
     """The result of one VMX instruction, printable in the SDM's terms."""
 
@@ -50,7 +50,8 @@ class VmxOutcome:
     message: str = ""
     value: int | None = None
     exit: "VmExit | None" = None
-    violations: list[Violation] = field(default_factory=list)
+    #: Every VM-entry rule broken (a failed VMLAUNCH/VMRESUME); empty otherwise.
+    violations: Sequence[Violation] = ()
     #: PAUSED because the guest sits in the HLT activity state (HLT did not exit).
     halted: bool = False
 

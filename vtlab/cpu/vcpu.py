@@ -69,7 +69,7 @@ class VcpuServices:
         performed and the run stops as usual.
         """
         self._vm_exit(exit_, at_rip=True)
-        self._done(VmxOutcome(self._entry_insn, Status.VM_EXIT, exit=exit_))
+        self.history.append(VmxOutcome(self._entry_insn, Status.VM_EXIT, exit=exit_))
         self._exited_in_place = exit_
         if self.resume_in_place(exit_):
             self._exited_in_place = None

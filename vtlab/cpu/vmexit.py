@@ -27,7 +27,7 @@ _ENTRY_FAILURE = 1 << 31   # bit 31 of the exit reason: VM-entry failure (SDM 25
 
 
 # ----------------------------------------------------------------------------- records
-@dataclass
+@dataclass(slots=True)
 class VmExit:
     """One VM exit (or VM-entry failure) with the exit-information fields it wrote."""
 

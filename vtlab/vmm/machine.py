@@ -435,7 +435,7 @@ class VirtualMachine:
         ordinary way)."""
         self._record(exit_)
         self._in_place = exit_
-        if not self.handle_pending_exit():
+        if not self.handle_pending_exit():  # (the handler: KVM's exit-handler call)
             self._verdict = False
             return False
         start, max_instructions, max_exits, exits = self._budget
