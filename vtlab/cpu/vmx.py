@@ -30,9 +30,7 @@ from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
 from .entry_checks import EntryChecker, Violation, entry_violations
-from .nonroot_consts import _RIP_ONLY
 
-_GUEST_RIP = int(F.GUEST_RIP)
 
 from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
@@ -419,14 +417,15 @@ class VmxCpu(VcpuServices):
 
     def _check_entry(self, vmcs: Vmcs) -> list[Violation]:
         """The VM-entry checks, re-running only the rules whose fields changed since the
-        last check of this VMCS (the checker derives which from each rule's ``reads``)."""
-        state = self.monitor.state
-        changed = state.unchecked.get(id(vmcs))
-        if changed and state.pending and (not changed <= _RIP_ONLY or vmcs.get(_GUEST_RIP) >> 32):
-            # The rules to re-run must see the saved guest state (the RIP rule reads the
-            # entry controls and CS when RIP is above 4 GBytes).
-            state.complete(vmcs)
-        violations = self.entry_checker.violations(self, vmcs, changed)
+        last check of this VMCS (the checker derives which from each rule's ``reads``).
+
+        The rules read the VMCS through the processor's view, so a guest-state field a
+        rule reads is saved first if the lazy save has not reached it yet (one register
+        for most fields): a re-run rule sees exactly what a full save would show.
+        """
+        changed = self.monitor.state.unchecked.get(id(vmcs))
+        view = self._views.get(vmcs.address) or self.view(vmcs.address)
+        violations = self.entry_checker.violations(self, view, changed)
         if changed and not violations:  # (after a failure the next attempt looks again)
             changed.clear()
         return violations
