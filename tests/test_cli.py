@@ -1,4 +1,4 @@
-"""``python -m vtlab`` (vtlab/cli.py), run as a subprocess exactly as a learner types it.
+"""``python -m vtlab`` (vtlab/lab/cli.py), run as a subprocess exactly as a learner types it.
 
 Exit reasons and qualifications are written out from the Intel SDM (Vol. 3C Appendix C,
 Table 28-5): HLT = 12, I/O instruction = 30, ``out dx, al`` to 3F8H = 0x03F80000.

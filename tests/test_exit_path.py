@@ -1,6 +1,6 @@
 """The VM-exit round trip's shortcuts keep the behaviour of the plain path.
 
-The exit path (vtlab/exits.py, vmx.py, vmm.py) avoids work it can prove unnecessary:
+The exit path (vtlab/cpu/nonroot.py, vcpu.py, vmx.py, vtlab/vmm/machine.py) avoids work it can prove unnecessary:
 sensitive instructions are hooked with a raw ctypes callback, execution controls are
 re-read only when the VMCS changed, registers are read and written in batches, the
 self-modifying-code check compares bytes in a preallocated buffer, and the trace keeps

@@ -1,4 +1,4 @@
-"""VM exits (vtlab/exits.py) and the VMM around them (vtlab/vmm.py, devices.py, trace.py).
+"""VM exits (vtlab/cpu/exit_rules.py, events.py, nonroot.py) and the VMM around them (vtlab/vmm/).
 
 For every exit of SDM Vol. 3C ch. 26 ("VMX Non-Root Operation") that vtlab implements:
 it happens when its control says so and not otherwise, with the exit reason (Appendix C),

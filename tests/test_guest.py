@@ -1,4 +1,4 @@
-"""The guest CPU (vtlab/guest.py) on its own, outside VMX.
+"""The guest CPU (vtlab/cpu/guest.py and its parts) on its own, outside VMX.
 
 Expected values come from the Intel SDM (Vol. 3A ch. 2, 4, 6 and Vol. 2): control-register
 bits, exception vectors and error codes are written out literally here, never taken from

@@ -1,4 +1,4 @@
-"""The VMX instructions and the VM-entry checks (vtlab/vmx.py, vmcs.py, entry_checks.py).
+"""The VMX instructions and the VM-entry checks (vtlab/cpu/vmx.py, vmcs.py, vmcs_view.py, entry/).
 
 Every expected number is written out from the Intel SDM, Vol. 3C: outcomes and error
 numbers from 31.2-31.4 ("Conventions", "VMX Instructions", "VM Instruction Error

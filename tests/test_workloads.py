@@ -1,4 +1,4 @@
-"""The guest workloads in vtlab/guests/: they assemble, run, and exit as their headers say.
+"""The guest workloads in vtlab/lab/guests/: they assemble, run, and exit as their headers say.
 
 The first part needs only the assembler and the bare guest CPU.  The second part runs
 each workload under vtlab's VMM (``vtlab.VirtualMachine``); those tests carry the
