@@ -2,6 +2,24 @@
 
 This is the only package that touches Unicorn, Capstone and Keystone.  Everything above
 it (:mod:`vtlab.vmm`, :mod:`vtlab.analysis`, :mod:`vtlab.lab`) talks to the processor
-through the public names re-exported here, the way a hypervisor talks to silicon through
-its instructions and nothing else.
+through the public names re-exported here (``from vtlab.cpu import VmxCpu, Guest ...``),
+the way a hypervisor talks to silicon through its instructions and nothing else.
 """
+
+from .asm import Instruction, assemble, disassemble
+from .capabilities import VmxCapabilities
+from .decoder import DecodedInstruction, InsnKind
+from .entry_checks import EntryChecker, Violation, entry_violations
+from .exit_rules import msr_bitmap_position
+from .guest import Guest, GuestException, Layout, Mode, Program, Selector, pack_descriptor
+from .outcome import Status, VmxOperation, VmxOutcome
+from .vmcs import INVALID_POINTER, LaunchState, Vmcs
+from .vmcs_view import CurrentVmcs
+from .vmexit import VmExit
+from .vmx import VmxCpu
+
+__all__ = ["CurrentVmcs", "DecodedInstruction", "EntryChecker", "Guest", "GuestException",
+           "INVALID_POINTER", "InsnKind", "Instruction", "LaunchState", "Layout", "Mode",
+           "Program", "Selector", "Status", "Violation", "Vmcs", "VmExit", "VmxCapabilities",
+           "VmxCpu", "VmxOperation", "VmxOutcome", "assemble", "disassemble", "entry_violations",
+           "msr_bitmap_position", "pack_descriptor"]
