@@ -28,10 +28,15 @@ from vtlab.cpu.entry import GROUPS, MODES, EntryChecker, Violation, entry_violat
 
 RULES = rules()
 BY_ID = {r.id: r for r in RULES}
+#: The rules that read GUEST_RIP (the checker skips them while RIP is below 4 GiB).
+RIP_RULES = {r.id for r in RULES if F.GUEST_RIP in r.reads}
 
-#: SDM 27.8: exit qualifications of VM-entry failures that are not 0 (4 = invalid VMCS
-#: link pointer).  Every other guest-state rule here fails with qualification 0.
-NONZERO_QUALIFICATION = {"vmcs_link_pointer_invalid": 4}
+#: SDM 27.8: exit qualifications of VM-entry failures that are not 0 (2 = a problem loading
+#: the PDPTEs, 4 = invalid VMCS link pointer).  Every other guest-state rule here fails
+#: with qualification 0.
+NONZERO_QUALIFICATION = {"guest_pdptes_valid": 2,
+                         **{f"vmcs_link_pointer_{what}": 4 for what in (
+                             "alignment", "width", "revision", "shadow_indicator", "not_current")}}
 
 
 def fresh(mode: str = "real", program: str = "hlt") -> VirtualMachine:
@@ -72,7 +77,7 @@ def test_registry_is_well_formed():
         assert r.group == "guest-state" or r.qualification == 0, r
     # checking order: controls, then host state, then guest state (SDM 27.2 before 27.3)
     assert [GROUPS.index(r.group) for r in RULES] == sorted(GROUPS.index(r.group) for r in RULES)
-    assert {"guest_cr0_pg_requires_pe", "guest_cs_dpl_nonconforming", "vmcs_link_pointer_invalid",
+    assert {"guest_cr0_pg_requires_pe", "guest_cs_dpl_nonconforming", "vmcs_link_pointer_revision",
             "unrestricted_guest_requires_ept", "host_cs_selector_nonzero"} <= set(ids)
 
 
@@ -87,9 +92,9 @@ def test_rule_records_explain_themselves():
 
 
 def test_violation_keeps_its_fields_and_str():
-    v = Violation("guest-state", "27.3.1.5", "VMCS_LINK_POINTER is 0x0", 4, "vmcs_link_pointer_invalid")
+    v = Violation("guest-state", "27.3.1.5", "VMCS_LINK_POINTER is 0x0", 4, "vmcs_link_pointer_revision")
     assert (v.group, v.section, v.qualification, v.rule) == ("guest-state", "27.3.1.5", 4,
-                                                             "vmcs_link_pointer_invalid")
+                                                             "vmcs_link_pointer_revision")
     assert str(v) == "[guest-state, SDM 27.3.1.5] VMCS_LINK_POINTER is 0x0"
     assert Violation("controls", "27.2.1", "m").rule == ""   # the old positional form still works
 
@@ -138,16 +143,22 @@ def test_break_after_an_exit_is_found_by_the_incremental_check(rule):
     vm.run()
     assert [e.reason for e in vm.trace.exits][0] == "CPUID"    # (an entry failure is traced too)
     assert vm.last_outcome.instruction == "VMRESUME"
-    assert 0 < len(vm.cpu.entry_checker.last_run_ids) < len(RULES)   # an incremental check
+    # an incremental check (a second look after an in-place attempt failed may run nothing:
+    # the verdicts are kept)
+    assert len(vm.cpu.entry_checker.last_run_ids) < len(RULES)
     assert_sdm_outcome(vm, rule)
     assert vm.last_outcome.violations == vm.cpu.entry_violations()
 
 
 class _WriteLog:
-    """Records the fields a recipe VMWRITEs (what a VMCS's "changed" set would hold)."""
+    """Records the fields a recipe VMWRITEs (what a VMCS's "changed" set would hold); the
+    rest of the VM (``cpu``, ``vmcs_address`` ...) is the VM's own."""
 
     def __init__(self, vm: VirtualMachine):
         self.vm, self.fields, self.before = vm, set(), {}
+
+    def __getattr__(self, name):
+        return getattr(self.vm, name)
 
     def vmread(self, field):
         return self.vm.vmread(field)
@@ -169,8 +180,11 @@ def test_incremental_check_matches_a_full_check(rule):
     incremental = checker.violations(cpu, region, log.fields)
     assert incremental == entry_violations(cpu, region)
     assert rule.id in [v.rule for v in incremental]
-    # only the rules reading a written field ran
-    assert set(checker.last_run_ids) == {r.id for r in RULES if {int(f) for f in r.reads} & log.fields}
+    # only the rules reading a written field ran (the RIP rules only for a RIP above 4 GiB)
+    expected = {r.id for r in RULES if {int(f) for f in r.reads} & log.fields}
+    if not region.get(F.GUEST_RIP) >> 32 and {int(f) for f in log.fields} - {int(F.GUEST_RIP)} == set():
+        expected -= RIP_RULES
+    assert set(checker.last_run_ids) == expected
     # write the old values back: the broken verdicts must go again
     for field, value in log.before.items():
         vm.vmwrite(field, value)
@@ -221,9 +235,19 @@ def test_checker_notices_guest_rip_moving_without_being_told():
     counts.clear()
     region.put(F.GUEST_RIP, 1 << 32)
     found = checker.violations(cpu, region, set())
-    assert set(counts) == {r.id for r in RULES if F.GUEST_RIP in r.reads} == {"guest_rip_high_bits"}
+    assert set(counts) == {r.id for r in RULES if F.GUEST_RIP in r.reads} == RIP_RULES
     assert [v.rule for v in found] == ["guest_rip_high_bits"]
     assert found == entry_violations(cpu, region)
+    # back below 4 GiB: the RIP rules run once more, to clear their verdict ...
+    counts.clear()
+    region.put(F.GUEST_RIP, 0x2000)
+    assert checker.violations(cpu, region, set()) == [] == entry_violations(cpu, region)
+    assert set(counts) == RIP_RULES
+    # ... and then no more while RIP stays below 4 GiB: they hold there (see .registry)
+    counts.clear()
+    region.put(F.GUEST_RIP, 0x3000)
+    assert checker.violations(cpu, region, {int(F.GUEST_RIP)}) == []
+    assert counts == {}
 
 
 def test_checker_reruns_processor_rules_when_the_capabilities_change():
@@ -278,22 +302,22 @@ def test_checker_accepts_the_current_vmcs_view():
     checker = EntryChecker()
     view, region = vm.vmcs, vm.vmcs.region
     assert checker.violations(vm.cpu, view) == []
-    vm.vmwrite(F.VMCS_LINK_POINTER, 0)
+    vm.vmwrite(F.VMCS_LINK_POINTER, 0)       # a zeroed page: not a VMCS of this revision
     found = checker.violations(vm.cpu, region, {int(F.VMCS_LINK_POINTER)})
-    assert [v.rule for v in found] == ["vmcs_link_pointer_invalid"] and found[0].qualification == 4
-    assert checker.last_run_ids == ["vmcs_link_pointer_invalid"]
+    assert [v.rule for v in found] == ["vmcs_link_pointer_revision"] and found[0].qualification == 4
+    assert set(checker.last_run_ids) == {r.id for r in RULES if F.VMCS_LINK_POINTER in r.reads}
 
 
 def test_index_comes_from_the_reads():
     checker = EntryChecker()
     for field, indexes in checker.by_field.items():
         assert {RULES[i].id for i in indexes} == {r.id for r in RULES if field in {int(f) for f in r.reads}}
-    assert [r.id for r in checker.rules_reading(F.GUEST_RIP)] == ["guest_rip_high_bits"]
+    assert [r.id for r in checker.rules_reading(F.GUEST_RIP)] == ["guest_rip_high_bits", "guest_rip_canonical"]
 
 
-def test_vm_entry_after_a_cpuid_exit_rechecks_one_rule():
-    """The CPUID round trip: the handler advances GUEST_RIP, nothing else - VMRESUME runs
-    just the RIP rule."""
+def test_vm_entry_after_a_cpuid_exit_rechecks_no_rule():
+    """The CPUID round trip: the handler advances GUEST_RIP, nothing else - and the RIP
+    rules hold below 4 GiB, so VMRESUME runs no rule at all."""
     vm = fresh("protected", "mov eax, 1\ncpuid\nhlt")
     runs = []
     checker = vm.cpu.entry_checker
@@ -307,7 +331,7 @@ def test_vm_entry_after_a_cpuid_exit_rechecks_one_rule():
     checker.violations = spy
     assert vm.run().state is VmState.HALTED
     assert len(runs[0]) == len(RULES)                       # VMLAUNCH: every rule
-    assert runs[1:] == [["guest_rip_high_bits"]]            # VMRESUME after CPUID: one
+    assert runs[1:] == [[]]                                 # VMRESUME after CPUID: none
 
 
 # --------------------------------------------------- reads are complete
@@ -366,6 +390,20 @@ def test_reads_declare_every_field_the_rule_reads(rule, recipe_vmcs):
     assert seen == declared, f"{rule.id} never read {[F(f).name for f in declared - seen]}"
     # processor state outside the VMCS: declared exactly when used
     assert bool(touched & {"caps", "memory"}) == rule.processor, (rule.id, touched)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if F.GUEST_RIP in r.reads], ids=lambda r: r.id)
+def test_rip_rules_hold_below_4_gib_and_read_nothing_else(rule, recipe_vmcs):
+    """The registry's promise (vtlab/cpu/entry/registry.py) the checker and the lazy
+    guest-state save rely on: with RIP < 4 GiB a RIP rule holds, reading only GUEST_RIP."""
+    for cpu, region in recipe_vmcs:
+        saved = region.get(F.GUEST_RIP)
+        for rip in (0, 0x1000, 0xFFFF_FFFF):
+            region.put(F.GUEST_RIP, rip)
+            vmcs = _RecordingVmcs(region)
+            assert not rule.check(cpu, vmcs), (rule.id, hex(rip))
+            assert vmcs.read == {int(F.GUEST_RIP)}, rule.id
+        region.put(F.GUEST_RIP, saved)
 
 
 def test_rip_above_4_gib_needs_64_bit_code():

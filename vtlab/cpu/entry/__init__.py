@@ -20,8 +20,9 @@ first; vtlab reports that one and keeps the rest for the learner), and
 written since the last check.
 
 Modules: :mod:`.registry` (the records, the decorator), :mod:`.controls`,
-:mod:`.host_state`, :mod:`.guest_registers`, :mod:`.guest_segments`,
-:mod:`.guest_nonregister` (the rules, in checking order) and :mod:`.checker`.
+:mod:`.injection`, :mod:`.host_state`, :mod:`.guest_registers`, :mod:`.guest_segments`,
+:mod:`.guest_tables`, :mod:`.guest_nonregister` (the rules, in checking order) and
+:mod:`.checker`.
 """
 from __future__ import annotations
 

@@ -152,25 +152,55 @@ def _eptp(get: Reader) -> int | None:
     return get(F.EPT_POINTER) if secondary_controls(get) & ProcBased2.ENABLE_EPT else None
 
 
-@control("ept_pointer_memory_type", "27.2.1.1", reads=_EPT_READS,
+#: IA32_VMX_EPT_VPID_CAP bits (SDM A.10): the EPTP settings this processor supports.
+EPT_CAP_WALK_4, EPT_CAP_WALK_5 = 1 << 6, 1 << 7     #: page-walk length 4 / 5 supported
+EPT_CAP_UC, EPT_CAP_WB = 1 << 8, 1 << 14            #: EPT paging-structure memory type UC / WB
+EPT_CAP_ACCESSED_DIRTY = 1 << 21                    #: accessed and dirty flags for EPT
+
+
+@control("ept_pointer_memory_type", "27.2.1.1", reads=_EPT_READS, processor=True,
          breaks=lambda vm: vm.vmwrite(F.EPT_POINTER, vm.vmread(F.EPT_POINTER) & ~7 | 1))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If "enable EPT" is 1, the EPT memory type in EPTP bits 2:0 must be a value
-    IA32_VMX_EPT_VPID_CAP supports: UC (0) or WB (6) on vtlab's CPU."""
+    """If "enable EPT" is 1, the EPT memory type (EPTP bits 2:0) must be a value the
+    processor supports, as IA32_VMX_EPT_VPID_CAP says: 0 (UC) if its bit 8 is 1, 6 (WB) if
+    its bit 14 is 1.  (vtlab's CPU reports WB only.)"""
     eptp = _eptp(get)
-    if eptp is not None and eptp & 7 not in (0, 6):
-        return [f"EPTP memory type (bits 2:0) must be UC (0) or WB (6); it is {eptp & 7}"]
+    if eptp is None:
+        return []
+    cap = cpu.caps.ept_vpid_cap
+    allowed = [t for t, bit in ((0, EPT_CAP_UC), (6, EPT_CAP_WB)) if cap & bit]
+    if eptp & 7 not in allowed:
+        names = " or ".join({0: "UC (0)", 6: "WB (6)"}[t] for t in allowed) or "none"
+        return [f"EPTP memory type (bits 2:0) is {eptp & 7}; IA32_VMX_EPT_VPID_CAP allows {names}"]
     return []
 
 
-@control("ept_pointer_walk_length", "27.2.1.1", reads=_EPT_READS,
+@control("ept_pointer_walk_length", "27.2.1.1", reads=_EPT_READS, processor=True,
          breaks=lambda vm: vm.vmwrite(F.EPT_POINTER, vm.vmread(F.EPT_POINTER) & ~0x38 | (2 << 3)))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If "enable EPT" is 1, EPTP bits 5:3 (the EPT page-walk length minus 1) must be 3:
-    a 4-level walk, the one length IA32_VMX_EPT_VPID_CAP reports on vtlab's CPU."""
+    """If "enable EPT" is 1, EPTP bits 5:3 (1 less than the EPT page-walk length) must be a
+    length IA32_VMX_EPT_VPID_CAP supports: 3 (a 4-level walk) if its bit 6 is 1, 4 (a
+    5-level walk) if its bit 7 is 1.  (vtlab's CPU reports 4-level walks only.)"""
     eptp = _eptp(get)
-    if eptp is not None and (eptp >> 3) & 7 != 3:
-        return [f"EPTP bits 5:3 must be 3 (a 4-level page walk); they are {(eptp >> 3) & 7}"]
+    if eptp is None:
+        return []
+    cap = cpu.caps.ept_vpid_cap
+    allowed = [n for n, bit in ((3, EPT_CAP_WALK_4), (4, EPT_CAP_WALK_5)) if cap & bit]
+    if (eptp >> 3) & 7 not in allowed:
+        return [f"EPTP bits 5:3 are {(eptp >> 3) & 7}; IA32_VMX_EPT_VPID_CAP allows "
+                f"{' or '.join(map(str, allowed)) or 'none'} (page-walk length - 1)"]
+    return []
+
+
+@control("ept_pointer_accessed_dirty", "27.2.1.1", reads=_EPT_READS, processor=True,
+         breaks=set_bits(F.EPT_POINTER, 1 << 6))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If "enable EPT" is 1, EPTP bit 6 (enable accessed and dirty flags for EPT) must be 0
+    if bit 21 of IA32_VMX_EPT_VPID_CAP is 0: the processor has no EPT A/D flags (as
+    vtlab's CPU reports)."""
+    eptp = _eptp(get)
+    if eptp is not None and eptp & (1 << 6) and not cpu.caps.ept_vpid_cap & EPT_CAP_ACCESSED_DIRTY:
+        return ["EPTP bit 6 (EPT accessed and dirty flags) must be 0: IA32_VMX_EPT_VPID_CAP[21] is 0"]
     return []
 
 
@@ -182,44 +212,6 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     eptp = _eptp(get)
     if eptp is not None and (eptp & 0xF80 or eptp >> cpu.memory.width):
         return ["EPTP reserved bits (11:7 and above the physical-address width) must be 0"]
-    return []
-
-
-# -------------------------------------------------- event injection (27.2.1.3)
-def _injected(get: Reader) -> tuple[int, int] | None:
-    """(type, vector) of the event VM entry injects, or None if the valid bit is 0."""
-    info = get(F.VM_ENTRY_INTR_INFO_FIELD)
-    return ((info >> 8) & 7, info & 0xFF) if info >> 31 & 1 else None
-
-
-@control("event_injection_type_reserved", "27.2.1.3", reads={F.VM_ENTRY_INTR_INFO_FIELD},
-         breaks=write(F.VM_ENTRY_INTR_INFO_FIELD, (1 << 31) | (1 << 8)))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If the VM-entry interruption-information valid bit is 1, the interruption type
-    (bits 10:8) must not be 1 (reserved)."""
-    event = _injected(get)
-    if event is not None and event[0] == 1:
-        return ["VM-entry interruption-information: type 1 is reserved"]
-    return []
-
-
-@control("event_injection_nmi_vector", "27.2.1.3", reads={F.VM_ENTRY_INTR_INFO_FIELD},
-         breaks=write(F.VM_ENTRY_INTR_INFO_FIELD, (1 << 31) | (2 << 8) | 3))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If the interruption type is NMI (2), the vector (bits 7:0) must be 2."""
-    event = _injected(get)
-    if event is not None and event[0] == 2 and event[1] != 2:
-        return ["VM-entry interruption-information: an NMI must have vector 2"]
-    return []
-
-
-@control("event_injection_exception_vector", "27.2.1.3", reads={F.VM_ENTRY_INTR_INFO_FIELD},
-         breaks=write(F.VM_ENTRY_INTR_INFO_FIELD, (1 << 31) | (3 << 8) | 32))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If the interruption type is hardware exception (3), the vector must be at most 31."""
-    event = _injected(get)
-    if event is not None and event[0] == 3 and event[1] > 31:
-        return ["VM-entry interruption-information: a hardware exception must have a vector of 0-31"]
     return []
 
 

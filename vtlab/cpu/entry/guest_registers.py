@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from ...arch.controls import EntryControl
 from ...arch.msrs import Cr0, Cr4, Efer
 from ...arch.vmcs_fields import VmcsField as F
-from .registry import (IA32E_MODE, NON_CANONICAL, RFLAGS_VM, SECONDARY_READS, Reader, both, canonical,
-                       clear_bits, ia32e_guest, rule, set_bits, unrestricted_guest, write)
+from .registry import (EFER_RESERVED, IA32E_MODE, NON_CANONICAL, RFLAGS_VM, SECONDARY_READS, Reader, both,
+                       canonical, clear_bits, ia32e_guest, pat_invalid_bytes, rule, set_bits,
+                       unrestricted_guest, write)
 
 if TYPE_CHECKING:
     from ..vmx import VmxCpu
@@ -95,6 +96,24 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     return []
 
 
+#: IA32_DEBUGCTL bits that are reserved (SDM Vol. 4, Table 2-2): 5:2 and 63:16.  Defined:
+#: LBR (0), BTF (1), TR (6), BTS (7), BTINT (8), BTS_OFF_OS (9), BTS_OFF_USR (10),
+#: FREEZE_LBRS_ON_PMI (11), FREEZE_PERFMON_ON_PMI (12), ENABLE_UNCORE_PMI (13),
+#: FREEZE_WHILE_SMM (14), RTM_DEBUG (15).
+DEBUGCTL_RESERVED = 0x3C | (~0xFFFF & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+@guest("guest_debugctl_reserved", "27.3.1.1", reads={F.VM_ENTRY_CONTROLS, F.GUEST_IA32_DEBUGCTL},
+       breaks=both(set_bits(F.VM_ENTRY_CONTROLS, EntryControl.LOAD_DEBUG_CONTROLS),
+                   set_bits(F.GUEST_IA32_DEBUGCTL, 1 << 2)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load debug controls" VM-entry control is 1, the bits reserved in the
+    IA32_DEBUGCTL MSR (5:2 and 63:16) must be 0 in its field."""
+    if get(F.VM_ENTRY_CONTROLS) & EntryControl.LOAD_DEBUG_CONTROLS and get(F.GUEST_IA32_DEBUGCTL) & DEBUGCTL_RESERVED:
+        return [f"GUEST_IA32_DEBUGCTL {get(F.GUEST_IA32_DEBUGCTL):#x}: reserved bits (5:2, 63:16) must be 0"]
+    return []
+
+
 def _sysenter_rule(field: F, id: str) -> None:
     @guest(id, "27.3.1.1", reads={field}, breaks=write(field, NON_CANONICAL),
            doc=f"""The {field.name} field must contain a canonical address (VM entry loads
@@ -107,6 +126,31 @@ def _sysenter_rule(field: F, id: str) -> None:
 
 _sysenter_rule(F.GUEST_SYSENTER_ESP, "guest_sysenter_esp_canonical")
 _sysenter_rule(F.GUEST_SYSENTER_EIP, "guest_sysenter_eip_canonical")
+
+
+@guest("guest_ia32_pat_valid", "27.3.1.1", reads={F.VM_ENTRY_CONTROLS, F.GUEST_IA32_PAT},
+       breaks=both(set_bits(F.VM_ENTRY_CONTROLS, EntryControl.LOAD_IA32_PAT), write(F.GUEST_IA32_PAT, 3)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load IA32_PAT" VM-entry control is 1, the IA32_PAT field must hold a value
+    WRMSR would accept at CPL 0: each of its 8 bytes 0 (UC), 1 (WC), 4 (WT), 5 (WP),
+    6 (WB) or 7 (UC-)."""
+    if get(F.VM_ENTRY_CONTROLS) & EntryControl.LOAD_IA32_PAT:
+        bad = pat_invalid_bytes(get(F.GUEST_IA32_PAT))
+        if bad:
+            return [f"GUEST_IA32_PAT {get(F.GUEST_IA32_PAT):#018x}: byte(s) {bad} are not a memory type "
+                    "(0, 1, 4, 5, 6 or 7)"]
+    return []
+
+
+@guest("guest_efer_reserved", "27.3.1.1", reads={F.VM_ENTRY_CONTROLS, F.GUEST_IA32_EFER},
+       breaks=set_bits(F.GUEST_IA32_EFER, 1 << 1))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load IA32_EFER" VM-entry control is 1, the bits reserved in IA32_EFER must be
+    0 in its field (all but SCE, bit 0; LME, bit 8; LMA, bit 10; NXE, bit 11)."""
+    if get(F.VM_ENTRY_CONTROLS) & EntryControl.LOAD_IA32_EFER and get(F.GUEST_IA32_EFER) & EFER_RESERVED:
+        return [f"GUEST_IA32_EFER {get(F.GUEST_IA32_EFER):#x}: reserved bits must be 0 "
+                "(only SCE, LME, LMA and NXE exist)"]
+    return []
 
 
 @guest("guest_efer_lma_matches_ia32e", "27.3.1.1", reads={F.VM_ENTRY_CONTROLS, F.GUEST_IA32_EFER},
@@ -177,9 +221,10 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
 
 
 # --------------------------------------------------------------- RIP (27.3.1.4)
-# This rule re-runs after nearly every VM exit (the VMM advances GUEST_RIP past the
-# exiting instruction), so it tests RIP first and reads nothing else in the common case:
-# VM_ENTRY_CONTROLS and CS are lazily saved guest state and would force a full save.
+# The VMM advances GUEST_RIP past the exiting instruction after nearly every VM exit, so
+# these rules test RIP first and, below 4 GBytes, hold and read nothing else (the promise
+# of every RIP rule, see .registry): VM entry then skips them, and VM_ENTRY_CONTROLS and
+# CS, lazily saved guest state, need no save.
 _GUEST_RIP, _ENTRY_CONTROLS, _CS_AR = int(F.GUEST_RIP), int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_AR_BYTES)
 _CS_L = 1 << 13   # access rights bit 13: CS.L, 64-bit code segment
 
@@ -194,3 +239,18 @@ def _(get: Reader, cpu: "VmxCpu") -> tuple[str, ...]:
         return ("GUEST_RIP bits 63:32 must be 0 unless the guest runs 64-bit code (IA-32e mode, CS.L = 1)",)
     return ()
 
+
+
+_CANONICAL_TOP = (1 << 17) - 1   # bits 63:47 all 1
+
+
+@guest("guest_rip_canonical", "27.3.1.4", reads={F.GUEST_RIP, F.VM_ENTRY_CONTROLS, F.GUEST_CS_AR_BYTES},
+       mode="long", breaks=write(F.GUEST_RIP, NON_CANONICAL))
+def _(get: Reader, cpu: "VmxCpu") -> tuple[str, ...]:
+    """If the processor supports N < 64 linear-address bits (vtlab's: 48), bits 63:N of the
+    RIP field must be identical if the "IA-32e mode guest" VM-entry control is 1 and the L
+    bit in the CS access-rights field is 1: 64-bit code runs at canonical addresses."""
+    top = get(_GUEST_RIP) >> 47
+    if top and top != _CANONICAL_TOP and get(_ENTRY_CONTROLS) & IA32E_MODE and get(_CS_AR) & _CS_L:
+        return (f"GUEST_RIP ({get(_GUEST_RIP):#x}) must be canonical (bits 63:47 identical) for 64-bit code",)
+    return ()

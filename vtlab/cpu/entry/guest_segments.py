@@ -1,5 +1,6 @@
-"""VM-entry checks on guest segment registers (SDM 27.3.1.2) and descriptor-table
-registers (SDM 27.3.1.3).  A failure is a VM-entry failure, exit reason 33 | bit 31.
+"""VM-entry checks on the guest segment registers CS, SS, DS, ES, FS and GS (SDM 27.3.1.2;
+TR, LDTR, GDTR and IDTR are in :mod:`.guest_tables`).  A failure is a VM-entry failure,
+exit reason 33 | bit 31.
 
 VM entry does not read the guest's GDT: it loads every segment register's hidden part
 (base, limit, access rights) straight from the VMCS, so the processor checks that those
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 guest = functools.partial(rule, "guest-state")
 
 UNUSABLE = 1 << 16   #: access-rights bit 16: the register holds a null selector ("unusable")
-_S, _P, _G = 1 << 4, 1 << 7, 1 << 15
+_S, _P, _L, _DB, _G = 1 << 4, 1 << 7, 1 << 13, 1 << 14, 1 << 15
 
 
 def _type_to(field: F, typ: int) -> Callable:
@@ -133,16 +134,7 @@ def _add_segment_rules(seg: str) -> None:
         return []
 
     if seg == "SS":
-        @guest("guest_ss_dpl_equals_rpl", "27.3.1.2", reads=ar_reads | SECONDARY_READS | {sel_f},
-               mode="paged", breaks=both(clear_bits(F.SECONDARY_VM_EXEC_CONTROL, ProcBased2.UNRESTRICTED_GUEST),
-                                         set_bits(sel_f, 3)))
-        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-            """If "unrestricted guest" is 0, the SS DPL must equal the RPL of the SS selector:
-            SS always holds the current privilege level."""
-            ar = checked(get)
-            if ar is not None and not unrestricted_guest(get) and (ar >> 5) & 3 != get(sel_f) & 3:
-                return prefix(f"SS DPL ({(ar >> 5) & 3}) must equal SS selector RPL ({get(sel_f) & 3})")
-            return []
+        _add_ss_privilege_rules(ar_reads, sel_f)
 
     if seg == "CS":
         _add_cs_dpl_rules(ar_reads)
@@ -175,6 +167,40 @@ def _add_segment_rules(seg: str) -> None:
         if virtual_8086(get) and get(base_f) != get(sel_f) << 4:
             return [f"GUEST_{seg}_BASE must be selector << 4 in virtual-8086 mode"]
         return []
+
+    @guest(f"guest_{s}_v8086_limit", "27.3.1.2", reads={F.GUEST_RFLAGS, limit_f}, mode="protected",
+           breaks=set_bits(F.GUEST_RFLAGS, RFLAGS_VM),
+           doc=f"If the guest will be in virtual-8086 mode, the {seg} limit field must be 0000FFFFH.")
+    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+        if virtual_8086(get) and get(limit_f) != 0xFFFF:
+            return [f"GUEST_{seg}_LIMIT must be 0000FFFFH in virtual-8086 mode (is {get(limit_f):#x})"]
+        return []
+
+    _add_base_rule(seg, base_f, ar_f)
+    if seg == "CS":
+        @guest("guest_cs_db_with_l", "27.3.1.2", reads=ar_reads | {F.VM_ENTRY_CONTROLS}, mode="long",
+               breaks=set_bits(ar_f, _DB))
+        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+            """The D/B bit (bit 14) of CS must be 0 if the guest will be in IA-32e mode and the
+            L bit (bit 13) of CS is 1: L = 1 with D = 1 is reserved (SDM Vol. 3A 3.4.5)."""
+            ar = checked(get)
+            if ar is not None and ar & _L and ar & _DB and ia32e_guest(get):
+                return prefix("CS.L is 1 in IA-32e mode, so CS D/B (bit 14) must be 0")
+            return []
+    elif seg != "SS":
+        @guest(f"guest_{s}_dpl_not_below_rpl", "27.3.1.2", reads=ar_reads | SECONDARY_READS | {sel_f},
+               mode="paged", breaks=both(clear_bits(F.SECONDARY_VM_EXEC_CONTROL, ProcBased2.UNRESTRICTED_GUEST),
+                                         set_bits(sel_f, 3)),
+               doc=f"The DPL of {seg} cannot be less than the RPL of its selector if (1) \"unrestricted "
+                   "guest\" is 0, (2) the register is usable and (3) its type is 0-11 (a data segment "
+                   "or a non-conforming code segment): the selector could not have been loaded.")
+        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+            ar = checked(get)
+            if ar is not None and not unrestricted_guest(get) and ar & 0xF <= 11:
+                dpl, rpl = (ar >> 5) & 3, get(sel_f) & 3
+                if dpl < rpl:
+                    return prefix(f"{seg} DPL ({dpl}) must not be less than its selector's RPL ({rpl})")
+            return []
 
 
 def _add_cs_dpl_rules(ar_reads: set) -> None:
@@ -226,114 +252,78 @@ def _add_cs_dpl_rules(ar_reads: set) -> None:
         return []
 
 
+def _add_ss_privilege_rules(ar_reads: set, sel_f: F) -> None:
+    """The SS selector and DPL rules of SDM 27.3.1.2.  Unlike the other SS checks they
+    apply even if SS is unusable: SS.DPL is always the CPL."""
+    ss_ar, cs_ar, cs_sel = F.GUEST_SS_AR_BYTES, F.GUEST_CS_AR_BYTES, F.GUEST_CS_SELECTOR
+
+    @guest("guest_ss_rpl_equals_cs_rpl", "27.3.1.2", reads={F.GUEST_RFLAGS, sel_f, cs_sel} | SECONDARY_READS,
+           mode="paged", breaks=both(clear_bits(F.SECONDARY_VM_EXEC_CONTROL, ProcBased2.UNRESTRICTED_GUEST),
+                                     set_bits(cs_sel, 3)))
+    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+        """If the guest will not be in virtual-8086 mode and "unrestricted guest" is 0, the
+        RPL (bits 1:0) of the SS selector must equal the RPL of the CS selector."""
+        if not virtual_8086(get) and not unrestricted_guest(get) and get(sel_f) & 3 != get(cs_sel) & 3:
+            return [f"GUEST_SS: SS selector RPL ({get(sel_f) & 3}) must equal CS selector RPL ({get(cs_sel) & 3})"]
+        return []
+
+    @guest("guest_ss_dpl_equals_rpl", "27.3.1.2", reads=ar_reads | SECONDARY_READS | {sel_f},
+           mode="paged", breaks=both(clear_bits(F.SECONDARY_VM_EXEC_CONTROL, ProcBased2.UNRESTRICTED_GUEST),
+                                     set_bits(sel_f, 3)))
+    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+        """If "unrestricted guest" is 0, the SS DPL must equal the RPL of the SS selector:
+        SS always holds the current privilege level."""
+        if not virtual_8086(get) and not unrestricted_guest(get):
+            dpl = (get(ss_ar) >> 5) & 3
+            if dpl != get(sel_f) & 3:
+                return [f"GUEST_SS: SS DPL ({dpl}) must equal SS selector RPL ({get(sel_f) & 3})"]
+        return []
+
+    @guest("guest_ss_dpl_zero_in_real_mode", "27.3.1.2", reads={F.GUEST_RFLAGS, ss_ar, cs_ar, F.GUEST_CR0},
+           breaks=set_bits(ss_ar, 3 << 5))
+    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+        """The SS DPL must be 0 if the CS type is 3 (read/write accessed data, the CS of an
+        unrestricted guest) or if bit 0 of the CR0 field (PE) is 0: real-mode code runs at
+        CPL 0."""
+        if virtual_8086(get):
+            return []
+        dpl = (get(ss_ar) >> 5) & 3
+        if dpl and (get(cs_ar) & 0xF == 3 or not get(F.GUEST_CR0) & 1):
+            return [f"GUEST_SS: SS DPL must be 0 when CS type is 3 or CR0.PE is 0; it is {dpl}"]
+        return []
+
+
+def _add_base_rule(seg: str, base_f: F, ar_f: F) -> None:
+    """The base-address rule of SDM 27.3.1.2 for 64-bit processors: FS and GS bases must be
+    canonical; bits 63:32 of the CS base must be 0, and of the SS, DS and ES bases if usable."""
+    s = seg.lower()
+    if seg in ("FS", "GS"):
+        @guest(f"guest_{s}_base_canonical", "27.3.1.2", reads={base_f}, breaks=write(base_f, NON_CANONICAL),
+               doc=f"The {seg} base-address field must contain a canonical address (it is the "
+                   "64-bit base IA-32e mode uses).")
+        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+            if not canonical(get(base_f)):
+                return [f"GUEST_{seg}_BASE ({get(base_f):#x}) must be canonical"]
+            return []
+    elif seg == "CS":
+        @guest("guest_cs_base_high_bits", "27.3.1.2", reads={base_f}, breaks=write(base_f, 1 << 32))
+        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+            """Bits 63:32 of the CS base-address field must be 0: CS bases are 32 bits, even
+            in IA-32e mode (where they are ignored)."""
+            if get(base_f) >> 32:
+                return [f"GUEST_CS_BASE ({get(base_f):#x}) bits 63:32 must be 0"]
+            return []
+    else:
+        @guest(f"guest_{s}_base_high_bits", "27.3.1.2", reads={base_f, ar_f}, breaks=write(base_f, 1 << 32),
+               doc=f"If {seg} is usable, bits 63:32 of its base-address field must be 0: "
+                   f"{seg} bases are 32 bits.")
+        def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+            if not get(ar_f) & UNUSABLE and get(base_f) >> 32:
+                return [f"GUEST_{seg}_BASE ({get(base_f):#x}) bits 63:32 must be 0 ({seg} is usable)"]
+            return []
+
+
 for _seg in ("CS", "SS", "DS", "ES", "FS", "GS"):
     _add_segment_rules(_seg)
 
 
-# ------------------------------------------------------------ TR (27.3.1.2)
-_TR_AR, _TR_SEL = F.GUEST_TR_AR_BYTES, F.GUEST_TR_SELECTOR
-
-
-@guest("guest_tr_selector_ti", "27.3.1.2", reads={_TR_SEL}, breaks=set_bits(_TR_SEL, 1 << 2))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """The TI flag (bit 2) of the TR selector must be 0: a TSS descriptor lives in the GDT."""
-    if get(_TR_SEL) & 4:
-        return ["GUEST_TR_SELECTOR TI flag (bit 2) must be 0"]
-    return []
-
-
-@guest("guest_tr_usable", "27.3.1.2", reads={_TR_AR}, breaks=set_bits(_TR_AR, UNUSABLE))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """The unusable bit (bit 16) of the TR access-rights field must be 0: the guest
-    always has a task register."""
-    if get(_TR_AR) & UNUSABLE:
-        return ["GUEST_TR must be usable (access rights bit 16 clear)"]
-    return []
-
-
-@guest("guest_tr_type", "27.3.1.2", reads={_TR_AR, F.VM_ENTRY_CONTROLS}, breaks=_type_to(_TR_AR, 9))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """The TR type must be 11 (busy 32-bit or 64-bit TSS); if the guest will not be in
-    IA-32e mode it may also be 3 (busy 16-bit TSS)."""
-    ar, ia32e = get(_TR_AR), ia32e_guest(get)
-    if ar & 0xF not in ((11,) if ia32e else (3, 11)):
-        return [f"GUEST_TR access rights {ar:#x}: TR must be a busy TSS (type 11"
-                f"{', or 3 for a 16-bit TSS' if not ia32e else ''}); its type is {ar & 0xF}"]
-    return []
-
-
-@guest("guest_tr_s_bit", "27.3.1.2", reads={_TR_AR}, breaks=set_bits(_TR_AR, _S))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """The S bit (bit 4) of the TR access-rights field must be 0: a TSS is a system descriptor."""
-    if get(_TR_AR) & _S:
-        return [f"GUEST_TR access rights {get(_TR_AR):#x}: S (bit 4) must be 0, a TSS is a system descriptor"]
-    return []
-
-
-@guest("guest_tr_present", "27.3.1.2", reads={_TR_AR}, breaks=clear_bits(_TR_AR, _P))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """The P bit (bit 7) of the TR access-rights field must be 1 (present)."""
-    if not get(_TR_AR) & _P:
-        return [f"GUEST_TR access rights {get(_TR_AR):#x}: P (bit 7) must be 1 (TSS present)"]
-    return []
-
-
-# ---------------------------------------------------------- LDTR (27.3.1.2)
-_LDTR_AR = F.GUEST_LDTR_AR_BYTES
-
-
-def _usable_ldtr(get: Reader) -> int | None:
-    """The LDTR access rights if LDTR is usable (only then is it checked), else None."""
-    ar = get(_LDTR_AR)
-    return None if ar & UNUSABLE else ar
-
-
-@guest("guest_ldtr_type", "27.3.1.2", reads={_LDTR_AR}, breaks=write(_LDTR_AR, 0x83))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If LDTR is usable, its type must be 2 (LDT)."""
-    ar = _usable_ldtr(get)
-    if ar is not None and ar & 0xF != 2:
-        return [f"GUEST_LDTR is usable, so it must be an LDT descriptor (type 2); its type is {ar & 0xF}"]
-    return []
-
-
-@guest("guest_ldtr_s_bit", "27.3.1.2", reads={_LDTR_AR}, breaks=write(_LDTR_AR, 0x92))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If LDTR is usable, its S bit (bit 4) must be 0: an LDT descriptor is a system descriptor."""
-    ar = _usable_ldtr(get)
-    if ar is not None and ar & _S:
-        return ["GUEST_LDTR is usable, so its S bit (bit 4) must be 0 (a system descriptor)"]
-    return []
-
-
-@guest("guest_ldtr_present", "27.3.1.2", reads={_LDTR_AR}, breaks=write(_LDTR_AR, 0x02))
-def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-    """If LDTR is usable, its P bit (bit 7) must be 1 (present)."""
-    ar = _usable_ldtr(get)
-    if ar is not None and not ar & _P:
-        return ["GUEST_LDTR is usable, so its P bit (bit 7) must be 1 (present)"]
-    return []
-
-
-# ------------------------------------------- GDTR and IDTR (27.3.1.3)
-def _table_rules(table: str) -> None:
-    base_f, limit_f = F[f"GUEST_{table}_BASE"], F[f"GUEST_{table}_LIMIT"]
-
-    @guest(f"guest_{table.lower()}_limit", "27.3.1.3", reads={limit_f}, breaks=write(limit_f, 0x1_0000),
-           doc=f"Bits 31:16 of the {table} limit field must be 0: {table} limits are 16 bits.")
-    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-        if get(limit_f) >> 16:
-            return [f"GUEST_{table}_LIMIT bits 31:16 must be 0"]
-        return []
-
-    @guest(f"guest_{table.lower()}_base_canonical", "27.3.1.3", reads={base_f},
-           breaks=write(base_f, NON_CANONICAL),
-           doc=f"The {table} base-address field must contain a canonical address.")
-    def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-        if not canonical(get(base_f)):
-            return [f"GUEST_{table}_BASE must be canonical"]
-        return []
-
-
-_table_rules("GDTR")
-_table_rules("IDTR")

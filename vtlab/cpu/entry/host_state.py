@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from ...arch.controls import ExitControl
-from ...arch.msrs import Cr0, Cr4
+from ...arch.controls import EntryControl, ExitControl
+from ...arch.msrs import Cr0, Cr4, Efer
 from ...arch.vmcs_fields import VmcsField as F
-from .registry import NON_CANONICAL, Reader, canonical, clear_bits, rule, set_bits, write
+from .registry import (EFER_RESERVED, NON_CANONICAL, Reader, both, canonical, clear_bits, pat_invalid_bytes,
+                       rule, set_bits, write)
 
 if TYPE_CHECKING:
     from ..vmx import VmxCpu
@@ -46,6 +47,50 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     return []
 
 
+_LOAD_PAT, _LOAD_EFER = int(ExitControl.LOAD_IA32_PAT), int(ExitControl.LOAD_IA32_EFER)
+_HOST_64 = int(ExitControl.HOST_ADDR_SPACE_SIZE)
+
+
+@host("host_ia32_pat_valid", "27.2.2", reads={F.VM_EXIT_CONTROLS, F.HOST_IA32_PAT},
+      breaks=both(set_bits(F.VM_EXIT_CONTROLS, ExitControl.LOAD_IA32_PAT), write(F.HOST_IA32_PAT, 2)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load IA32_PAT" VM-exit control is 1, the IA32_PAT field must hold a value
+    WRMSR would accept at CPL 0: each of its 8 bytes 0 (UC), 1 (WC), 4 (WT), 5 (WP),
+    6 (WB) or 7 (UC-)."""
+    if get(F.VM_EXIT_CONTROLS) & _LOAD_PAT:
+        bad = pat_invalid_bytes(get(F.HOST_IA32_PAT))
+        if bad:
+            return [f"HOST_IA32_PAT {get(F.HOST_IA32_PAT):#018x}: byte(s) {bad} are not a memory type "
+                    "(0, 1, 4, 5, 6 or 7)"]
+    return []
+
+
+@host("host_efer_reserved", "27.2.2", reads={F.VM_EXIT_CONTROLS, F.HOST_IA32_EFER},
+      breaks=set_bits(F.HOST_IA32_EFER, 1 << 1))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load IA32_EFER" VM-exit control is 1, the bits reserved in IA32_EFER must be
+    0 in its field (all but SCE, bit 0; LME, bit 8; LMA, bit 10; NXE, bit 11)."""
+    if get(F.VM_EXIT_CONTROLS) & _LOAD_EFER and get(F.HOST_IA32_EFER) & EFER_RESERVED:
+        return [f"HOST_IA32_EFER {get(F.HOST_IA32_EFER):#x}: reserved bits must be 0 "
+                "(only SCE, LME, LMA and NXE exist)"]
+    return []
+
+
+@host("host_efer_lma_lme", "27.2.2", reads={F.VM_EXIT_CONTROLS, F.HOST_IA32_EFER},
+      breaks=clear_bits(F.HOST_IA32_EFER, Efer.LME))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "load IA32_EFER" VM-exit control is 1, the LMA (bit 10) and LME (bit 8) bits
+    of the IA32_EFER field must each equal the "host address-space size" VM-exit control:
+    the VMM the exit returns to runs in IA-32e mode exactly when that control says so."""
+    controls = get(F.VM_EXIT_CONTROLS)
+    if controls & _LOAD_EFER:
+        efer, host64 = get(F.HOST_IA32_EFER), bool(controls & _HOST_64)
+        if bool(efer & Efer.LMA) != host64 or bool(efer & Efer.LME) != host64:
+            return [f"HOST_IA32_EFER.LMA and .LME must both be {int(host64)}, the \"host address-space "
+                    f"size\" VM-exit control (EFER = {efer:#x})"]
+    return []
+
+
 def _canonical_rule(field: F, id: str, section: str, what: str) -> None:
     @host(id, section, reads={field}, breaks=write(field, NON_CANONICAL),
           doc=f"""{field.name} ({what}) must contain a canonical address: the VM exit loads it
@@ -76,6 +121,37 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     if not get(F.VM_EXIT_CONTROLS) & ExitControl.HOST_ADDR_SPACE_SIZE:
         return ["the VMM runs in IA-32e mode, so the \"host address-space size\" VM-exit "
                 "control must be 1"]
+    return []
+
+
+@host("host_ia32e_guest_requires_64_bit_host", "27.2.4", reads={F.VM_EXIT_CONTROLS, F.VM_ENTRY_CONTROLS},
+      mode="long", breaks=clear_bits(F.VM_EXIT_CONTROLS, ExitControl.HOST_ADDR_SPACE_SIZE))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "host address-space size" VM-exit control is 0, the "IA-32e mode guest"
+    VM-entry control must be 0: a 64-bit guest needs a 64-bit host to exit to."""
+    if not get(F.VM_EXIT_CONTROLS) & _HOST_64 and get(F.VM_ENTRY_CONTROLS) & EntryControl.IA32E_MODE:
+        return ["\"host address-space size\" is 0, so the \"IA-32e mode guest\" VM-entry control must be 0"]
+    return []
+
+
+@host("host_cr4_pcide_requires_64_bit_host", "27.2.4", reads={F.VM_EXIT_CONTROLS, F.HOST_CR4},
+      breaks=both(clear_bits(F.VM_EXIT_CONTROLS, ExitControl.HOST_ADDR_SPACE_SIZE),
+                  set_bits(F.HOST_CR4, Cr4.PCIDE)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "host address-space size" VM-exit control is 0, bit 17 of the CR4 field
+    (CR4.PCIDE) must be 0: PCIDs exist only in IA-32e mode."""
+    if not get(F.VM_EXIT_CONTROLS) & _HOST_64 and get(F.HOST_CR4) & Cr4.PCIDE:
+        return ["\"host address-space size\" is 0, so HOST_CR4.PCIDE must be 0"]
+    return []
+
+
+@host("host_rip_high_bits", "27.2.4", reads={F.VM_EXIT_CONTROLS, F.HOST_RIP},
+      breaks=both(clear_bits(F.VM_EXIT_CONTROLS, ExitControl.HOST_ADDR_SPACE_SIZE), write(F.HOST_RIP, 1 << 32)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "host address-space size" VM-exit control is 0, bits 63:32 of the RIP field
+    must be 0: a 32-bit host continues at a 32-bit address."""
+    if not get(F.VM_EXIT_CONTROLS) & _HOST_64 and get(F.HOST_RIP) >> 32:
+        return [f"\"host address-space size\" is 0, so HOST_RIP ({get(F.HOST_RIP):#x}) bits 63:32 must be 0"]
     return []
 
 
@@ -132,4 +208,14 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     """The selector field for TR must not be 0000H (the host needs a TSS)."""
     if get(F.HOST_TR_SELECTOR) == 0:
         return ["HOST_TR_SELECTOR must not be 0000H"]
+    return []
+
+
+@host("host_ss_selector_nonzero", "27.2.3", reads={F.VM_EXIT_CONTROLS, F.HOST_SS_SELECTOR},
+      breaks=both(clear_bits(F.VM_EXIT_CONTROLS, ExitControl.HOST_ADDR_SPACE_SIZE), write(F.HOST_SS_SELECTOR, 0)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """The selector field for SS must not be 0000H if the "host address-space size" VM-exit
+    control is 0: only 64-bit code may run with a null SS."""
+    if not get(F.VM_EXIT_CONTROLS) & _HOST_64 and get(F.HOST_SS_SELECTOR) == 0:
+        return ["\"host address-space size\" is 0, so HOST_SS_SELECTOR must not be 0000H"]
     return []

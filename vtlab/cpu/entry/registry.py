@@ -27,6 +27,13 @@ does the same with a decorator: each check is a small function, registered with
 A check function takes ``get`` (a VMCS reader: ``get(VmcsField.GUEST_CR0)`` returns the
 field's value) and the :class:`vtlab.cpu.vmx.VmxCpu`, and returns the list of messages
 that say what is wrong in the SDM's words - empty when the rule holds.
+
+One promise every rule that reads GUEST_RIP keeps (tests/test_entry_rules.py checks it):
+while bits 63:32 of the RIP field are 0 it holds, and reads no other field.  The SDM's
+RIP checks only restrict RIPs above 4 GBytes, and the VMM advances RIP after nearly every
+exit: so VM entry does not run the RIP rules for a RIP below 4 GBytes (see
+:mod:`.checker`) and need not complete the lazy save of guest state (see
+:meth:`vtlab.cpu.vmx.VmxCpu._check_entry`).
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ GROUPS = ("controls", "host-state", "guest-state")
 #: The modes a break recipe's guest may start in (those of :class:`vtlab.Mode`).
 MODES = ("real", "protected", "paged", "long")
 #: The modules that register rules, in the order the processor checks them.
-RULE_MODULES = ("controls", "host_state", "guest_registers", "guest_segments", "guest_nonregister")
+RULE_MODULES = ("controls", "injection", "host_state", "guest_registers", "guest_segments", "guest_tables",
+                "guest_nonregister")
 
 _ID = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 _SECTION = re.compile(r"27\.[234](\.\d+)*")
@@ -227,6 +235,19 @@ def canonical(address: int) -> bool:
 
 #: A non-canonical address the break recipes write (bit 47 set, bits 63:48 clear).
 NON_CANONICAL = 0x0000_8000_0000_0000
+
+#: IA32_EFER bits that are reserved (SDM Vol. 3A 2.2.1, Vol. 4 Table 2-2): all but SCE (0),
+#: LME (8), LMA (10) and NXE (11).
+EFER_RESERVED = ~0xD01 & 0xFFFF_FFFF_FFFF_FFFF
+
+#: The memory types an IA32_PAT entry may hold (SDM Vol. 3A 12.12.2): UC, WC, WT, WP, WB, UC-.
+PAT_MEMORY_TYPES = frozenset({0, 1, 4, 5, 6, 7})
+
+
+def pat_invalid_bytes(pat: int) -> list[int]:
+    """The indexes of the bytes of an IA32_PAT value that are not a memory type (WRMSR
+    would #GP): empty for a value VM entry may load."""
+    return [i for i in range(8) if (pat >> (8 * i)) & 0xFF not in PAT_MEMORY_TYPES]
 
 
 # ------------------------------------------------------- break-recipe helpers
