@@ -251,7 +251,14 @@ class VirtualMachine:
 
     def inject_exception(self, vector: int, error_code: int | None = None,
                          kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION) -> bool:
-        """Queue an exception for delivery at the next VM entry (SDM 27.6 event injection)."""
+        """Queue an exception for delivery at the next VM entry (SDM 27.6 event injection).
+
+        A real-mode guest (GUEST_CR0.PE = 0, an unrestricted guest) gets no error code:
+        real-mode delivery pushes none, and VM entry refuses "deliver error code" there
+        (SDM 27.2.1.3), so the error code is dropped as KVM does.
+        """
+        if error_code is not None and not self.vmread(F.GUEST_CR0) & Cr0.PE:
+            error_code = None
         info = IntrInfo(int(vector), kind, error_code is not None).encode()
         self.vmwrite(F.VM_ENTRY_INTR_INFO_FIELD, info)
         if error_code is not None:
