@@ -186,8 +186,19 @@ def test_cpuid_exits_even_with_every_control_clear(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_getsec_exits(mode):
-    vm, _ = first_exit("getsec", mode)
+    """GETSEC exits if CR4.SMXE (bit 14) = 1 (SDM 26.1.2, footnote) ..."""
+    def smxe(vm):
+        vm.vmwrite(GUEST_CR4, field(vm, GUEST_CR4) | 1 << 14)
+    vm, _ = first_exit("getsec", mode, smxe)
     assert_exit(vm, GETSEC, length=2, rip=0x1000)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_getsec_without_smxe_is_ud_not_an_exit(mode):
+    """... and raises #UD if CR4.SMXE = 0, before any exit (SDM 26.1.1)."""
+    vm, _ = first_exit("getsec", mode, exception_bitmap(6))
+    assert_exit(vm, EXCEPTION_NMI, rip=0x1000)
+    assert field(vm, VM_EXIT_INTR_INFO) == INFO_UD
 
 
 @pytest.mark.parametrize("mode", MODES)

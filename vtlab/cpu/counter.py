@@ -273,6 +273,9 @@ class InstructionCounter:
         start, size = c[9], c[10]
         if not start <= address < start + size:
             return
+        # The block now ends here as far as the count goes, so taking back "the rest" a
+        # second time (a run sliced right after an exit handled in place) changes nothing.
+        c[10] = address - start
         off, end = address - c[0], start + size - c[0]
         if 0 <= off and end <= c[1]:
             prefix = self._prefix_view

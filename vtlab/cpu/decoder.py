@@ -64,6 +64,11 @@ class InsnKind(enum.IntEnum):
     the read shadow (SDM 25.6.6).  MOV to/from CR and DR are separate kinds: the
     direction changes what they do and what the exit qualification says (Tables 28-3
     and 28-4).  An ``IntEnum`` so that looking one up in a dict is a C-level int hash.
+
+    ``INT1`` is ICEBP (F1), a privileged software exception (#DB, interruption type 5,
+    SDM 25.8.3); ``FAR_JMP`` / ``FAR_CALL`` are JMP/CALL ptr16:16/32 (EA, 9A) and m16:16/32/64
+    (FF /5, FF /3), and ``IRET`` is IRET/IRETD/IRETQ: a task switch in non-root operation
+    (to a TSS or through a task gate, or IRET with NT = 1) is a VM exit (SDM 26.4.2).
     """
 
     OTHER = 0
@@ -115,6 +120,10 @@ class InsnKind(enum.IntEnum):
     LTR = enum.auto()
     SLDT = enum.auto()
     STR = enum.auto()
+    INT1 = enum.auto()
+    FAR_JMP = enum.auto()
+    FAR_CALL = enum.auto()
+    IRET = enum.auto()
 
 
 #: The I/O instructions (SDM Vol. 1 chapter 19): what the I/O-permission check and the
@@ -159,8 +168,16 @@ _KIND_BY_ID: dict[int, InsnKind] = {
         ("LGDT", InsnKind.LGDT), ("LIDT", InsnKind.LIDT), ("SGDT", InsnKind.SGDT),
         ("SIDT", InsnKind.SIDT), ("LLDT", InsnKind.LLDT), ("LTR", InsnKind.LTR),
         ("SLDT", InsnKind.SLDT), ("STR", InsnKind.STR),
+        ("INT1", InsnKind.INT1), ("LJMP", InsnKind.FAR_JMP), ("LCALL", InsnKind.FAR_CALL),
+        ("IRET", InsnKind.IRET), ("IRETD", InsnKind.IRET), ("IRETQ", InsnKind.IRET),
     )
 }
+#: JMP/CALL: Capstone calls the far indirect forms FF /5 and FF /3 (m16:16/32/64) plain
+#: JMP/CALL unless an operand-size prefix is present, so the sweep looks at their ModRM
+#: byte (:func:`_far_indirect`) - a byte test on each JMP/CALL, at load time only.
+_JMP_CALL = frozenset({C.X86_INS_JMP, C.X86_INS_CALL})
+#: Legacy prefix bytes (SDM Vol. 2 2.1.1), skipped to find the opcode.
+_LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _MOV = C.X86_INS_MOV
 #: MOV to/from CRn is 0F 22 / 0F 20, to/from DRn 0F 23 / 0F 21 (SDM Vol. 2, MOV).  The
 #: sweep looks for those opcode bytes before asking Capstone for operand details, so
@@ -399,8 +416,28 @@ def _capstone(bits: int, detail: bool) -> capstone.Cs:
     return cs
 
 
+def _far_indirect(raw: bytes, bits: int) -> InsnKind | None:
+    """FAR_JMP for JMP m16:xx (FF /5), FAR_CALL for CALL m16:xx (FF /3), else None.
+
+    The opcode follows the legacy prefixes (and, in 64-bit code, one REX prefix); the
+    ModRM byte's reg field selects the form and mod = 11B (a register) is not a far
+    form at all (SDM Vol. 2, JMP and CALL; Table A-6, opcode group 5).
+    """
+    i, n = 0, len(raw)
+    while i < n and raw[i] in _LEGACY_PREFIXES:
+        i += 1
+    if bits == 64 and i < n and 0x40 <= raw[i] <= 0x4F:
+        i += 1
+    if i + 1 >= n or raw[i] != 0xFF or raw[i + 1] >> 6 == 3:
+        return None
+    reg = (raw[i + 1] >> 3) & 7
+    return InsnKind.FAR_JMP if reg == 5 else InsnKind.FAR_CALL if reg == 3 else None
+
+
 def _kind(insn, bits: int) -> InsnKind:
     """The kind of a (detailed) Capstone instruction, from its id and operand ids."""
+    if insn.id in _JMP_CALL:
+        return _far_indirect(bytes(insn.bytes), bits) or InsnKind.OTHER
     kind = _KIND_BY_ID.get(insn.id)
     if kind is not None:
         if kind is InsnKind.VMPTRLD and bits == 16 and insn.prefix[2] == 0x66:
@@ -518,7 +555,8 @@ def sweep(code: bytes, address: int, bits: int) -> tuple[list[Instruction], dict
     for insn in _capstone(bits, False).disasm(bytes(code), address):
         raw = bytes(insn.bytes)
         instructions.append(Instruction(insn.address, insn.size, insn.mnemonic, insn.op_str, raw))
-        if insn.id in _KIND_BY_ID or (insn.id == _MOV and _MOV_CR_DR_OPCODE.search(raw)):
+        if (insn.id in _KIND_BY_ID or (insn.id == _MOV and _MOV_CR_DR_OPCODE.search(raw))
+                or (insn.id in _JMP_CALL and _far_indirect(raw, bits) is not None)):
             full = next(detailed.disasm(raw, insn.address, 1), None)
             if full is not None:
                 record = _record(full, bits)

@@ -15,19 +15,27 @@ shadow).  Faults come first: an instruction that raises #UD, or #GP because it i
 privileged and CPL > 0, does so *before* any exit check (SDM 26.1.1), so rules begin
 with those checks.  :data:`NON_EXITING_RULES` holds the instructions that never exit
 but still behave differently in non-root operation (SMSW reads the CR0 read shadow).
+
+Besides the instructions of 26.1, two more kinds are decided here: the instructions
+that switch tasks (far JMP/CALL to a TSS or task gate, IRET with NT = 1), which exit
+unconditionally (26.4.2, reason 9), and INT1, whose #DB - a privileged software
+exception - goes through the exception bitmap (26.2).  Exits carry the exit
+qualification (28.2.1) and, where the SDM defines them, the VM-exit instruction
+information and guest-linear address (28.2.5, 28.2.1; :mod:`vtlab.cpu.operands`).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
 from ..arch.controls import ProcBased, ProcBased2
-from ..arch.exceptions import Vector
+from ..arch.exceptions import IntrInfo, InterruptionType, Vector
 from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Efer
 from ..arch.qualifications import CrAccessQualification, CrAccessType, IoDirection, IoQualification
 from ..arch.vmcs_fields import VmcsField as F
 from .decoder import DecodedInstruction, InsnKind
-from .operands import displacement, instruction_information
+from .operands import (displacement, instruction_information, rdrand_information,
+                       string_io_information, vmx_instruction_information)
 from .vmexit import VmExit
 
 if TYPE_CHECKING:
@@ -65,8 +73,11 @@ _RDRAND_EXITING = int(ProcBased2.RDRAND_EXITING)
 _RDSEED_EXITING = int(ProcBased2.RDSEED_EXITING)
 _CR0_PE, _CR0_TS = int(Cr0.PE), int(Cr0.TS)
 _CR4_OSXSAVE, _CR4_PCE, _CR4_TSD = int(Cr4.OSXSAVE), int(Cr4.PCE), int(Cr4.TSD)
+_CR4_SMXE = int(Cr4.SMXE)
 _EFER_LMA = int(Efer.LMA)
 _RFLAGS_VM = 1 << 17
+_RFLAGS_NT = 1 << 14
+_BASIC_INS_OUTS_INFO = 1 << 54   # IA32_VMX_BASIC[54]: INS/OUTS instruction information (SDM A.1)
 
 
 # ----------------------------------------------------------------------- helpers
@@ -91,7 +102,15 @@ def rule_cpuid(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
 
 
 def rule_getsec(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
-    """GETSEC exits unconditionally (SDM 26.1.2)."""
+    """GETSEC exits unconditionally (SDM 26.1.2) - if CR4.SMXE = 1.
+
+    The footnote to 26.1.2: GETSEC causes a VM exit if CR4.SMXE[bit 14] = 1, regardless
+    of CPL or RAX, and #UD if CR4.SMXE = 0 (an invalid-opcode exception, which comes
+    before any exit, 26.1.1).  Whether a guest can set SMXE at all is IA32_VMX_CR4_FIXED1's
+    bit 14 (SDM A.8; vtlab's processor reports SMX, CPUID.1:ECX[6], and allows it).
+    """
+    if not m.guest.reg("cr4") & _CR4_SMXE:
+        return m.raise_exception(Vector.UD, "GETSEC with CR4.SMXE = 0 raises #UD")
     return _exit(m, d, R.GETSEC)
 
 
@@ -132,14 +151,19 @@ def rule_vmx_instruction(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     *before* ``ELSIF in VMX non-root operation THEN VM exit``, and invalid-opcode
     exceptions have priority over VM exits (SDM 26.1.1).  So an (unrestricted) real-mode
     guest, a virtual-8086 task or compatibility-mode code gets #UD, not an exit.  The
-    exit qualification is the displacement of the memory operand (SDM 28.2.1).
+    exit qualification is the displacement of the memory operand (SDM 28.2.1); the
+    VM-exit instruction-information field describes the operands (SDM 28.2.5, see
+    :func:`~vtlab.cpu.operands.vmx_instruction_information`).
     """
     g = m.guest
     if (not g.reg("cr0") & _CR0_PE or g.reg("eflags") & _RFLAGS_VM
             or (g.reg("efer") & _EFER_LMA and g.bits != 64)):
         return m.raise_exception(Vector.UD, f"{d.kind.name} with CR0.PE = 0, "
                                  "RFLAGS.VM = 1 or in compatibility mode raises #UD")
-    return _exit(m, d, EXIT_REASON_BY_KIND[d.kind], displacement(d))
+    info = vmx_instruction_information(d)
+    if not info:
+        return _exit(m, d, EXIT_REASON_BY_KIND[d.kind], displacement(d))
+    return _exit(m, d, EXIT_REASON_BY_KIND[d.kind], displacement(d), instruction_info=info)
 
 
 # ------------------------------------------------------ conditional (SDM 26.1.3)
@@ -200,19 +224,35 @@ def _monitor_mwait(m: ExitMonitor, d: DecodedInstruction, control: int, reason: 
     (CPUID.1:ECX[3] = 1) but QEMU (Unicorn) raises #UD for both, so vtlab carries them
     out: MONITOR arms a monitor nobody watches, and MWAIT returns at once, as the SDM
     allows it to on any implementation-specific event (KVM does the same: MWAIT as NOP).
+
+    The address-range monitoring hardware is modelled as armed / not armed (the MWAIT
+    exit qualification reports it, SDM 28.2.1): an executed MONITOR arms it; VM exits
+    and VM entries clear it (SDM 28.5.6, 27.3.3); an executed MWAIT returns as if the
+    monitored range had been written, which leaves it disarmed.
     """
     if not _ring0(m):
         return None
-    return _exit(m, d, reason) if m.proc & control else "emulated"
+    if m.proc & control:
+        if reason is R.MWAIT_INSTRUCTION:
+            # Bit 0: 1 if address-range monitoring hardware was armed (SDM 28.2.1).
+            return _exit(m, d, reason, int(m.address_monitor_armed))
+        return _exit(m, d, reason)
+    if reason is R.MONITOR_INSTRUCTION:
+        m.arm_address_monitor()
+    else:
+        m.address_monitor_armed = False
+    return "emulated"
 
 
 def rule_monitor(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
-    """MONITOR exits if "MONITOR exiting" is 1, else executes (SDM 26.1.3; see _monitor_mwait)."""
+    """MONITOR exits if "MONITOR exiting" is 1, else executes and arms the address-range
+    monitor (SDM 26.1.3; see _monitor_mwait)."""
     return _monitor_mwait(m, d, _MONITOR_EXITING, R.MONITOR_INSTRUCTION)
 
 
 def rule_mwait(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
-    """MWAIT exits if "MWAIT exiting" is 1, else executes as a NOP (SDM 26.1.3)."""
+    """MWAIT exits if "MWAIT exiting" is 1 - qualification bit 0: was the monitor armed
+    (SDM 28.2.1) - else executes as a NOP (SDM 26.1.3)."""
     return _monitor_mwait(m, d, _MWAIT_EXITING, R.MWAIT_INSTRUCTION)
 
 
@@ -229,13 +269,18 @@ def rule_wbinvd(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
 
 
 def rule_rdrand(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
-    """RDRAND exits if "RDRAND exiting" is 1 (SDM 26.1.3), at any CPL."""
-    return _exit(m, d, R.RDRAND) if m.proc2 & _RDRAND_EXITING else None
+    """RDRAND exits if "RDRAND exiting" is 1 (SDM 26.1.3), at any CPL; the instruction
+    information gives the destination register and operand size (SDM 28.2.5)."""
+    if not m.proc2 & _RDRAND_EXITING:
+        return None
+    return _exit(m, d, R.RDRAND, instruction_info=rdrand_information(d))
 
 
 def rule_rdseed(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
-    """RDSEED exits if "RDSEED exiting" is 1 (SDM 26.1.3), at any CPL."""
-    return _exit(m, d, R.RDSEED) if m.proc2 & _RDSEED_EXITING else None
+    """RDSEED exits if "RDSEED exiting" is 1 (SDM 26.1.3), at any CPL (information as RDRAND)."""
+    if not m.proc2 & _RDSEED_EXITING:
+        return None
+    return _exit(m, d, R.RDSEED, instruction_info=rdrand_information(d))
 
 
 # ------------------------------------------------------------- control registers
@@ -244,6 +289,7 @@ def rule_mov_cr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     read shadows).  Qualification: CR number, direction, register (Table 28-3)."""
     if not _ring0(m) or not d.registers:
         return None
+    from . import cr_checks  # (the #GP(0) checks of writes that do not exit)
     cr, to_cr = d.control_register, d.kind is K.MOV_TO_CR
     reg = d.registers[0].name
     qual = CrAccessQualification(cr, CrAccessType.MOV_TO_CR if to_cr else CrAccessType.MOV_FROM_CR,
@@ -255,12 +301,16 @@ def rule_mov_cr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
             targets = [v(F[f"CR3_TARGET_VALUE{i}"]) for i in range(min(v(F.CR3_TARGET_COUNT), 4))]
             if m.proc & _CR3_LOAD_EXITING and value not in targets:
                 return _exit(m, d, R.CR_ACCESS, qual)
+            # A write that does not exit faults as on any CPU (#GP(0), SDM Vol. 2B MOV CR).
+            return cr_checks.check_mov_to_cr(m, 3, value)
         elif m.proc & _CR3_STORE_EXITING:
             return _exit(m, d, R.CR_ACCESS, qual)
         return None
     if cr == 8:
         control = _CR8_LOAD_EXITING if to_cr else _CR8_STORE_EXITING
-        return _exit(m, d, R.CR_ACCESS, qual) if m.proc & control else None
+        if m.proc & control:
+            return _exit(m, d, R.CR_ACCESS, qual)
+        return cr_checks.check_mov_to_cr(m, 8, m.guest.reg(reg)) if to_cr else None
     if cr in (0, 4):
         mask, shadow = (v(F.CR0_GUEST_HOST_MASK), v(F.CR0_READ_SHADOW)) if cr == 0 else \
                        (v(F.CR4_GUEST_HOST_MASK), v(F.CR4_READ_SHADOW))
@@ -270,9 +320,13 @@ def rule_mov_cr(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
             if (value ^ shadow) & mask:
                 return _exit(m, d, R.CR_ACCESS, qual)
             if mask:  # bits the VMM owns keep their real value (SDM 25.6.6)
-                m.guest.set_reg(f"cr{cr}", (actual & mask) | (value & ~mask))
+                value = (actual & mask) | (value & ~mask)
+                fault = cr_checks.check_mov_to_cr(m, cr, value)  # #GP(0), SDM Vol. 2B MOV CR
+                if fault is not None:
+                    return fault
+                m.guest.set_reg(f"cr{cr}", value)
                 return "emulated"
-            return None
+            return cr_checks.check_mov_to_cr(m, cr, value)
         if mask:  # reads see the shadow for owned bits
             m.guest.set_reg(reg, (actual & ~mask) | (shadow & mask))
             return "emulated"
@@ -293,20 +347,26 @@ def rule_clts(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
 def rule_lmsw(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """LMSW exits if it would change an owned bit of CR0[3:0] away from the shadow, or
     set an owned PE whose shadow is 0 (SDM 26.1.3).  The qualification carries the
-    source operand (Table 28-3)."""
+    source operand (Table 28-3: bit 6 the operand type, 1 = memory; bits 31:16 the
+    source data); with a memory operand the guest-linear-address field receives the
+    operand's linear address, bits 63:32 clear outside 64-bit mode (SDM 28.2.1)."""
     if not _ring0(m):
         return None
     mask, shadow = m.vmcs.get(F.CR0_GUEST_HOST_MASK), m.vmcs.get(F.CR0_READ_SHADOW)
     memory = d.memory is not None
+    linear = None
     if memory:
-        value = int.from_bytes(m.guest.read(d.linear_address(m.guest), 2), "little")
+        linear = d.linear_address(m.guest)
+        value = int.from_bytes(m.guest.read(linear, 2), "little")
     else:
         value = m.guest.reg(d.registers[0].name) & 0xFFFF
     pe_set = mask & 1 and not shadow & 1 and value & 1
     others = (value ^ shadow) & mask & 0xE
     if pe_set or others:
         q = CrAccessQualification(0, CrAccessType.LMSW, 0, memory, value & 0xFFFF).encode()
-        return _exit(m, d, R.CR_ACCESS, q)
+        if linear is None:
+            return _exit(m, d, R.CR_ACCESS, q)
+        return _exit(m, d, R.CR_ACCESS, q, guest_linear_address=linear)
     return None
 
 
@@ -334,8 +394,15 @@ def rule_smsw(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
 # ------------------------------------------------------------- debug registers
 def rule_dr_access(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     """MOV DR exits if "MOV-DR exiting" is 1 (SDM 26.1.3); qualification per Table 28-4:
-    bits 2:0 the DR number, bit 4 the direction (1 = MOV from DR), bits 11:8 the register."""
-    if not _ring0(m) or not m.proc & _MOV_DR_EXITING or not d.registers:
+    bits 2:0 the DR number, bit 4 the direction (1 = MOV from DR), bits 11:8 the register.
+
+    Priority: MOV DR is the exception to the rule that privilege-level faults come
+    before VM exits (SDM 26.1.1, footnote).  26.1.3 says these exits take priority over
+    the #GP of CPL > 0 and over the #UD of DR4/DR5 with CR4.DE = 1, so with the control
+    1 a MOV DR at CPL 3 exits (the VMM sees ``exit.cpl`` and injects the #GP).  The
+    #UD of a LOCK prefix is not among them and still comes first.
+    """
+    if not m.proc & _MOV_DR_EXITING or not d.registers or d.prefixes.lock:
         return None
     from_dr = d.kind is K.MOV_FROM_DR
     q = d.debug_register | (int(from_dr) << 4) | (d.registers[0].number << 8)
@@ -394,6 +461,10 @@ def rule_io_instruction(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
         # segment base + offset (SDM 28.2.1) - ES:rDI for INS, DS:rSI (or the override
         # prefix's segment) for OUTS, the offset register at the address size.
         kw["guest_linear_address"] = d.linear_address(m.guest)
+        # The instruction-information field, on processors whose IA32_VMX_BASIC[54] is 1
+        # (SDM 28.2.5, A.1): address size and (OUTS) segment register.
+        if m.cpu.caps.basic & _BASIC_INS_OUTS_INFO:
+            kw["instruction_info"] = string_io_information(d)
     return _exit(m, d, R.IO_INSTRUCTION, q.encode(), **kw)
 
 
@@ -469,6 +540,91 @@ def rule_descriptor_table(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     return _exit(m, d, reason, displacement(d), instruction_info=info)
 
 
+# ---------------------------------------------------------------- task switches
+#: Bits 31:30 of the task-switch exit qualification: the source (SDM Table 28-2).
+TASK_SWITCH_CALL, TASK_SWITCH_IRET, TASK_SWITCH_JMP, TASK_SWITCH_IDT = 0, 1, 2, 3
+_TASK_GATE = 5
+_AVAILABLE_TSS = frozenset({1, 9})   # 16-bit / 32-bit available TSS (SDM Vol. 3A Table 3-2)
+
+
+def _far_selector(m: ExitMonitor, d: DecodedInstruction) -> int | None:
+    """The selector of a far JMP/CALL: the last two bytes of ptr16:16/32 (EA, 9A), or the
+    word after the offset of an m16:16/32/64 operand (SDM Vol. 2, JMP and CALL)."""
+    if d.memory is None:
+        return int.from_bytes(d.raw[-2:], "little")
+    try:
+        at = d.linear_address(m.guest) + d.operand_size // 8
+        return int.from_bytes(m.guest.read(at, 2), "little")
+    except Exception:  # an unmapped operand: the CPU raises the #PF / #GP itself
+        return None
+
+
+def rule_task_switch(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
+    """Task switches exit unconditionally (reason 9, SDM 26.4.2) - once the checks that
+    come first pass, so that the CPU raises their faults itself otherwise.
+
+    * far JMP/CALL to an available-TSS descriptor: its DPL must be >= CPL and >= RPL;
+    * far JMP/CALL to a task gate: the gate's DPL >= CPL and >= RPL and P; no privilege
+      check on the TSS it names;
+    * IRET with RFLAGS.NT = 1: the previous-task link of the current TSS, a busy TSS, no
+      privilege checks;
+
+    then the new TSS selector (in the GDT, within its limit) and descriptor (type, P, S,
+    limit >= 67H for a 32-bit TSS, 2BH for a 16-bit one; :meth:`~vtlab.cpu.events.EventUnit.valid_new_tss`).
+    In IA-32e mode, in real mode and in virtual-8086 mode nothing here is a task switch
+    (IA-32e mode raises #GP instead, 26.4.2 c and g).  Qualification (Table 28-2): bits
+    15:0 the new TSS's selector, bits 31:30 the source - 0 CALL, 1 IRET, 2 JMP.
+    """
+    g = m.guest
+    cr0, eflags = g.reg("cr0"), g.reg("eflags")
+    if not cr0 & _CR0_PE or eflags & _RFLAGS_VM or g.reg("efer") & _EFER_LMA:
+        return None
+    if d.kind is K.IRET:
+        if not eflags & _RFLAGS_NT:
+            return None
+        try:
+            selector = g.read_u16(g.segment("tr").base)   # previous-task link (Vol. 3A 8.2.1)
+        except Exception:  # a TSS outside memory: the CPU faults itself
+            return None
+        if not m.valid_new_tss(selector, busy=True):
+            return None
+        return _exit(m, d, R.TASK_SWITCH, selector | TASK_SWITCH_IRET << 30)
+    selector = _far_selector(m, d)
+    if selector is None or selector & ~3 == 0:
+        return None
+    raw = m.descriptor(selector)
+    if raw is None or raw >> 44 & 1:    # beyond the table, or a code/data segment
+        return None
+    kind, dpl, present = raw >> 40 & 0xF, raw >> 45 & 3, raw >> 47 & 1
+    if kind not in _AVAILABLE_TSS and kind != _TASK_GATE:
+        return None                      # a call gate, a busy TSS (#GP) ...
+    if dpl < m.cpl or dpl < selector & 3 or not present:
+        return None                      # #GP / #NP, raised by the CPU
+    if kind == _TASK_GATE:
+        selector = raw >> 16 & 0xFFFF    # the TSS selector the gate names
+    if not m.valid_new_tss(selector, busy=False):
+        return None
+    source = TASK_SWITCH_JMP if d.kind is K.FAR_JMP else TASK_SWITCH_CALL
+    return _exit(m, d, R.TASK_SWITCH, selector | source << 30)
+
+
+# ----------------------------------------------------------------------- INT1
+_INT1_INFO = IntrInfo(1, InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION).encode()
+
+
+def rule_int1(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
+    """INT1 (ICEBP, F1) raises #DB as a *privileged software exception* (interruption type
+    5, SDM 25.8.3 / 28.2.2): a VM exit if bit 1 of the exception bitmap is 1 (SDM 26.2),
+    with the instruction's length in the VM-exit instruction-length field (28.2.5) and
+    RIP at the INT1; otherwise #DB is delivered to the guest as a trap (the return
+    address is the next instruction).  QEMU (Unicorn) does not implement INT1 as the SDM
+    does - it reports an invalid opcode - so vtlab raises the exception itself.
+    """
+    if m.exception_exits(1):
+        return _exit(m, d, R.EXCEPTION_NMI, 0, intr_info=_INT1_INFO)
+    return m.raise_event(1, m.rip + d.length, d.length)
+
+
 # ------------------------------------------------------------------- the tables
 #: Which exit reason each instruction kind can cause (SDM 26.1.2, 26.1.3).
 EXIT_REASON_BY_KIND: dict[InsnKind, ExitReason] = {
@@ -485,6 +641,8 @@ EXIT_REASON_BY_KIND: dict[InsnKind, ExitReason] = {
     K.RDMSR: R.MSR_READ, K.WRMSR: R.MSR_WRITE,
     K.LGDT: R.GDTR_IDTR, K.LIDT: R.GDTR_IDTR, K.SGDT: R.GDTR_IDTR, K.SIDT: R.GDTR_IDTR,
     K.LLDT: R.LDTR_TR, K.LTR: R.LDTR_TR, K.SLDT: R.LDTR_TR, K.STR: R.LDTR_TR,
+    K.FAR_JMP: R.TASK_SWITCH, K.FAR_CALL: R.TASK_SWITCH, K.IRET: R.TASK_SWITCH,
+    K.INT1: R.EXCEPTION_NMI,
 }
 
 #: The rule deciding each instruction-caused exit reason.
@@ -515,6 +673,10 @@ EXIT_RULES: dict[ExitReason, Rule] = {
     R.MSR_WRITE: rule_wrmsr,
     R.GDTR_IDTR: rule_descriptor_table,
     R.LDTR_TR: rule_descriptor_table,
+    R.TASK_SWITCH: rule_task_switch,
+    # The one *instruction* whose exception the rules decide (every other exception
+    # reaches the exception bitmap through vtlab.cpu.events): INT1.
+    R.EXCEPTION_NMI: rule_int1,
 }
 
 #: Instructions that never exit but that non-root operation changes: SMSW reads CR0

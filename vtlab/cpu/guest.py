@@ -52,8 +52,171 @@ _UC_CR0 = X.UC_X86_REG_CR0
 _uc_emu_start = _ucmod.uclib.uc_emu_start
 #: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
 _TOTAL, _STOP_AT = _CTX_FIELDS.index("total"), _CTX_FIELDS.index("stop_at")
+_LAST_BLOCK, _LAST_SIZE = _CTX_FIELDS.index("last_block"), _CTX_FIELDS.index("last_size")
+_OUTSIDE_BLOCKS, _OUTSIDE_BYTES = _CTX_FIELDS.index("outside_blocks"), _CTX_FIELDS.index("outside_bytes")
 _NO_STOP = (1 << 64) - 1
+_uc_emu_stop = _ucmod.uclib.uc_emu_stop
+from time import monotonic as _monotonic  # noqa: E402
 
+
+class RanPastProgram(BudgetExceeded):
+    """The guest ran off the end of its code into memory nothing was loaded into
+    (a forgotten HLT, an empty program, a jump to a bad address)."""
+
+
+class WallClockExceeded(BudgetExceeded):
+    """A run went on for longer than its wall-clock cap (``max_seconds``)."""
+
+
+# ------------------------------------------------------------------ run slices
+#: How long one call into Unicorn may run before vtlab takes control back, in seconds.
+#: Python runs signal handlers (the notebook's interrupt button is SIGINT, raised as
+#: KeyboardInterrupt) and checks wall-clock caps only between bytecodes, never while
+#: the emulator runs machine code; so a watchdog thread stops any emulator call that
+#: has lasted a whole tick, and the caller simply carries on where the guest stopped.
+#: An interrupt is then seen within one or two ticks.
+SLICE_SECONDS = 0.025
+
+#: [the Uc of the emulator call in progress or None, its serial number, the serial of
+#: the last call the watchdog cut short].  emulate() keeps it up to date with plain list
+#: stores (no locks on the hot path); the watchdog only reads the first two items.
+_SLICE = [None, 0, -1]
+_watchdog = None   # the watchdog thread, started by the first emulate()
+
+
+class RunTimeout(BaseException):
+    """Raised by the watchdog, asynchronously, in a run that is still busy in Python code
+    (an exit handler or a device that loops) half a second past its wall-clock cap.
+
+    A BaseException, like KeyboardInterrupt, so that the code it interrupts (a handler
+    wrapper's ``except Exception``) does not mistake it for that code's own error; the
+    run that set the cap catches it and stops with a message.  It never escapes a run.
+    """
+
+
+#: How long past its cap a run may stay busy in Python before RunTimeout is raised in it
+#: (until then the run's own checks, between slices and exits, stop it cleanly).
+TIMEOUT_GRACE = 0.5
+
+#: [(thread id, time.monotonic() at which to raise RunTimeout) of the run being watched,
+#: when RunTimeout was last raised in it (0.0: never)]; changed under _TIMEOUT_LOCK.
+_TIMEOUT: list = [None, 0.0]
+_TIMEOUT_LOCK = None   # a threading.Lock, made with the watchdog
+
+
+def _raise_in(thread_id: int, exc) -> None:
+    import ctypes
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               None if exc is None else ctypes.py_object(exc))
+
+
+def _watch() -> None:
+    """The watchdog: once per tick, stop the emulator call that was already running at the
+    previous tick.  Stopping is what ``uc_emu_stop`` is for (it may be called from any
+    thread); the engine finishes the current translated block and returns, the guest's
+    state intact at an instruction boundary.  It also raises RunTimeout in a run stuck in
+    Python code past its wall-clock cap (see watch_deadline)."""
+    import time
+    last = None
+    while True:
+        time.sleep(SLICE_SECONDS)
+        uc, serial = _SLICE[0], _SLICE[1]
+        if uc is not None:
+            if last == serial:
+                _SLICE[2] = serial
+                # (``uc`` - the Uc object, not just its handle - is held here, so the engine
+                # cannot be closed under this call even if its Guest is dropped meanwhile.)
+                _uc_emu_stop(uc._uch)
+            last = serial
+        else:
+            last = None
+        watched, now = _TIMEOUT[0], _monotonic()
+        # (Raised again every TIMEOUT_GRACE while the run goes on: an exception that
+        # arrives as a ctypes callback starts, before its try, is printed and lost.)
+        if watched is not None and now > watched[1] and now > _TIMEOUT[1] + TIMEOUT_GRACE:
+            with _TIMEOUT_LOCK:
+                if _TIMEOUT[0] is watched:
+                    _TIMEOUT[1] = now
+                    _raise_in(watched[0], RunTimeout)
+
+
+def watch_deadline(deadline: float | None):
+    """Let the watchdog raise :class:`RunTimeout` in this thread if it is still running
+    Python code :data:`TIMEOUT_GRACE` seconds after ``deadline`` (a time.monotonic()
+    value; None: no cap).  Returns a token for :func:`unwatch_deadline`, which the caller
+    must call (in a ``finally``) whatever happens."""
+    if deadline is None:
+        return _TIMEOUT[0]
+    import threading
+    if _watchdog is None:
+        _start_watchdog()
+    with _TIMEOUT_LOCK:
+        previous = _TIMEOUT[0]
+        _TIMEOUT[0] = (threading.get_ident(), deadline + TIMEOUT_GRACE)
+    return previous
+
+
+def unwatch_deadline(token) -> None:
+    """Undo :func:`watch_deadline`; a RunTimeout raised but not yet delivered is withdrawn,
+    so none can escape the run (the loop catches one arriving during this very call)."""
+    while True:
+        try:
+            with _TIMEOUT_LOCK:
+                if _TIMEOUT[1]:
+                    _raise_in(_TIMEOUT[0][0], None)  # (withdraws a pending one, if any)
+                    _TIMEOUT[1] = 0.0
+                _TIMEOUT[0] = token
+            return
+        except RunTimeout:
+            continue
+
+
+def _start_watchdog() -> None:
+    global _watchdog, _TIMEOUT_LOCK
+    import threading
+    if _TIMEOUT_LOCK is None:
+        _TIMEOUT_LOCK = threading.Lock()
+    _watchdog = threading.Thread(target=_watch, name="vtlab-slice-watchdog", daemon=True)
+    _watchdog.start()
+
+
+def _after_fork() -> None:  # threads do not survive fork(): a child starts its own
+    global _watchdog, _TIMEOUT_LOCK
+    _watchdog = _TIMEOUT_LOCK = None
+    _SLICE[0] = None
+    _TIMEOUT[:] = [None, 0.0]
+
+
+try:
+    import os as _os
+    _os.register_at_fork(after_in_child=_after_fork)
+except AttributeError:  # (not on Windows)
+    pass
+
+
+def _zero_instruction(bits: int) -> str:
+    """How the bytes 00 00 decode in code of ``bits``: what runs in never-loaded memory."""
+    return {16: "ADD [BX+SI], AL", 32: "ADD [EAX], AL"}.get(bits, "ADD [RAX], AL")
+
+
+
+@dataclass
+class RunLimits:
+    """What bounds a run of the CPU besides its instruction budget, set by the code that
+    drives it (a VMM's run loop), and why the last run had to stop.
+
+    ``deadline`` is a time.monotonic() value after which a run stops (None: none);
+    ``event_limit`` the value of ``events_delivered`` (exceptions and interrupts delivered
+    to the guest so far) at which it stops (None: a fixed number more per run, see
+    vtlab.cpu.nonroot.EVENT_BUDGET).  ``stopped`` says why the last run stopped although
+    nothing architectural ended it - a guest past its program, an endless exception loop,
+    the wall-clock cap - or is None: such a guest must not simply be entered again.
+    """
+
+    deadline: float | None = None
+    event_limit: int | None = None
+    events_delivered: int = 0
+    stopped: str | None = None
 
 
 @dataclass
@@ -339,12 +502,16 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         self._stop = ("exception", self.make_exception(vector))
         self.uc.emu_stop()
 
-    def emulate(self, budget: int, *, exact: bool = False) -> None:
+    def emulate(self, budget: int, *, exact: bool = False) -> bool:
         """One call into Unicorn from the current RIP, bounded by ``budget`` instructions.
 
         The native block counter stops a runaway guest at block granularity with no
         Python on the hot path; ``exact=True`` (single-stepping) makes Unicorn count
         every instruction instead, which is precise but slow.
+
+        Returns True if the call was cut short after :data:`SLICE_SECONDS` by the slice
+        watchdog (the guest simply stopped at an instruction boundary; the caller checks
+        for an interrupt or a wall-clock cap and calls again), False otherwise.
 
         ``uc_emu_start`` is called straight through ctypes, with the binding's contract
         kept (an exception raised in a hook comes out of here): the binding's wrapper
@@ -369,38 +536,106 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
             count = 0
         uc = self.uc
         uc._hook_exception = None
-        # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
-        status = _uc_emu_start(self._uch, begin, 0, 0, count)
-        ctx[_STOP_AT] = _NO_STOP
+        if _watchdog is None:
+            _start_watchdog()
+        slices = _SLICE
+        serial = slices[1] + 1
+        slices[1] = serial
+        slices[0] = uc
+        try:
+            # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
+            status = _uc_emu_start(self._uch, begin, 0, 0, count)
+        finally:
+            # (Plain stores, which Python never interrupts: even a KeyboardInterrupt
+            # raised just as Unicorn returns leaves no budget or slice behind.)
+            ctx[_STOP_AT] = _NO_STOP
+            slices[0] = None
         if status:
             raise unicorn.UcError(status)
         if uc._hook_exception is not None:
             raise uc._hook_exception
+        return slices[2] == serial
 
-    def run(self, start: int | None = None, max_instructions: int = 1_000_000) -> RunResult:
+    def run(self, start: int | None = None, max_instructions: int = 1_000_000,
+            max_seconds: float | None = 60.0) -> RunResult:
         """Run the guest (no VMX) until HLT, an exception or the instruction budget.
 
-        Raises :class:`BudgetExceeded` if the budget runs out first.
+        Raises :class:`BudgetExceeded` if the budget runs out first, its subclass
+        :class:`RanPastProgram` if the guest runs off the end of its code into memory
+        nothing was loaded into (a forgotten HLT), and :class:`WallClockExceeded` after
+        ``max_seconds`` of wall-clock time (None: no cap).  The guest stays where it
+        stopped, so it can be inspected and run again.
+
+        A MOV to CR0/CR3/CR4/CR8 with a value the architecture refuses raises #GP(0)
+        here as on a real CPU (see :mod:`vtlab.cpu.cr_checks`; Unicorn would write it).
         """
         if start is not None:
             self.rip = start
+        self._guard_programs(bare=True)
         self._stop = None
+        runaway = self.runaway_message(recent=False)
+        if runaway is not None:  # (already in never-loaded memory: say so at once)
+            raise RanPastProgram(runaway)
         before = self.counter.total
+        deadline = None if max_seconds is None else _monotonic() + max_seconds
+        too_long = (f"the guest ran for more than max_seconds={max_seconds} s of wall-clock time; "
+                    "raise max_seconds or look for a loop")
+        token = watch_deadline(deadline)
+        outside = (self.counter._ctx[_OUTSIDE_BLOCKS], self.counter._ctx[_OUTSIDE_BYTES])
         try:
-            self.emulate(max_instructions)
-        except unicorn.UcError as exc:
-            self._stop = self._stop or ("exception", self._unicorn_error(exc))
+            while True:
+                remaining = max_instructions - (self.counter.total - before)
+                if remaining <= 0:
+                    break
+                try:
+                    sliced = self.emulate(remaining)
+                except unicorn.UcError as exc:
+                    self._stop = self._stop or ("exception", self._unicorn_error(exc))
+                    break
+                if self._stop is not None or not sliced:
+                    break
+                # (The engine may have counted a block it then did not run: see ExitMonitor.run.)
+                self.unretire_unstarted_block()
+                # The slice watchdog took control back (see SLICE_SECONDS): a
+                # KeyboardInterrupt has been raised by now if there was one; check the caps.
+                runaway = self.runaway_message()
+                if runaway is not None:
+                    raise RanPastProgram(runaway)
+                # Blocks outside every swept program count as one instruction each; count
+                # them by size (2 bytes an instruction) for the budget (see ExitMonitor.run).
+                ctx = self.counter._ctx
+                extra = (ctx[_OUTSIDE_BYTES] - outside[1]) // 2 - (ctx[_OUTSIDE_BLOCKS] - outside[0])
+                if extra >= remaining:
+                    raise BudgetExceeded(
+                        f"the guest ran about {max_instructions - remaining + extra:,} instructions "
+                        f"without stopping (max_instructions={max_instructions:,}), most of them outside "
+                        f"every program loaded (RIP now {self.rip:#x}); look for a jump to a bad address")
+                if deadline is not None and _monotonic() > deadline:
+                    raise WallClockExceeded(f"{too_long} ({self.counter.total - before:,} "
+                                            f"instructions, RIP now {self.rip:#x})")
+        except RunTimeout:  # stuck in a Python hook (a device?) past the cap
+            self._stop = None
+            raise WallClockExceeded(f"{too_long} (stopped inside Python code the guest's "
+                                    "I/O or hooks called - a device callback that loops?)") from None
+        finally:
+            unwatch_deadline(token)
         stop = self._stop
+        if stop is not None and stop[0] == "ran-off":
+            self._stop = None
+            raise RanPastProgram(self.ran_off_message(stop[1]))
         if stop is not None:  # the CPU stopped at RIP: nothing from there on retired
-            where = stop[1] if stop[0] == "hlt" else stop[1].rip
+            # (a HLT stop holds the hook's address, already linear; an exception its RIP)
+            linear = stop[1] if stop[0] == "hlt" else self.segment("cs").base + stop[1].rip
             # HLT itself retires (the CPU then waits); a faulting instruction does not
-            self.counter.unretire_rest_of_block(self.segment("cs").base + where,
-                                                retired_here=stop[0] == "hlt")
+            self.counter.unretire_rest_of_block(linear, retired_here=stop[0] == "hlt")
         executed = self.counter.total - before
         self._stop = None
         if stop is None:
-            if not self.counter.exhausted and self.read(self.linear_rip() - 1, 1) == b"\xf4":
+            if not self.counter.exhausted and self._byte_before_rip() == b"\xf4":
                 return RunResult("hlt", self.rip - 1, executed, cpl=self.cpl)
+            runaway = self.runaway_message()
+            if runaway is not None:
+                raise RanPastProgram(runaway)
             raise BudgetExceeded(
                 f"the guest ran {max_instructions:,} instructions without stopping "
                 f"(RIP now {self.rip:#x}); raise max_instructions or look for a loop")
@@ -413,6 +648,130 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
             self.uc.reg_write(X.UC_X86_REG_CR2, exc.address)
         self.exceptions.append(exc)
         return RunResult("exception", exc.rip, executed, exc, cpl=exc.cpl)
+
+    def unretire_unstarted_block(self) -> None:
+        """After a slice stop: the engine stops between blocks - having perhaps counted the
+        block it was about to run (the counter's hook runs first) - or before a hooked
+        instruction in the middle of one.  Either way nothing from RIP to the end of the
+        last block counted ran: take it back (a part already taken back, by an exit
+        handled in place, is not taken twice), so slicing never changes the count."""
+        self.counter.unretire_rest_of_block(self.linear_rip())
+
+    def _byte_before_rip(self) -> bytes:
+        try:
+            return self.read(self.linear_rip() - 1, 1)
+        except unicorn.UcError:
+            return b""
+
+    # ------------------------------------------------------- runaway guards
+    # A guest that forgets its HLT runs on into the memory after its code.  Nothing was
+    # ever loaded there, so it holds zeros, and 00 00 is a valid instruction (ADD
+    # [BX+SI], AL / ADD [EAX], AL): the CPU would execute it for ever, slowly (each one
+    # is a memory write), until some budget ran out minutes later.  vtlab hooks the first
+    # byte after each program (a hook costs nothing until execution gets there) and stops
+    # the guest the moment it arrives; runs cut into slices also check where they are.
+
+    @property
+    def limits(self) -> RunLimits:
+        """The :class:`RunLimits` of this CPU's runs (made on first use)."""
+        try:
+            return self._limits
+        except AttributeError:
+            self._limits = RunLimits()
+            return self._limits
+
+    _end_guards: dict | None = None   #: program end address -> its hook
+    _guarded = 0                      #: programs seen by _guard_programs
+    _cr_guarded = 0                   #: programs whose MOV-to-CR bare runs check
+
+    def in_program(self, address: int) -> bool:
+        """Does ``address`` lie in the code or data of a loaded :class:`Program`?"""
+        return any(p.address <= address < p.end for p in self.programs)
+
+    def _guard_programs(self, bare: bool = False) -> None:
+        """Hook the end of each program loaded since the last call (see above); with
+        ``bare``, also the MOV-to-CR instructions, whose #GP(0) checks Unicorn lacks (in
+        VMX non-root operation the exit rules make them instead)."""
+        programs = self.programs
+        if self._end_guards is None:
+            self._end_guards = {}
+        guards = self._end_guards
+        for prog in programs[self._guarded:]:
+            for at in [a for a in guards if prog.address <= a < prog.end]:
+                self.uc.hook_del(guards.pop(at))  # a later program covers that end
+            end = prog.end
+            if end not in guards and end < self.memory_size and not self.in_program(end):
+                guards[end] = self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_program_end, None, end, end)
+        self._guarded = len(programs)
+        if bare:
+            for prog in programs[self._cr_guarded:]:
+                for at, d in prog.decoded.items():
+                    if d.kind is decoder.InsnKind.MOV_TO_CR:
+                        self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_mov_to_cr, d, at, at)
+            self._cr_guarded = len(programs)
+
+    def _on_program_end(self, uc, address, size, _user) -> None:
+        """Execution reached the first byte after a program: stop if nothing is there."""
+        if self._stop is not None or self.in_program(address):
+            return
+        try:
+            if self.read(address, 2) != b"\0\0":
+                return  # the guest put code there itself: let it run
+        except unicorn.UcError:
+            return
+        self._stop = ("ran-off", address)
+        uc.emu_stop()
+
+    def _on_mov_to_cr(self, uc, address, size, d) -> None:
+        """Bare runs: MOV to CRn with a value the architecture refuses raises #GP(0)."""
+        if (self._stop is not None or self.on_hlt_stops_itself or not d.registers
+                or self.cpl != 0 or not self.memory_holds(address, d.raw)):
+            return  # (VMX non-root: the exit rule checks; CPL > 0: QEMU raises #GP)
+        from .cr_checks import mov_to_cr_fault
+        reason = mov_to_cr_fault(self, d.control_register, self.reg(d.registers[0].name))
+        if reason is None:
+            return
+        exc = self.make_exception(Vector.GP)
+        exc.instruction = f"{exc.instruction} [{reason}]".strip()
+        self._stop = ("exception", exc)
+        uc.emu_stop()
+
+    def ran_off_message(self, address: int) -> str:
+        """What to tell a learner whose guest reached ``address``, the end of a program."""
+        insn = _zero_instruction(self.bits)
+        prog = next((p for p in reversed(self.programs) if p.end == address), None)
+        if prog is not None and not prog.code:
+            return (f"the program at {address:#x} is empty: the guest started executing memory "
+                    f"nothing was loaded into (its zero bytes run as {insn}) - load some code, "
+                    "ending in HLT")
+        where = f"the code loaded at {prog.address:#x} ends there; " if prog is not None else ""
+        return (f"the guest ran past its program at {address:#x}: did you forget HLT? ({where}nothing "
+                f"was loaded after it, and its zero bytes would run as {insn} over and over)")
+
+    def never_loaded(self, address: int) -> bool:
+        """Is ``address`` outside every program, in memory that holds zeros (00 00)?"""
+        if self.in_program(address):
+            return False
+        try:
+            return self.read(address, 2) == b"\0\0"
+        except unicorn.UcError:
+            return False
+
+    def runaway_message(self, recent: bool = True) -> str | None:
+        """If the CPU stands in never-loaded memory (zeros, outside every program) - or,
+        with ``recent``, the last block it started executing lay there (the instruction
+        counter remembers it): why the run should stop, in words; None if it does not."""
+        ctx = self.counter._ctx
+        candidates = (self.linear_rip(), ctx[_LAST_BLOCK]) if recent and ctx[_LAST_SIZE] else (self.linear_rip(),)
+        address = next((at for at in candidates if self.never_loaded(at)), None)
+        if address is None:
+            return None
+        if any(p.end == address for p in self.programs):
+            return self.ran_off_message(address)
+        return (f"the guest is executing zeroed memory at {address:#x}, outside every program "
+                f"loaded ({_zero_instruction(self.bits)} over and over): it jumped or returned to "
+                "an address where nothing was loaded, or ran past the end of its program - "
+                "did you forget HLT?")
 
     def _unicorn_error(self, exc: unicorn.UcError) -> GuestException:
         """Translate a Unicorn error (unmapped memory, bad opcode) into an x86 exception."""

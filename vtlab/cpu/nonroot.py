@@ -20,6 +20,7 @@ and VM exit (SDM 27.3.2 and 28.3).
 from __future__ import annotations
 
 import ctypes
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
 import unicorn
@@ -43,15 +44,30 @@ from .decoder import DecodedInstruction, InsnKind
 from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .guest_state import GuestStateCache
 from .events import EventUnit
+from .counter import _CTX_FIELDS
 _uc_emu_stop = _ucmod.uclib.uc_emu_stop
 #: What the exit rules and the exit record need of the CPU at a sensitive instruction,
 #: read in one call: RIP and the CPL (CS.RPL in protected mode), and the registers a
 #: VMM saves at every exit (VmExit.registers).
 _EXIT_REGISTERS = ("rip", "cr0", "cs", "rax", "rbx", "rcx", "rdx", "rsp", "rflags")
-from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _uc_hook_add
+from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _ACTIVATE_SECONDARY, _VALID, _uc_hook_add
 
 #: Kinds the guest hooks itself (Guest.load); its hooks call _on_hlt / _on_rdtsc.
 _GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
+
+_ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
+
+#: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
+_OUTSIDE_BLOCKS, _OUTSIDE_BYTES = _CTX_FIELDS.index("outside_blocks"), _CTX_FIELDS.index("outside_bytes")
+
+#: Events (exceptions, interrupts, INT n) delivered to the guest in one run before it is
+#: stopped: at tens of microseconds each, a few seconds of a guest doing nothing else.
+EVENT_BUDGET = 100_000
+#: Events in a row with no guest instruction retired between them (a handler that faults
+#: at once), or emulator calls in a row that ran nothing, before the run is stopped.
+STUCK_LIMIT = 1_000
+#: Events in a row delivered to handlers outside every loaded program before a run stops.
+WILD_EVENTS = 256
 
 
 class ExitMonitor(EventUnit):
@@ -81,14 +97,20 @@ class ExitMonitor(EventUnit):
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
         self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
+        #: The bounds of a run besides its budget (deadline, events) and why the last run
+        #: had to stop (``stopped``): the guest's RunLimits, which the VMM sets and reads.
+        self.limits = self.guest.limits
+        #: Why the last fault the exit rules raised was raised (e.g. a MOV to CR0's #GP).
+        self.fault_note = ""
         g = self.guest
-        g.attach_monitor(self)
-        g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
         # The code hook of the sensitive instructions, as a raw ctypes callback: the
         # binding's hook_add wraps every callback in two more Python frames, which is a
         # noticeable part of a VM exit.  One callback object serves every address; it
-        # must stay referenced for as long as the engine may call it.
+        # must stay referenced for as long as the engine may call it.  (Made before the
+        # monitor attaches: attaching watches the programs the guest already holds.)
         self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
+        g.attach_monitor(self)
+        g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
 
     # The Guest.attach_monitor interface (vtlab.cpu.guest.GuestMonitor).
     records_own_stops = True
@@ -118,6 +140,7 @@ class ExitMonitor(EventUnit):
         an instruction is sensitive if its kind can cause an exit (EXIT_REASON_BY_KIND)
         or behaves differently in non-root operation (NON_EXITING_RULES: SMSW).
         """
+        self.guest._guard_programs()  # stop a guest that runs past the program's end
         for address, d in prog.decoded.items():
             if address in self._watched:
                 continue
@@ -244,61 +267,232 @@ class ExitMonitor(EventUnit):
         self._controls_vmcs, self._controls_version = vmcs, state.controls_version
 
     def run(self, insn: str, budget: int, step: bool = False) -> VmxOutcome:
-        """Run the guest in non-root operation until a VM exit (or the budget / a step)."""
+        """Run the guest in non-root operation until a VM exit (or the budget / a step).
+
+        Every run ends, whatever the guest does.  Besides the instruction ``budget`` (which
+        the native counter enforces with no Python running) the loop bounds what costs no
+        instructions: events delivered to the guest (:data:`EVENT_BUDGET` per run, or up to
+        :attr:`event_limit`), events in a row with nothing retired between them - an
+        exception handler that faults itself - and emulator calls that do nothing
+        (:data:`STUCK_LIMIT` each); runs are sliced by time (see
+        :data:`vtlab.cpu.guest.SLICE_SECONDS`) so that :attr:`deadline` and the notebook's
+        interrupt are honoured; and a guest that runs into never-loaded memory is stopped.
+        Such a stop is a PAUSED outcome whose message says which bound was reached and
+        whose fault it is, and :attr:`stopped` holds that message (a VMM should not just
+        re-enter the guest).  Any exception leaves the vCPU consistent (see _abandon).
+        """
         self._load_controls()
         g = self.guest
         start = g.counter.total
-        exit_ = self._inject_event()
-        while exit_ is None:
-            if self.pending_nmi or self.pending_interrupts:
-                exit_ = self._pending_interrupt_exit()
-                if exit_ is not None:
-                    break
-            if self.halted:
-                return VmxOutcome(insn, Status.PAUSED, halted=True, message="the guest is in the HLT activity "
-                                  "state (HLT exiting is 0) and no interrupt is pending")
-            remaining = budget - (g.counter.total - start)
-            if remaining <= 0:
-                return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
-                                  "instructions without a VM exit (budget)")
-            mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
-            single = self._single = step or mtf
-            self.pending, self.event = None, None
-            rip_before = g.rip if single else None  # (only the step message shows it)
-            # QEMU overwrites CR2 when it raises #PF; a #PF that exits must leave it alone
-            # (SDM 28.1), so keep it - when a #PF can exit at all (SDM 26.2).
-            self._cr2 = g.reg("cr2") if self._pf_may_exit else None
-            try:
-                g.emulate(1 if single else remaining, exact=single)
-            except unicorn.UcError as exc:
-                if self.pending is None and self.event is None:
-                    exit_ = self._cpu_error(exc)
+        self.limits.stopped = None
+        limits = self.limits
+        limit = limits.event_limit if limits.event_limit is not None else limits.events_delivered + EVENT_BUDGET
+        idle = 0                      # emulator calls in a row that ran nothing
+        last_total = start
+        #: [events in a row with nothing retired between them, events in a row delivered to
+        #: handlers outside every program, the counter's total at the last event]
+        bounds = [0, 0, start]
+        ctx = g.counter._ctx
+        outside_blocks, outside_bytes = ctx[_OUTSIDE_BLOCKS], ctx[_OUTSIDE_BYTES]
+        try:
+            injected = self.vmcs.get(_ENTRY_INTR_INFO) & _VALID
+            exit_ = self._guarded(self._inject_event)
+            if injected and exit_ is None:  # event injection (SDM 27.6) delivered an event
+                vector = self.vmcs.get(_ENTRY_INTR_INFO) & 0xFF
+                what = self._event_name(vector, g.rip).split(" at RIP")[0] + " (injected by the VMM at VM entry)"
+                why = self._delivered(bounds, limit, what, None)
+                if why is not None:
+                    return self._stop_run(insn, why)
+            while exit_ is None:
+                if self.pending_nmi or self.pending_interrupts:
+                    exit_ = self._guarded(self._pending_interrupt_exit)
                     if exit_ is not None:
                         break
+                if self.halted:
+                    return VmxOutcome(insn, Status.PAUSED, halted=True, message="the guest is in the HLT "
+                                      "activity state (HLT exiting is 0) and no interrupt is pending")
+                remaining = budget - (g.counter.total - start)
+                if remaining > 0 and ctx[_OUTSIDE_BLOCKS] != outside_blocks:
+                    # The counter counts a block outside every swept program as one
+                    # instruction: in never-loaded memory that is some 200 of them.  For the
+                    # budget, count such blocks by size instead (2 bytes each, as 00 00 is).
+                    blocks = ctx[_OUTSIDE_BLOCKS] - outside_blocks
+                    extra = (ctx[_OUTSIDE_BYTES] - outside_bytes) // 2 - blocks
+                    if extra >= remaining:
+                        return self._stop_run(insn, g.runaway_message() or (
+                            f"instruction budget exhausted: the guest ran about {budget - remaining + extra:,} "
+                            f"instructions (budget {budget:,}), most of them in {blocks:,} blocks of code "
+                            "outside every program loaded (counted by size) - a runaway guest?"))
+                if remaining <= 0:
+                    runaway = g.runaway_message()
+                    if runaway is not None:
+                        return self._stop_run(insn, runaway)
+                    return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
+                                      "instructions without a VM exit (budget)")
+                mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
+                single = self._single = step or mtf
+                self.pending, self.event = None, None
+                rip_before = g.rip if single else None  # (only the step message shows it)
+                # QEMU overwrites CR2 when it raises #PF; a #PF that exits must leave it alone
+                # (SDM 28.1), so keep it - when a #PF can exit at all (SDM 26.2).
+                self._cr2 = g.reg("cr2") if self._pf_may_exit else None
+                sliced = False
+                try:
+                    sliced = g.emulate(1 if single else remaining, exact=single)
+                except unicorn.UcError as exc:
+                    if self.pending is None and self.event is None:
+                        g._stop = None
+                        rip = g.rip
+                        g.counter.unretire_rest_of_block(g.linear_rip())  # it faulted: not retired
+                        exit_ = self._guarded(self._cpu_error, exc)
+                        if exit_ is not None:
+                            break
+                        what = ("#UD" if exc.errno == unicorn.UC_ERR_INSN_INVALID else str(exc)) + f" at RIP {rip:#x}"
+                        why = self._delivered(bounds, limit, what, Vector.UD if what[0] == "#" else None)
+                        if why is not None:
+                            return self._stop_run(insn, why)
+                        continue
+                if g._stop is not None:  # the guest reached the end of a program (Guest._on_program_end)
+                    stop, g._stop = g._stop, None
+                    if stop[0] == "ran-off" and self.pending is None and self.event is None:
+                        return self._stop_run(insn, g.ran_off_message(stop[1]))
+                if self.pending is not None:
+                    exit_ = self.pending
+                    break
+                if self.event is not None:
+                    forget_exception(g.uc)  # vtlab, not QEMU, delivers it (or exits)
+                    g.counter.unretire_rest_of_block(g.linear_rip())
+                    event = self.event
+                    exit_ = self._guarded(self._handle_event, *event)
+                    if exit_ is not None:
+                        if event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
+                            # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
+                            # address is in the exit qualification instead.
+                            if self._cr2 is not None:
+                                g.uc.reg_write(X.UC_X86_REG_CR2, self._cr2)
+                        if self.fault_note and not exit_.note:
+                            exit_.note = self.fault_note
+                        self.fault_note = ""
+                        break
+                    # Delivered through the guest's IVT/IDT: bound the events, and stop a
+                    # guest whose handler is not there at all.
+                    software = len(event) > 2 and event[2]
+                    why = self._delivered(bounds, limit, self._event_name(event[0], event[1]),
+                                          None if software else event[0])
+                    self.fault_note = ""
+                    if why is not None:
+                        return self._stop_run(insn, why)
                     continue
-            if self.pending is not None:
-                exit_ = self.pending
-                break
-            if self.event is not None:
-                forget_exception(g.uc)  # vtlab, not QEMU, delivers it (or exits)
-                g.counter.unretire_rest_of_block(g.linear_rip())
-                exit_ = self._handle_event(*self.event)
-                if exit_ is not None:
-                    if self.event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
-                        # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
-                        # address is in the exit qualification instead.
-                        if self._cr2 is not None:
-                            g.uc.reg_write(X.UC_X86_REG_CR2, self._cr2)
-                    break
-                continue
-            if self.halted:
-                continue
-            if single:
-                if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
-                    exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
-                                   guest_instructions=g.counter.total, cpl=g.cpl)
-                    break
-                return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+                if self.halted:
+                    continue
+                if single:
+                    if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
+                        exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
+                                       guest_instructions=g.counter.total, cpl=g.cpl)
+                        break
+                    return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+                if sliced:
+                    # The slice watchdog took control back (a KeyboardInterrupt would have
+                    # been raised by now): check where the guest is and the wall clock.
+                    # The engine stops between blocks, possibly after counting one it then
+                    # did not run: take that back, so slicing never changes the count.
+                    g.unretire_unstarted_block()
+                    why = g.runaway_message() or self._past_deadline()
+                    if why is not None:
+                        return self._stop_run(insn, why)
+                    idle = 0
+                    continue
+                # Unicorn returned with no exit, event, halt or budget to show for it.  That
+                # happens (an unhooked HLT, a stop request), but never endlessly in a row.
+                total = g.counter.total
+                idle = idle + 1 if total == last_total else 0
+                last_total = total
+                if idle >= STUCK_LIMIT:
+                    return self._stop_run(insn, (
+                        f"vtlab stopped the run: the emulator returned {idle:,} times in a row at RIP "
+                        f"{g.rip:#x} without executing anything or reporting why (vtlab's fault, not "
+                        "the guest's - please report it)"))
+        except BaseException:
+            self._abandon()
+            raise
         # The processor (VmxCpu) performs the exit itself: exit information, guest state,
         # host state (SDM 28.2-28.5).
         return VmxOutcome(insn, Status.VM_EXIT, exit=exit_)
+
+    # ------------------------------------------------------ run bounds
+    def _stop_run(self, insn: str, message: str) -> VmxOutcome:
+        """End a run that must not simply go on (see :attr:`vtlab.cpu.guest.RunLimits.stopped`)."""
+        self.limits.stopped = message
+        return VmxOutcome(insn, Status.PAUSED, message=message)
+
+    def _delivered(self, bounds: list, limit: int, what: str, vector: int | None) -> str | None:
+        """An event (``what``, a hardware exception of ``vector`` or None for INT n and the
+        like) was just delivered through the guest's IVT/IDT: count it against the bounds
+        of the run (see :meth:`run`) and say why the run must stop, if it must."""
+        g = self.guest
+        self.limits.events_delivered += 1
+        total = g.counter.total
+        bounds[0] = bounds[0] + 1 if total == bounds[2] else 0
+        bounds[2] = total
+        handler = g.linear_rip()
+        bounds[1] = 0 if g.in_program(handler) else bounds[1] + 1
+        table = "IDT" if g.reg("cr0") & 1 else "IVT"
+        if g.never_loaded(handler):
+            return (f"the guest took {what} and its {table} sent it to {handler:#x}, where nothing "
+                    "was loaded (zeroed memory): it has no handler for it"
+                    + ("" if vector is None or vector >= 32 else
+                       f" - install one, or let the VMM see it (exception bitmap bit {vector})"))
+        if bounds[0] >= STUCK_LIMIT:
+            return (f"endless exception loop: the guest took {bounds[0]:,} exceptions in a row without "
+                    f"retiring a single instruction (last: {what}) - its exception handler faults "
+                    "itself, or returns to the faulting instruction (the guest's fault)")
+        if bounds[1] >= WILD_EVENTS:
+            return (f"the guest took {bounds[1]:,} exceptions and interrupts in a row whose handlers lie "
+                    f"outside every program loaded (last: {what}, handler at {handler:#x}): its {table} "
+                    "points into memory it never loaded code into - it is executing garbage "
+                    "(the guest's fault)")
+        if self.limits.events_delivered >= limit:
+            return (f"event budget exhausted: more than {EVENT_BUDGET:,} exceptions and interrupts "
+                    f"delivered to the guest in this run (last: {what}) - an exception storm? "
+                    "(the guest's fault)")
+        return g.runaway_message() or self._past_deadline()
+
+    def _event_name(self, vector: int, rip: int) -> str:
+        try:
+            name = "#" + Vector(vector).name
+        except ValueError:
+            name = f"INT {vector:#x}"
+        note = f" ({self.fault_note})" if self.fault_note else ""
+        return f"{name} at RIP {rip:#x}{note}"
+
+    def _past_deadline(self) -> str | None:
+        deadline = self.limits.deadline
+        if deadline is None or _monotonic() < deadline:
+            return None
+        return ("wall-clock cap reached: the run took longer than its max_seconds and was "
+                f"stopped at guest RIP {self.guest.rip:#x}")
+
+    def _guarded(self, deliver, *args):
+        """Event delivery and injection, which write the guest's stack and read its IDT
+        (vtlab's own code, SDM Vol. 3A 6.12): a frame or table beyond guest memory ends in
+        a triple fault (SDM Vol. 3A 6.15, interrupt 8), never in an emulator error."""
+        try:
+            return deliver(*args)
+        except unicorn.UcError as exc:
+            g = self.guest
+            self.fault_note = ""
+            return VmExit(ExitReason.TRIPLE_FAULT, 0, 0, g.rip, "",
+                          note=f"triple fault: an event could not be delivered ({exc}: the IDT, the "
+                          "stack or the TSS lies outside guest memory)",
+                          guest_instructions=g.counter.total, cpl=g.cpl)
+
+    def _abandon(self) -> None:
+        """A run ended by an exception (a KeyboardInterrupt, a handler's error raised in
+        place): drop what it left half-done, so the vCPU is consistent and the next run
+        starts clean.  The guest stays where it stopped; if an exit was performed in place,
+        the processor stays in VMX root operation after it, as after any exit."""
+        self.pending = self.event = None
+        self._single = False
+        self.fault_note = ""
+        self.guest._stop = None
+        self.cpu._exited_in_place = None

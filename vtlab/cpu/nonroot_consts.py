@@ -18,11 +18,13 @@ _SEG_FIELDS = {s: (F[f"GUEST_{s.upper()}_SELECTOR"], F[f"GUEST_{s.upper()}_BASE"
 #: The size a UC_HOOK_CODE callback receives for an instruction QEMU does not implement.
 _UNDECODED_SIZE = 0xF1F1F1F1
 #: Kinds of instruction QEMU does not implement (it raises #UD for them), so the size it
-#: reports to a code hook says nothing about the instruction.
+#: reports to a code hook says nothing about the instruction.  MOV DR is here too: at
+#: CPL > 0 QEMU raises its #GP while translating (reporting the 2 opcode bytes as the
+#: size), yet a MOV-DR exit takes priority over that #GP (SDM 26.1.1, 26.1.3).
 _NOT_IN_QEMU = frozenset({InsnKind.GETSEC, InsnKind.VMCALL, InsnKind.VMCLEAR, InsnKind.VMLAUNCH,
                           InsnKind.VMPTRLD, InsnKind.VMPTRST, InsnKind.VMREAD, InsnKind.VMRESUME,
                           InsnKind.VMWRITE, InsnKind.VMXOFF, InsnKind.VMXON, InsnKind.INVEPT,
-                          InsnKind.INVVPID})
+                          InsnKind.INVVPID, InsnKind.MOV_TO_DR, InsnKind.MOV_FROM_DR})
 #: Guest-state fields that can be saved on their own (see ExitMonitor.materialize).
 _SINGLE_FIELD_SAVERS = {
     int(F.GUEST_SYSENTER_CS): lambda g: g.uc.msr_read(Msr.IA32_SYSENTER_CS) & 0xFFFF_FFFF,

@@ -162,6 +162,12 @@ class SegmentUnit:
         name = name.lower()
         reg = _REGS[name]
         cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        if cr0 & Cr0.PG and cr0 & Cr0.PE and selector & ~3 and not self._descriptor_reachable(selector):
+            # QEMU reads the descriptor through the guest's page tables; a walk that faults
+            # here, outside emulation, would crash the emulator process (Unicorn has no
+            # fault context for register writes).  Refuse it as Unicorn refuses a bad
+            # selector; callers turn that into a VM-entry failure or a triple fault.
+            raise unicorn.UcError(unicorn.UC_ERR_EXCEPTION)
         if cr0 & Cr0.PE and name in ("cs", "ss") and (selector & 3) < self.cpl:
             self.uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~Cr0.PE)
             self.uc.reg_write(X.UC_X86_REG_SS, 0)
@@ -171,6 +177,78 @@ class SegmentUnit:
                 self.uc.reg_write(X.UC_X86_REG_CS, Selector.KERNEL_CODE64 if self.reg(
                     "efer") & Efer.LMA else Selector.KERNEL_CODE32)
         self.uc.reg_write(reg, selector)
+
+    def _descriptor_reachable(self, selector: int) -> bool:
+        """With paging on: do the guest's page tables map both ends of the descriptor
+        ``selector`` names (GDT, or LDT if TI = 1) to guest memory, with no reserved bit
+        set on the way?  Conservative: anything unusual counts as unreachable."""
+        if selector & 4:
+            base = self.uc.reg_read(X.UC_X86_REG_LDTR)[1]
+        else:
+            base = self.uc.reg_read(X.UC_X86_REG_GDTR)[1]
+        at = base + (selector & ~7)
+        return self._linear_in_memory(at) and self._linear_in_memory(at + 7)
+
+    def _linear_in_memory(self, linear: int) -> bool:
+        """Translate ``linear`` through the guest's paging structures (SDM Vol. 3A 4.3,
+        4.4, 4.5) and say whether the walk ends in guest memory without a fault."""
+        cr3, cr4, efer = self.reg("cr3"), self.reg("cr4"), self.reg("efer")
+        size = self.memory_size
+        nx_reserved = not efer & Efer.NXE
+        high = 0xFFF0_0000_0000_0000 & ~(1 << 63)   # bits 62:52 (ignored) are fine
+        try:
+            if efer & Efer.LMA:  # 4-level paging
+                table = cr3 & 0x000F_FFFF_FFFF_F000
+                for shift in (39, 30, 21, 12):
+                    if table + 0x1000 > size:
+                        return False
+                    entry = self.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
+                    if (not entry & 1 or (entry >> 63 and nx_reserved)
+                            or entry & 0x000F_FF80_0000_0000 or (shift == 39 and entry & 0x80)):
+                        return False  # absent, or reserved bits (51:39 beyond MAXPHYADDR)
+                    if shift in (30, 21) and entry & 0x80:  # a 1-GByte / 2-MByte page
+                        if entry & ((1 << shift) - 1) & ~0x1FFF:
+                            return False
+                        page = entry & 0x000F_FFFF_FFFF_F000 & ~((1 << shift) - 1)
+                        return page + (linear & ((1 << shift) - 1)) < size
+                    table = entry & 0x000F_FFFF_FFFF_F000
+                return table + (linear & 0xFFF) < size
+            if cr4 & 0x20:  # PAE paging
+                if (cr3 & 0xFFFF_FFE0) + 32 > size:
+                    return False
+                pdpte = self.read_u64((cr3 & 0xFFFF_FFE0) + ((linear >> 30) & 3) * 8)
+                if not pdpte & 1 or pdpte & 0x1E6 or pdpte & high:
+                    return False
+                table = pdpte & 0x000F_FFFF_FFFF_F000
+                for shift in (21, 12):
+                    if table + 0x1000 > size:
+                        return False
+                    entry = self.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
+                    if not entry & 1 or (entry >> 63 and nx_reserved) or entry & high:
+                        return False
+                    if shift == 21 and entry & 0x80:
+                        if entry & 0x1F_E000:
+                            return False
+                        return (entry & 0xFFFF_FFE0_0000) + (linear & 0x1F_FFFF) < size
+                    table = entry & 0x000F_FFFF_FFFF_F000
+                return table + (linear & 0xFFF) < size
+            # 32-bit paging
+            if (cr3 & 0xFFFF_F000) + 0x1000 > size:
+                return False
+            pde = self.read_u32((cr3 & 0xFFFF_F000) + ((linear >> 22) & 0x3FF) * 4)
+            if not pde & 1:
+                return False
+            if pde & 0x80 and cr4 & 0x10:  # a 4-MByte page (CR4.PSE)
+                if pde & 0x3F_E000:
+                    return False
+                return (pde & 0xFFC0_0000) + (linear & 0x3F_FFFF) < size
+            table = pde & 0xFFFF_F000
+            if table + 0x1000 > size:
+                return False
+            pte = self.read_u32(table + ((linear >> 12) & 0x3FF) * 4)
+            return bool(pte & 1) and (pte & 0xFFFF_F000) + (linear & 0xFFF) < size
+        except unicorn.UcError:
+            return False
 
     def segment_dpl(self, selector: int) -> int:
         """DPL of the GDT descriptor ``selector`` names."""

@@ -28,7 +28,7 @@ from ..arch.errors import VmInstructionError
 from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
 from ..arch.vmcs_fields import VmcsField as F
-from .capabilities import PHYSICAL_ADDRESS_WIDTH, VmxCapabilities
+from .capabilities import PHYSICAL_ADDRESS_WIDTH, VMX_CAPABILITY_MSRS, VmxCapabilities
 from .entry_checks import EntryChecker, Violation, entry_violations
 
 
@@ -36,7 +36,7 @@ from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
 from ..errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
-from .vmcs import INVALID_POINTER, LaunchState, Vmcs
+from .vmcs import INVALID_POINTER, LaunchState, Vmcs, lookup
 from .vmcs_view import DETACHED, CurrentVmcs
 from .vcpu import VcpuServices
 
@@ -172,13 +172,24 @@ class VmxCpu(VcpuServices):
         return (0, 0, 0, 0)
 
     def rdmsr(self, msr: int) -> int:
-        """Read an MSR: IA32_FEATURE_CONTROL or a VMX capability MSR (#GP if VMX is absent)."""
-        caps = self.caps.msrs()
-        if msr in caps:
+        """Read an MSR: IA32_FEATURE_CONTROL or a VMX capability MSR.
+
+        #GP(0) if VMX is absent, and for a capability MSR this processor does not have
+        (SDM Appendix A: IA32_VMX_PROCBASED_CTLS2 without "activate secondary controls",
+        IA32_VMX_EPT_VPID_CAP without EPT and VPID, IA32_VMX_TRUE_* with
+        IA32_VMX_BASIC[55] = 0, IA32_VMX_VMFUNC without VM functions, ...; see
+        :meth:`VmxCapabilities.msr_exists`).
+        """
+        if msr in VMX_CAPABILITY_MSRS:
             if not self.vmx_supported:
                 raise VmxFailure(VmxOutcome(f"RDMSR {msr:#x}", Status.FAULT, vector=Vector.GP,
                                             message="this CPU has no VMX capability MSRs"))
-            return caps[msr]
+            if not self.caps.msr_exists(msr):
+                name = Msr(msr).name if msr in Msr._value2member_map_ else f"{msr:#x}"
+                raise VmxFailure(VmxOutcome(f"RDMSR {name}", Status.FAULT, vector=Vector.GP,
+                                            message="this processor does not have that capability MSR "
+                                            "(its feature is not offered, SDM Appendix A): #GP(0)"))
+            return self.caps.msrs()[msr]
         return self.msrs.get(msr, 0)
 
     def wrmsr(self, msr: int, value: int) -> None:
@@ -245,6 +256,11 @@ class VmxCpu(VcpuServices):
             return self._succeed(insn, "now in VMX root operation")
         if self.operation is VmxOperation.NON_ROOT:
             return self._fault(insn, Vector.UD, "in VMX non-root operation VMXON causes a VM exit")
+        # In VMX root operation the pseudo-code tests CPL > 0 -> #GP(0) before
+        # VMfail("VMXON executed in VMX root operation") (SDM 31.3, VMXON).
+        if self.cpl > 0:
+            return self._fault(insn, Vector.GP, f"CPL is {self.cpl}: VMXON in VMX root operation "
+                               "at CPL > 0 raises #GP(0) before it could VMfail")
         return self._fail(insn, VmInstructionError.VMXON_IN_VMX_ROOT_OPERATION,
                           "already in VMX root operation")
 
@@ -323,6 +339,9 @@ class VmxCpu(VcpuServices):
         if vmcs is None:
             return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
         try:
+            missing = self._missing_field(encoding)
+            if missing is not None:
+                return self._fail(insn, VmInstructionError.UNSUPPORTED_VMCS_COMPONENT, missing)
             value = vmcs.read(encoding)
         except VmcsError as exc:
             return self._fail(insn, VmInstructionError(exc.error), str(exc))
@@ -338,10 +357,24 @@ class VmxCpu(VcpuServices):
         if vmcs is None:
             return self._fail_invalid(insn, "there is no current VMCS (VMPTRLD one first)")
         try:
+            missing = self._missing_field(encoding)
+            if missing is not None:
+                return self._fail(insn, VmInstructionError.UNSUPPORTED_VMCS_COMPONENT, missing)
             vmcs.write(encoding, value, truncate=True)
         except VmcsError as exc:
             return self._fail(insn, VmInstructionError(exc.error), str(exc))
         return self._succeed(insn)
+
+    def _missing_field(self, encoding: int | str | F) -> str | None:
+        """VMREAD/VMWRITE of a field this processor does not have (its feature is not
+        offered by the capability MSRs, :meth:`VmxCapabilities.vmcs_field_missing`)
+        fail with error 12, like an encoding of no field at all (SDM 31.3, VMREAD)."""
+        enc = lookup(encoding)  # (raises VmcsError 12 for an encoding of no field)
+        why = self.caps.vmcs_field_missing(enc.encoding)
+        if why is None:
+            return None
+        return (f"unsupported VMCS component {_enc_text(enc.encoding)} ({enc.encoding:#06x}): "
+                f"{why}; VM-instruction error 12")
 
     def vmcall(self) -> VmxOutcome:
         """VMCALL executed by the VMM itself, in VMX root operation (SDM 31.3): VMfail(1)."""

@@ -182,8 +182,17 @@ def handle_cr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
 
 
 def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """MOV DR: carry out the move on the guest's debug registers."""
+    """MOV DR: carry out the move on the guest's debug registers.
+
+    A MOV-DR exit comes *before* the instruction's own #GP (CPL > 0) and #UD (DR4/DR5
+    with CR4.DE = 1) checks (SDM 26.1.3), so the VMM makes them, as KVM's
+    ``kvm_require_cpl()`` / ``kvm_require_dr()`` do, and injects the fault.
+    """
     dr, from_dr, gpr = exit.qualification & 7, bool(exit.qualification >> 4 & 1), (exit.qualification >> 8) & 0xF
+    if exit.cpl > 0:
+        return vm.inject_exception(Vector.GP, 0)
+    if dr in (4, 5) and vm.guest.reg("cr4") & (1 << 3):   # CR4.DE
+        return vm.inject_exception(Vector.UD)
     reg = _gpr_name(vm, gpr)
     if from_dr:
         vm.regs[reg] = vm.guest.reg(f"dr{dr}")
@@ -228,7 +237,8 @@ def handle_exception(vm: "VirtualMachine", exit: VmExit) -> bool:
     info = IntrInfo.decode(exit.intr_info)
     if info.type is InterruptionType.NMI:
         return True
-    if info.type is InterruptionType.SOFTWARE_EXCEPTION:
+    if info.type in (InterruptionType.SOFTWARE_EXCEPTION, InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION):
+        # INT3/INTO (type 6) and INT1 (type 5): injection pushes RIP + this length (SDM 27.6.1.1)
         vm.vmwrite(F.VM_ENTRY_INSTRUCTION_LEN, exit.instruction_length)
     if info.vector == Vector.PF and info.type is InterruptionType.HARDWARE_EXCEPTION:
         # Neither the #PF exit nor the injection loads CR2 (SDM 28.1, 27.6.1): the VMM

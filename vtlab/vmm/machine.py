@@ -28,18 +28,33 @@ from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .devices import DeviceBus, standard_devices
-from ..errors import HandlerError
+from ..errors import HandlerError, VtlabError
 from ..cpu.exits import VmExit, msr_bitmap_position
 from ..cpu.guest import Guest, Mode
 from .trace import Trace
 from ..cpu.vmcs import INVALID_POINTER, LaunchState
 from ..cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
 
+from ..cpu import guest as _guest, nonroot as _nonroot
+from time import monotonic as _monotonic
 from .handlers import (HANDLERS, HYPERCALLS, Handler, _unhandled)
 from .state import Registers, RunSummary, VmState
 
 #: Where guest code goes unless told otherwise (the same in every mode).
 GUEST_LOAD_DEFAULT = 0x1000
+
+#: Exceptions and interrupts delivered to the guest in one VirtualMachine.run before it
+#: stops (an exception storm; see vtlab.cpu.nonroot.EVENT_BUDGET).
+_EVENT_BUDGET = _nonroot.EVENT_BUDGET
+
+
+class InternalError(VtlabError):
+    """Something went wrong inside vtlab itself (a bug, not the guest's or the VMM's
+    fault); the VM is stopped but stays inspectable.  The error raised is also an instance
+    of the original exception's type (``__cause__`` is the original)."""
+
+
+_INTERNAL_ERRORS: dict[type, type] = {}   # original exception type -> its InternalError
 
 
 
@@ -97,8 +112,9 @@ class VirtualMachine:
         #: An exit that happened but whose handler has not run yet (see next_exit / step).
         self.pending_exit: VmExit | None = None
         self._pending_event = None
-        #: [first instruction count, max instructions, max exits, exits] of the current run
-        self._budget = [0, 0, 0, 0]
+        #: [first instruction count, max instructions, max exits, exits, wall-clock
+        #: deadline] of the current run
+        self._budget = [0, 0, 0, 0, None]
         self._verdict = True      # False: a handler run in place asked to stop
         self._in_place = None     # the last exit recorded and handled in place
         self._handler_names: dict = {}   # handler -> the name the trace shows
@@ -377,11 +393,21 @@ class VirtualMachine:
 
     _FINAL = (VmState.CRASHED, VmState.ERROR, VmState.ENTRY_FAILED, VmState.SHUTDOWN)
 
-    def run(self, max_exits: int = 10_000, max_instructions: int = 10_000_000) -> RunSummary:
+    def run(self, max_exits: int = 10_000, max_instructions: int = 10_000_000,
+            max_seconds: float | None = 60.0) -> RunSummary:
         """Run the guest until it halts or stops, handling every VM exit.
 
         Ends with state BUDGET (and a message saying which budget) if the guest runs
-        ``max_instructions`` instructions or causes ``max_exits`` exits first.
+        ``max_instructions`` instructions or causes ``max_exits`` exits first, runs for
+        more than ``max_seconds`` of wall-clock time (None: no cap), runs past the end of
+        its program into never-loaded memory ("did you forget HLT?"), or loops in its
+        exception handling (see :meth:`vtlab.cpu.nonroot.ExitMonitor.run`): whatever the
+        guest does, the run ends, and the message names what happened and whose fault it
+        is.  The VM stays runnable after a BUDGET stop.
+
+        The notebook's interrupt (KeyboardInterrupt) stops a run within a fraction of a
+        second, even deep in exit-free guest code; the VM is left consistent (state READY,
+        the message saying where it stopped) and ``vm.run()`` carries on from there.
 
         Instruction exits are handled *in place* when they can be (see
         :meth:`vtlab.cpu.vmx.VmxCpu.exit_in_place`): the handler runs and the guest
@@ -392,14 +418,22 @@ class VirtualMachine:
             return self._summary()
         self.state, self.message = VmState.RUNNING, ""
         g = self.guest
+        limits = g.limits
         start_insns = g.counter.total
-        self._budget = [start_insns, max_instructions, max_exits, 0]  # ..., exits so far
+        deadline = None if max_seconds is None else _monotonic() + max_seconds
+        self._budget = [start_insns, max_instructions, max_exits, 0, deadline]  # ..., exits so far
         self._verdict = True
         next_tick = g.counter.total + self.timer_period if self.timer_period else None
         if next_tick is None and self.exits_in_place:  # (a timer slices runs: not in place)
             self.cpu.resume_in_place = self._exit_in_place
+        limits.deadline = deadline
+        limits.event_limit = limits.events_delivered + _EVENT_BUDGET
+        token = _guest.watch_deadline(deadline)
         try:
-            while True:
+            runaway = g.runaway_message(recent=False) if self.pending_exit is None else None
+            if runaway is not None:  # (it stands in never-loaded memory already: say so at once)
+                self.stop(VmState.BUDGET, runaway)
+            while runaway is None:
                 if self.pending_exit is not None:
                     if not self.handle_pending_exit():
                         break
@@ -408,11 +442,16 @@ class VirtualMachine:
                 used = g.counter.total - start_insns
                 exits = self._budget[3]
                 if used >= max_instructions:
-                    self.stop(VmState.BUDGET, f"instruction budget exhausted: the guest ran {used:,} "
-                              f"instructions (max_instructions={max_instructions:,}) - a runaway loop?")
+                    self.stop(VmState.BUDGET, g.runaway_message() or (
+                              f"instruction budget exhausted: the guest ran {used:,} "
+                              f"instructions (max_instructions={max_instructions:,}) - a runaway loop?"))
                     break
                 if exits >= max_exits:
                     self.stop(VmState.BUDGET, f"exit budget exhausted: {exits:,} VM exits (max_exits={max_exits:,})")
+                    break
+                if deadline is not None and _monotonic() > deadline:
+                    self.stop(VmState.BUDGET, f"wall-clock cap reached: the run took more than "
+                              f"max_seconds={max_seconds:g} s ({used:,} guest instructions, {exits:,} VM exits)")
                     break
                 budget = max_instructions - used
                 if next_tick is not None:
@@ -421,6 +460,9 @@ class VirtualMachine:
                 if outcome.status is Status.VM_EXIT:
                     continue
                 if self.state is not VmState.RUNNING:
+                    break
+                if limits.stopped is not None:  # past its program, an exception loop, the clock
+                    self.stop(VmState.BUDGET, limits.stopped)
                     break
                 # PAUSED: the guest halted without exiting, or the budget slice ran out
                 if next_tick is not None and g.counter.total >= next_tick:
@@ -431,9 +473,66 @@ class VirtualMachine:
                     self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0) "
                               "and nothing will wake it")
                     break
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        except _guest.RunTimeout:  # stuck in Python (a handler, a device) past max_seconds
+            self._interrupted()
+            self.stop(VmState.BUDGET, f"wall-clock cap reached: the run took more than max_seconds="
+                      f"{max_seconds:g} s and was stopped inside Python code - an exit handler or "
+                      "a device that loops (a REP INS/OUTS with a huge count?)")
+        except VtlabError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(exc) from exc
         finally:
+            # (First, and retried: a RunTimeout arriving now must not escape the run.)
+            while True:
+                try:
+                    _guest.unwatch_deadline(token)
+                    break
+                except _guest.RunTimeout:
+                    pass
             self.cpu.resume_in_place = None
+            limits.deadline = limits.event_limit = None
         return self._summary(self._budget[3], g.counter.total - start_insns)
+
+    def _interrupted(self) -> None:
+        """A KeyboardInterrupt stopped a run: leave the VM consistent and runnable.
+
+        The interrupt may land anywhere - in exit-free guest code (the guest is then
+        paused in VMX non-root operation), in an exit handler (the exit stays performed
+        and recorded; GUEST_RIP is wherever the handler left it, so the next VMRESUME
+        re-executes an instruction the handler did not skip) or between the two.  The
+        vCPU dropped what it had half-done (ExitMonitor._abandon); the VMM forgets an
+        exit whose handler was cut short and marks the VM READY.
+        """
+        self.pending_exit = self._pending_event = None
+        self._in_place = None
+        where = f"guest RIP {self.guest.rip:#x}"
+        self.stop(VmState.READY, f"interrupted (KeyboardInterrupt) at {where}, "
+                  f"{self.cpu.operation.value}; vm.run() carries on from there")
+
+    def _internal_error(self, exc: Exception) -> VtlabError:
+        """An exception that is nobody's fault but vtlab's: stop the VM (it stays
+        inspectable) and say so, instead of letting a raw traceback out."""
+        self.stop(VmState.ERROR, f"vtlab internal error (a bug in vtlab, not in your guest or VMM): "
+                  f"{type(exc).__name__}: {exc}")
+        message = f"{self.message}. The VM is stopped; vm.trace, vm.vmcs and vm.regs show where it was."
+        # The error is an InternalError *and* of the original type, so code that caught, say,
+        # a RuntimeError coming out of a run still does.
+        kind = type(exc)
+        cls = _INTERNAL_ERRORS.get(kind)
+        if cls is None:
+            try:
+                cls = type(f"InternalError[{kind.__name__}]", (InternalError, kind), {"__module__": __name__})
+            except TypeError:  # (an exception type that cannot be combined)
+                cls = InternalError
+            _INTERNAL_ERRORS[kind] = cls
+        try:
+            return cls(message)
+        except Exception:
+            return InternalError(message)
 
     def _exit_in_place(self, exit_: VmExit) -> bool:
         """One turn of :meth:`run`'s loop for an exit handled inside the emulator: record
@@ -445,8 +544,11 @@ class VirtualMachine:
         if not self.handle_pending_exit():  # (the handler: KVM's exit-handler call)
             self._verdict = False
             return False
-        start, max_instructions, max_exits, exits = self._budget
+        start, max_instructions, max_exits, exits, deadline = self._budget
         if exits >= max_exits or self.guest.counter.total - start >= max_instructions:
+            return False
+        # The wall clock, every 256 exits (leaving the emulator lets run() stop the VM).
+        if not exits & 0xFF and deadline is not None and _monotonic() > deadline:
             return False
         total = self.guest.counter.total
         rip = self.cpu.vmresume_in_place(exit_)
@@ -455,16 +557,43 @@ class VirtualMachine:
         self.trace.record_entry("VMRESUME", rip, total)
         return True
 
-    def next_exit(self, max_instructions: int = 10_000_000) -> VmExit | None:
+    def next_exit(self, max_instructions: int = 10_000_000,
+                  max_seconds: float | None = 60.0) -> VmExit | None:
         """Handle the pending exit (if any), run the guest, and stop at the next VM exit
-        *before* its handler runs (it waits in :attr:`pending_exit`).  None if the VM stopped."""
+        *before* its handler runs (it waits in :attr:`pending_exit`).  None if the VM stopped
+        (HALTED, or BUDGET with a message: the instruction budget, ``max_seconds`` of wall
+        clock, a guest past its program ... as in :meth:`run`)."""
         if self.state in self._FINAL:
             return None
         if self.pending_exit is not None:
             if not self.handle_pending_exit():
                 return None
         self.state = VmState.RUNNING
-        outcome = self._advance(max_instructions)
+        limits = self.guest.limits
+        limits.deadline = None if max_seconds is None else _monotonic() + max_seconds
+        token = _guest.watch_deadline(limits.deadline)
+        try:
+            outcome = self._advance(max_instructions)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        except _guest.RunTimeout:  # (see run)
+            self._interrupted()
+            self.stop(VmState.BUDGET, f"wall-clock cap reached: next_exit took more than max_seconds="
+                      f"{max_seconds:g} s and was stopped inside Python code (a device that loops?)")
+            return None
+        except VtlabError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(exc) from exc
+        finally:
+            while True:  # (see run)
+                try:
+                    _guest.unwatch_deadline(token)
+                    break
+                except _guest.RunTimeout:
+                    pass
+            limits.deadline = None
         if outcome.status is Status.VM_EXIT:
             return outcome.exit
         if self.state is VmState.RUNNING:
@@ -485,10 +614,20 @@ class VirtualMachine:
             self.handle_pending_exit()
             return self.last_outcome
         self.state = VmState.RUNNING
-        outcome = self._advance(1, step=True)
+        try:
+            outcome = self._advance(1, step=True)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        except VtlabError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(exc) from exc
         if self.state is VmState.RUNNING and outcome.status is Status.PAUSED:
             if outcome.halted:
                 self.stop(VmState.HALTED, "the guest executed HLT without exiting (HLT exiting is 0)")
+            elif self.guest.limits.stopped is not None:  # e.g. it stepped past its program
+                self.stop(VmState.BUDGET, self.guest.limits.stopped)
             else:
                 self.state = VmState.READY
         return outcome

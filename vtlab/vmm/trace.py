@@ -107,10 +107,24 @@ def _made(item) -> TraceEvent:
     return item
 
 
-class Trace:
-    """Every VM entry and exit of one virtual machine, in order."""
+#: How many events (entries and exits) a :class:`Trace` keeps unless told otherwise: the
+#: last 200,000, i.e. 100,000 VM exits (some 75 MB).  A run of millions of exits would
+#: otherwise keep every one of them in memory; older events are dropped, but every
+#: count stays exact (see :meth:`Trace.counts`).
+DEFAULT_MAX_EVENTS = 200_000
 
-    def __init__(self) -> None:
+
+class Trace:
+    """Every VM entry and exit of one virtual machine, in order - or the last
+    ``max_events`` of them (None: keep everything).
+
+    A capped trace drops its oldest events as new ones arrive (in batches, so recording
+    stays cheap); :meth:`counts` and :attr:`exits_total` still cover every exit ever
+    recorded, and :attr:`dropped` says how many events are gone.  ``seq`` numbers keep
+    counting across the drops, so the first event kept may have any ``seq``.
+    """
+
+    def __init__(self, max_events: int | None = DEFAULT_MAX_EVENTS) -> None:
         # One item per event, in order: a TraceEvent for each exit, and for each entry the
         # tuple (seq, instruction, guest_rip, guest_instructions) - an entry happens once
         # per exit and says little, so it becomes a TraceEvent only when someone looks
@@ -120,10 +134,18 @@ class Trace:
         self.enabled = True
         self._frame = None
         self._frame_key = None
+        if max_events is not None and max_events < 1:
+            raise ValueError("max_events must be at least 1 (or None: keep every event)")
+        self.max_events = max_events
+        #: Events recorded so far (the next event's seq), dropped ones included.
+        self._seq = 0
+        #: Events dropped to respect max_events.
+        self.dropped = 0
+        self._dropped_exits: dict[str, int] = {}  # reason name -> exits dropped
 
     @property
     def events(self) -> list[TraceEvent]:
-        """Every entry and exit as a :class:`TraceEvent`, in order."""
+        """Every entry and exit (kept) as a :class:`TraceEvent`, in order."""
         log = self._log
         for i, item in enumerate(log):
             if type(item) is not TraceEvent:
@@ -133,20 +155,54 @@ class Trace:
     @events.setter
     def events(self, events: list[TraceEvent]) -> None:
         self._log = events
+        self._seq = max(self._seq, len(events))
 
     def _next(self) -> int:
-        return len(self._log)
+        return self._seq
+
+    def _trim(self) -> None:
+        """Drop the oldest events beyond max_events, tallying the exits among them.
+
+        Called once the log holds a quarter more than the cap (at least 1,024 more), so
+        a trim moves the kept events' pointers once per max_events/4 recordings: recording
+        stays O(1) on average and the log never holds more than 1.25 x max_events."""
+        log, keep = self._log, self.max_events
+        drop = len(log) - keep
+        tally = self._dropped_exits
+        for item in log[:drop]:
+            kind = type(item)
+            if kind is _ExitRecord:
+                name = item.exit.reason.name
+            elif kind is TraceEvent and item.event == "exit":
+                name = item.reason
+            else:
+                continue
+            tally[name] = tally.get(name, 0) + 1
+        del log[:drop]
+        self.dropped += drop
 
     def record_entry(self, instruction: str, guest_rip: int, guest_instructions: int) -> None:
         if self.enabled:
-            self._log.append((len(self._log), instruction, guest_rip, guest_instructions))
+            log = self._log
+            log.append((self._seq, instruction, guest_rip, guest_instructions))
+            self._seq += 1
+            if self.max_events is not None and len(log) >= self._trim_at():
+                self._trim()
 
     def record_exit(self, exit_, handler: str = "", state: str = ""):
         """Record an exit; returns its record (``seq``, settable ``device`` and ``note``)."""
-        record = _ExitRecord(len(self._log), exit_, handler, state)
+        record = _ExitRecord(self._seq, exit_, handler, state)
         if self.enabled:
-            self._log.append(record)
+            log = self._log
+            log.append(record)
+            self._seq += 1
+            if self.max_events is not None and len(log) >= self._trim_at():
+                self._trim()
         return record
+
+    def _trim_at(self) -> int:
+        keep = self.max_events
+        return keep + max(keep // 4, 1024)
 
     @property
     def exits(self) -> list[TraceEvent]:
@@ -162,9 +218,14 @@ class Trace:
         return out
 
     def __len__(self) -> int:
-        """The number of exits (entries are not counted)."""
+        """The number of exits kept (entries are not counted; see :attr:`exits_total`)."""
         return sum(1 for item in self._log if type(item) is _ExitRecord
                    or (type(item) is TraceEvent and item.event == "exit"))
+
+    @property
+    def exits_total(self) -> int:
+        """Every exit recorded, including those a capped trace dropped."""
+        return len(self) + sum(self._dropped_exits.values())
 
     def __iter__(self) -> Iterator[TraceEvent]:
         return iter(self.exits)
@@ -172,23 +233,48 @@ class Trace:
     def clear(self) -> None:
         self._log.clear()
         self._frame_key = None
+        self._frame = None
+        self.dropped = 0
+        self._dropped_exits = {}
+
+    def _kept_counts(self) -> dict[str, int]:
+        """Exits per reason among the events kept, without making TraceEvents."""
+        counts: dict[str, int] = {}
+        for item in self._log:
+            kind = type(item)
+            if kind is _ExitRecord:
+                name = item.exit.reason.name
+            elif kind is TraceEvent and item.event == "exit":
+                name = item.reason
+            else:
+                continue
+            counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def counts(self):
-        """Exits per reason, most frequent first (a pandas Series)."""
-        df = self.to_dataframe()
-        if df.empty:
-            import pandas as pd
+        """Exits per reason, most frequent first (a pandas Series) - exact, including the
+        exits a capped trace has dropped."""
+        import pandas as pd
+
+        counts = self._kept_counts()
+        for name, n in self._dropped_exits.items():
+            counts[name] = counts.get(name, 0) + n
+        if not counts:
             return pd.Series(dtype=int, name="exits")
-        return df["reason"].value_counts().rename("exits")
+        series = pd.Series(counts, name="exits", dtype=int)
+        # (value_counts order: most frequent first; ties in order of first appearance)
+        return series.sort_values(ascending=False, kind="stable").rename_axis("reason")
 
     def to_dataframe(self, include_entries: bool = False):
         """One row per exit (and entry, if asked), columns as in :class:`TraceEvent`.
 
         The frame is cached until the trace grows; callers get a copy they may change.
+        A capped trace shows the events it kept (``attrs["dropped"]`` says how many
+        events are not shown).
         """
         import pandas as pd
 
-        key = (len(self._log), include_entries, self.instructions_total)
+        key = (self._seq, len(self._log), include_entries, self.instructions_total)
         if self._frame_key != key:
             columns = list(TraceEvent.__dataclass_fields__)
             rows = [tuple(getattr(e, c) for c in columns) for e in self._rows(include_entries)]
@@ -199,6 +285,7 @@ class Trace:
             self._frame, self._frame_key = df, key
         df = self._frame.copy()
         df.attrs["instructions_total"] = self.instructions_total
+        df.attrs["dropped"] = self.dropped
         return df
 
     def _rows(self, include_entries: bool) -> Iterator[TraceEvent]:
@@ -215,6 +302,8 @@ class Trace:
     def _repr_html_(self) -> str:
         df = self.to_dataframe()
         head = f"<p><b>{len(df)} VM exits</b>, {self.instructions_total:,} guest instructions</p>"
+        if self.dropped:
+            head += f"<p>(the {self.dropped:,} oldest events were dropped: max_events={self.max_events:,})</p>"
         if df.empty:
             return head
         show = df[["seq", "reason", "reason_number", "guest_rip", "instruction", "qualification", "handler"]].copy()
