@@ -8,9 +8,12 @@ learners bring along translated first:
 * ``times N <statement>`` repeats a statement (``N`` a constant expression),
 * ``bits 16|32|64`` / ``[bits N]`` and ``org ADDR`` lines are honoured,
 * ``$`` is the address of the current line, ``$$`` the program's origin,
-* ``name equ expr`` defines a symbol, ``jmp short``/``jmp near`` choose no size.
+* ``name equ expr`` defines a symbol; ``jmp short x``/``jmp near x`` are read as ``jmp x``
+  (Keystone knows neither word and picks the shortest encoding itself).
 
-Errors name the offending source line (:class:`vtlab.errors.AssemblyError`).
+Errors name the offending source line (:class:`vtlab.errors.AssemblyError`); a program may
+assemble to at most :data:`MAX_OUTPUT` bytes (1 MiB), and the bytes of each
+(source, address, bits) are cached, so assembling the same text again costs nothing.
 
 Keystone 0.9.2 cannot be trusted with arbitrary text: a statement that starts with a
 token that is not a name (``[``, ``]``, ``+``, ``,`` ...), a ``{`` in an operand or a
@@ -27,7 +30,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import capstone
 import keystone
@@ -42,8 +45,7 @@ _KS_DATA = {".byte": ".byte", ".short": ".short", ".word": ".short", ".value": "
             ".long": ".long", ".int": ".long", ".quad": ".quad"}
 _DATA_RANGE = {".byte": (8, "db"), ".short": (16, "dw"), ".long": (32, "dd"), ".quad": (64, "dq")}
 _LABEL = re.compile(r"^\s*([A-Za-z_.$@?][\w.$@?]*)\s*:")
-_SIZE_NO_PTR = re.compile(r"\b(byte|word|dword|qword)\s+\[", re.I)
-_STRING = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_SIZE_NO_PTR = re.compile(r"\b(byte|word|dword|qword)\s+\[", re.IGNORECASE)
 
 #: The most machine code one program may assemble to: the smallest guest memory (1 MiB).
 MAX_OUTPUT = 1 << 20
@@ -54,11 +56,11 @@ _END = "__vtlab_end"
 _HERE = "\x01"                # placeholder for this repetition's "$" label
 _REP = "\x02"                 # placeholder for this repetition's number
 _LABEL_NAME = re.compile(r"[A-Za-z_.][\w.$@?]*")
-_BRANCHES = re.compile(r"j[a-z]{1,4}|call|loop[a-z]{0,3}|xbegin", re.I)
+_BRANCHES = re.compile(r"j[a-z]{1,4}|call|loop[a-z]{0,3}|xbegin", re.IGNORECASE)
 #: What Keystone reads as a prefix, and then whatever follows it as the next statement.
 _PREFIXES = {"lock", "rep", "repe", "repz", "repne", "repnz", "data16", "rex64"}
 _PREFIX = re.compile(r"([A-Za-z_][\w.$@?]*)\s*/?(.*)")
-_DIRECTIVE = re.compile(r"\[?\s*(bits|org|use16|use32|use64)(?:\s+(.*?))?\s*\]?", re.I)
+_DIRECTIVE = re.compile(r"\[?\s*(bits|org|use16|use32|use64)(?:\s+(.*?))?\s*\]?", re.IGNORECASE)
 
 
 class AssemblyTypeError(AssemblyError, TypeError):
@@ -88,12 +90,12 @@ class Instruction:
         return f"{self.address:#06x}: {self.bytes.hex(' '):<24} {self.text}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _ks(bits: int) -> keystone.Ks:
     return keystone.Ks(keystone.KS_ARCH_X86, _KS_MODE[bits])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cs(bits: int) -> capstone.Cs:
     cs = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODE[bits])
     cs.detail = False
@@ -202,7 +204,7 @@ _EXPR_TOKEN = re.compile(r"""\s*(?:
   | (?P<id>[A-Za-z_.?@$][\w.$@?]*)
   | (?P<op><<|>>|[-+*/%&|^~!()])
   | (?P<bad>\S)
-)""", re.X)
+)""", re.VERBOSE)
 
 
 def _number(tok: str) -> int:
@@ -212,7 +214,7 @@ def _number(tok: str) -> int:
         if re.fullmatch(r"0x[0-9a-f]+", low):
             value = int(low, 16)
         elif re.fullmatch(r"0b[01]+", low):
-            value = int(low[2:], 2)
+            value = int(low, 0)
         elif re.fullmatch(r"[0-9][0-9a-f]*h", low):
             value = int(low[:-1], 16)
         elif re.fullmatch(r"0[0-7]*", low):
@@ -375,7 +377,8 @@ class _Line:
     code: bool = False          # must produce bytes
     dollar: bool = False        # uses $ (a label per repetition)
     labels: list[str] = field(default_factory=list)
-    what: str = ""              # "times", "data", "instruction", ...
+    what: str = ""              # "data", "instruction", "symbol"
+    target: str | None = None   # the symbol a branch goes to (checked after assembly)
 
     def keystone(self, reps: int | None = None) -> list[str]:
         """This line's Keystone statements (one per entry), ``reps`` repetitions."""
@@ -390,10 +393,15 @@ class _Line:
             out.extend(body * reps if reps > 1 else body)
             return out
         for r in range(reps):
-            here = f"{marker}_{r}"
-            out.append(f"{here}:")
-            out.extend(s.replace(_HERE, here).replace(_REP, f"_{r}") for s in self.stmts)
+            out.append(f"{marker}_{r}:")
+            out.extend(self.resolve(s, r) for s in self.stmts)
         return out
+
+    def resolve(self, text: str, rep: int = 0) -> str:
+        """``text`` of repetition ``rep``, its $ and names made concrete."""
+        if not self.dollar:
+            return text.replace(_REP, "")
+        return text.replace(_HERE, f"{_RESERVED}L{self.number}_{rep}").replace(_REP, f"_{rep}")
 
 
 def _split_items(operands: str) -> list[str]:
@@ -488,8 +496,8 @@ def _instruction(code: str, number: int) -> tuple[list[str], bool]:
                     ("}", "braces { } (AVX-512 masks) are not supported"),
                     ("\\", "a backslash cannot appear in an instruction"),
                     ("`", "a backquote cannot appear in an instruction"),
-                    ("#", "# does not start a comment here (Keystone would drop the rest of "
-                          "the line silently): comments start with ;")):
+                    ("#", ("# does not start a comment here (Keystone would drop the rest of "
+                          "the line silently): comments start with ;"))):
         if ch in plain:
             raise _LineError(why)
     m = re.search(r"([-+~!*/%&|^<>])\s*($|[,\])])", plain)
@@ -511,27 +519,33 @@ def _instruction(code: str, number: int) -> tuple[list[str], bool]:
         prefixes.append(m.group(1).lower())
         code = m.group(2).strip()
         if not code:
-            return prefixes, False
-    stmts, dollar = _operation(code, number)
-    return prefixes + stmts, dollar
+            return prefixes, False, None
+    stmts, dollar, target = _operation(code, number)
+    return prefixes + stmts, dollar, target
 
 
-def _operation(code: str, number: int) -> tuple[list[str], bool]:
+def _operation(code: str, number: int) -> tuple[list[str], bool, str | None]:
+    """Statements for one instruction; (statements, uses $, the symbol a branch goes to)."""
     if not re.match(r"[A-Za-z_]", code) or _LABEL.match(code) or re.match(r"[\w.$@?]+\s*=", code):
         raise _LineError(f"{code.split()[0]!r} cannot follow a prefix: an instruction must")
     mnemonic, operand = re.match(r"(\S+)\s*(.*)", code).groups()
     if _BRANCHES.fullmatch(mnemonic):
         # NASM's "jmp short x" / "jmp near x": Keystone knows neither and picks the size.
-        operand = re.sub(r"^(short|near)(\s+|$)", "", operand, flags=re.I).strip()
+        operand = re.sub(r"^(short|near)(\s+|$)", "", operand, flags=re.IGNORECASE).strip()
         code = f"{mnemonic} {operand}".strip()
         if (operand and not re.search(r"[\[\],:'\"]", operand)
                 and re.search(r"[-+*/%&|^~()]", operand) and re.search(r"[A-Za-z_.$]", operand)):
             # Keystone cannot branch to "label+n" (nor to $+n): it gets a name of its own.
             target = _expression(operand, "the branch target")
             name = f"{_RESERVED}T{number}{_REP}"
-            return [f"{name} = {target.text}", f"{mnemonic} {name}"], target.dollar
+            return [f"{name} = {target.text}", f"{mnemonic} {name}"], target.dollar, name
     code, dollar = _substitute_dollars(code)
-    return [code], dollar
+    target = None
+    if _BRANCHES.fullmatch(mnemonic):
+        operand = re.match(r"\S+\s*(.*)", code).group(1).strip()
+        if re.fullmatch(rf"[A-Za-z_.][\w.$@?]*|{_HERE}", operand):
+            target = operand  # a label (or a register: run() only checks known names)
+    return [code], dollar, target
 
 
 class _Program:
@@ -539,7 +553,7 @@ class _Program:
 
     def __init__(self, source: str, address: int, bits: int):
         self.source_lines = source.splitlines()
-        self.bits, self.bits_line = bits, None
+        self.bits = bits
         self.origin, self.origin_line = address, None
         self.labels: dict[str, int] = {}
         self.symbols: dict[str, int] = {}
@@ -602,7 +616,7 @@ class _Program:
                     f"bits {bits} after code: a program is assembled in one code size, so "
                     "bits must come before the first instruction (assemble and load code of "
                     "another size as a separate program)")
-            self.bits, self.bits_line = bits, line.number
+            self.bits = bits
             return
         if not arg:
             raise _LineError("org needs the address the code is assembled for, e.g. org 0x7C00")
@@ -617,7 +631,7 @@ class _Program:
     def _statement(self, line: _Line, code: str, repeated: bool = False) -> None:
         head, rest = re.match(r"(\S+)\s*(.*)", code).groups()
         low = head.lower()
-        if re.match(r"times\b", code, re.I):
+        if re.match(r"times\b", code, re.IGNORECASE):
             if repeated:
                 raise _LineError("times cannot repeat another times")
             return self._times(line, code[5:])
@@ -644,7 +658,7 @@ class _Program:
         if low.startswith("."):
             raise _LineError(f"the directive {head!r} is not supported (vtlab reads db, dw, dd, "
                              "dq, times, bits, org and equ)")
-        line.stmts, line.dollar = _instruction(code, line.number)
+        line.stmts, line.dollar, line.target = _instruction(code, line.number)
         line.code, line.what = True, "instruction"
 
     def _times(self, line: _Line, rest: str) -> None:
@@ -670,7 +684,7 @@ class _Program:
         if _LABEL.match(stmt):
             raise _LineError("times cannot repeat a label (it would be defined many times)")
         self._statement(line, stmt, repeated=True)
-        line.reps, line.what = count, "times"
+        line.reps = count
 
 
 # ------------------------------------------------------------------ Keystone
@@ -751,6 +765,29 @@ class _Assembly:
                         f"program may take at most 1 MiB ({MAX_OUTPUT:,} bytes, the smallest "
                         "guest memory)", line)
 
+    def check_branch(self, line: _Line, code: bytes, address: int, expected: int) -> None:
+        """Disassemble a branch and check that it goes where the source says.
+
+        Keystone encodes LOOP/JCXZ to a label out of their reach (-128..+127) with the
+        distance cut to 8 bits, silently: ``loop far`` 200 bytes on goes 56 bytes back.
+        """
+        found = disassemble(code, address, self.p.bits)
+        if not found or not re.fullmatch(r"0x[0-9a-f]+|\d+", found[-1].op_str):
+            return
+        insn = found[-1]
+        actual = int(insn.op_str, 0)
+        mask = (1 << min(self.p.bits, 64)) - 1
+        if (actual - expected) & mask:
+            distance = expected - (insn.address + insn.size)
+            wrong = (f"Keystone encoded a branch to {actual:#x} instead of {expected:#x}, "
+                     f"{distance:+,} bytes away")
+            if re.fullmatch(r"loop\w*|j[er]?cxz", insn.mnemonic):
+                raise self.p.error(
+                    f"the target is out of the reach of {insn.mnemonic.upper()} ({wrong}): "
+                    "LOOP, JCXZ, JECXZ and JRCXZ reach only -128..+127 bytes; use DEC and "
+                    "JNZ, or TEST and JZ", line)
+            raise self.p.error(f"the branch would go to the wrong place ({wrong})", line)
+
     def run(self) -> bytes:
         p = self.p
         coded = [line for line in p.lines if line.code and line.reps]
@@ -761,6 +798,11 @@ class _Assembly:
         for line in p.lines:
             text.extend(line.keystone())
         markers = [f"{_RESERVED}L{line.number}" for line in coded] + [_END]
+        known = set(p.labels) | set(p.symbols)
+        branches = [(line, line.resolve(line.target)) for line in coded
+                    if line.target and line.reps == 1
+                    and (line.target in known or line.target.startswith((_RESERVED, _HERE)))]
+        markers += [name for _, name in branches]
         text += [f"{_END}:", ".quad " + ", ".join(markers)]
         try:
             code, count = _ks_asm("\n".join(text), p.origin, p.bits)
@@ -773,6 +815,8 @@ class _Assembly:
         table = code[-8 * len(markers):]
         code = code[: -8 * len(markers)]
         starts = [int.from_bytes(table[i:i + 8], "little") for i in range(0, len(table), 8)]
+        targets = starts[len(coded) + 1:]
+        starts = starts[: len(coded) + 1]
         if (starts[-1] - p.origin) % (1 << 64) != len(code) or starts[0] != p.origin:
             raise self.locate("Keystone placed the program's lines where vtlab cannot follow")
         for line, start, end in zip(coded, starts, starts[1:]):
@@ -780,6 +824,10 @@ class _Assembly:
                 _, problem = self.probe(line, 1)
                 raise p.error(problem or "Keystone produced no code for this line (it would "
                               "have been left out of the program silently)", line)
+        where = dict(zip((line.number for line in coded), zip(starts, starts[1:])))
+        for (line, _), expected in zip(branches, targets):
+            start, end = where[line.number]
+            self.check_branch(line, code[start - p.origin:end - p.origin], start, expected)
         if len(code) > MAX_OUTPUT:
             raise p.error(f"the program assembles to {len(code):,} bytes: a program may take at"
                           f" most 1 MiB ({MAX_OUTPUT:,} bytes, the smallest guest memory)", None)

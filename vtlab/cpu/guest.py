@@ -54,9 +54,13 @@ _uc_emu_start = _ucmod.uclib.uc_emu_start
 _TOTAL, _STOP_AT = _CTX_FIELDS.index("total"), _CTX_FIELDS.index("stop_at")
 _LAST_BLOCK, _LAST_SIZE = _CTX_FIELDS.index("last_block"), _CTX_FIELDS.index("last_size")
 _OUTSIDE_BLOCKS, _OUTSIDE_BYTES = _CTX_FIELDS.index("outside_blocks"), _CTX_FIELDS.index("outside_bytes")
+_BASE, _LIMIT, _BLOCKS = _CTX_FIELDS.index("base"), _CTX_FIELDS.index("limit"), _CTX_FIELDS.index("blocks")
 _NO_STOP = (1 << 64) - 1
-_uc_emu_stop = _ucmod.uclib.uc_emu_stop
 from time import monotonic as _monotonic  # noqa: E402
+
+
+#: Size of each engine's buffer of translated code (see Guest.__init__).
+TCG_BUFFER_SIZE = 1 << 20
 
 
 class RanPastProgram(BudgetExceeded):
@@ -75,12 +79,18 @@ class WallClockExceeded(BudgetExceeded):
 #: the emulator runs machine code; so a watchdog thread stops any emulator call that
 #: has lasted a whole tick, and the caller simply carries on where the guest stopped.
 #: An interrupt is then seen within one or two ticks.
+#:
+#: The watchdog does not call ``uc_emu_stop`` from its own thread: Unicorn sets its stop
+#: flag before it asks the CPU to leave its loop, and a code hook reached in between is
+#: skipped while its instruction still runs - a VM exit lost (seen once in some 10^4
+#: slices).  It sets the instruction counter's budget to 0 instead: the native block
+#: hook then stops the engine itself, on the emulation thread, at the next block.
 SLICE_SECONDS = 0.025
 
-#: [the Uc of the emulator call in progress or None, its serial number, the serial of
-#: the last call the watchdog cut short].  emulate() keeps it up to date with plain list
-#: stores (no locks on the hot path); the watchdog only reads the first two items.
-_SLICE = [None, 0, -1]
+#: [the instruction counter context (see vtlab.cpu.counter) of the emulator call in
+#: progress, or None; that call's serial number].  emulate() keeps it up to date with
+#: plain list stores (no locks on the hot path).
+_SLICE = [None, 0]
 _watchdog = None   # the watchdog thread, started by the first emulate()
 
 
@@ -112,21 +122,21 @@ def _raise_in(thread_id: int, exc) -> None:
 
 def _watch() -> None:
     """The watchdog: once per tick, stop the emulator call that was already running at the
-    previous tick.  Stopping is what ``uc_emu_stop`` is for (it may be called from any
-    thread); the engine finishes the current translated block and returns, the guest's
-    state intact at an instruction boundary.  It also raises RunTimeout in a run stuck in
+    previous tick (by zeroing its instruction budget, see SLICE_SECONDS); the engine
+    stops at the next block, the guest's state intact at an instruction boundary.  It also raises RunTimeout in a run stuck in
     Python code past its wall-clock cap (see watch_deadline)."""
     import time
     last = None
     while True:
         time.sleep(SLICE_SECONDS)
-        uc, serial = _SLICE[0], _SLICE[1]
-        if uc is not None:
+        ctx, serial = _SLICE[0], _SLICE[1]
+        if ctx is not None:
             if last == serial:
-                _SLICE[2] = serial
-                # (``uc`` - the Uc object, not just its handle - is held here, so the engine
-                # cannot be closed under this call even if its Guest is dropped meanwhile.)
-                _uc_emu_stop(uc._uch)
+                # A budget of 0: the counter's hook stops the engine at the next block.
+                # (``ctx`` is held here, so the array stays valid even if its Guest is
+                # dropped meanwhile; a store that arrives after the call ended is undone
+                # by the next emulate(), which sets the budget afresh.)
+                ctx[_STOP_AT] = 0
             last = serial
         else:
             last = None
@@ -296,6 +306,11 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         # its own engine (16-, 32- or 64-bit); CR0/CR4/EFER and CS are then set for real.
         uc_mode = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, uc_mode[self.mode.bits])
+        # QEMU's translation buffer (1 GiB of address space by default) has 2 MiB of it
+        # touched at once, per engine; vtlab's guests translate to far less than 1 MiB
+        # (QEMU starts afresh when it is full), and a notebook making many VMs keeps RSS
+        # down by 2 MiB each while an old one waits for the garbage collector.
+        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         self._init_register_access()
         self._init_memory()
         self.uc.mem_map(0, memory_size)
@@ -539,22 +554,22 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         if _watchdog is None:
             _start_watchdog()
         slices = _SLICE
-        serial = slices[1] + 1
-        slices[1] = serial
-        slices[0] = uc
+        slices[1] += 1
+        slices[0] = ctx
         try:
             # The end address is ignored: Unicorn's exit list (set up in __init__) is empty.
             status = _uc_emu_start(self._uch, begin, 0, 0, count)
         finally:
             # (Plain stores, which Python never interrupts: even a KeyboardInterrupt
             # raised just as Unicorn returns leaves no budget or slice behind.)
-            ctx[_STOP_AT] = _NO_STOP
             slices[0] = None
+            sliced = ctx[_STOP_AT] == 0   # the watchdog's mark
+            ctx[_STOP_AT] = _NO_STOP
         if status:
             raise unicorn.UcError(status)
         if uc._hook_exception is not None:
             raise uc._hook_exception
-        return slices[2] == serial
+        return sliced
 
     def run(self, start: int | None = None, max_instructions: int = 1_000_000,
             max_seconds: float | None = 60.0) -> RunResult:
@@ -655,7 +670,21 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         instruction in the middle of one.  Either way nothing from RIP to the end of the
         last block counted ran: take it back (a part already taken back, by an exit
         handled in place, is not taken twice), so slicing never changes the count."""
-        self.counter.unretire_rest_of_block(self.linear_rip())
+        ctx = self.counter._ctx
+        at, start, size = self.linear_rip(), ctx[_LAST_BLOCK], ctx[_LAST_SIZE]
+        if not (size and at == start):
+            self.counter.unretire_rest_of_block(at)   # (stopped before a hooked instruction)
+            return
+        # None of the block ran: undo its hook's work, instructions and block tallies alike.
+        off = start - ctx[_BASE]
+        if 0 <= off and off + size <= ctx[_LIMIT]:
+            self.counter.unretire_rest_of_block(at)
+            ctx[_BLOCKS] -= 1
+        else:
+            ctx[_TOTAL] -= 1
+            ctx[_OUTSIDE_BLOCKS] -= 1
+            ctx[_OUTSIDE_BYTES] -= size
+        ctx[_LAST_SIZE] = 0
 
     def _byte_before_rip(self) -> bytes:
         try:

@@ -295,14 +295,16 @@ class ExitMonitor(EventUnit):
         ctx = g.counter._ctx
         outside_blocks, outside_bytes = ctx[_OUTSIDE_BLOCKS], ctx[_OUTSIDE_BYTES]
         try:
-            injected = self.vmcs.get(_ENTRY_INTR_INFO) & _VALID
-            exit_ = self._guarded(self._inject_event)
-            if injected and exit_ is None:  # event injection (SDM 27.6) delivered an event
-                vector = self.vmcs.get(_ENTRY_INTR_INFO) & 0xFF
-                what = self._event_name(vector, g.rip).split(" at RIP")[0] + " (injected by the VMM at VM entry)"
-                why = self._delivered(bounds, limit, what, None)
-                if why is not None:
-                    return self._stop_run(insn, why)
+            exit_ = None
+            if self.vmcs.get(_ENTRY_INTR_INFO) & _VALID:  # VM-entry event injection (SDM 27.6)
+                exit_ = self._guarded(self._inject_event)
+                if exit_ is None:  # delivered through the guest's IVT/IDT
+                    vector = self.vmcs.get(_ENTRY_INTR_INFO) & 0xFF
+                    what = (self._event_name(vector, g.rip).split(" at RIP")[0]
+                            + " (injected by the VMM at VM entry)")
+                    why = self._delivered(bounds, limit, what, None)
+                    if why is not None:
+                        return self._stop_run(insn, why)
             while exit_ is None:
                 if self.pending_nmi or self.pending_interrupts:
                     exit_ = self._guarded(self._pending_interrupt_exit)
@@ -384,6 +386,10 @@ class ExitMonitor(EventUnit):
                         return self._stop_run(insn, why)
                     continue
                 if self.halted:
+                    continue
+                if sliced and single and g.rip == rip_before:
+                    # The watchdog's mark arrived as the step began: nothing ran, step again.
+                    g.unretire_unstarted_block()
                     continue
                 if single:
                     if mtf:  # SDM 26.5.2: MTF exit after the instruction completes

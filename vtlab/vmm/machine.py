@@ -545,12 +545,12 @@ class VirtualMachine:
             self._verdict = False
             return False
         start, max_instructions, max_exits, exits, deadline = self._budget
-        if exits >= max_exits or self.guest.counter.total - start >= max_instructions:
+        total = self.guest.counter.total
+        if exits >= max_exits or total - start >= max_instructions:
             return False
         # The wall clock, every 256 exits (leaving the emulator lets run() stop the VM).
         if not exits & 0xFF and deadline is not None and _monotonic() > deadline:
             return False
-        total = self.guest.counter.total
         rip = self.cpu.vmresume_in_place(exit_)
         if rip is None:
             return False

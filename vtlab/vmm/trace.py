@@ -107,11 +107,14 @@ def _made(item) -> TraceEvent:
     return item
 
 
+_NEVER = 1 << 62   # (a log length never reached: an uncapped trace never trims)
+
 #: How many events (entries and exits) a :class:`Trace` keeps unless told otherwise: the
-#: last 200,000, i.e. 100,000 VM exits (some 75 MB).  A run of millions of exits would
-#: otherwise keep every one of them in memory; older events are dropped, but every
-#: count stays exact (see :meth:`Trace.counts`).
-DEFAULT_MAX_EVENTS = 200_000
+#: last 100,000, i.e. 50,000 VM exits (some 35-45 MB; the course's biggest runs have 20,000).
+#: A run of millions of exits would otherwise keep every one of them in memory (about
+#: 350 bytes an event); older events are dropped, but every count stays exact (see
+#: :meth:`Trace.counts`).  ``Trace(max_events=None)`` keeps everything.
+DEFAULT_MAX_EVENTS = 100_000
 
 
 class Trace:
@@ -134,14 +137,29 @@ class Trace:
         self.enabled = True
         self._frame = None
         self._frame_key = None
-        if max_events is not None and max_events < 1:
-            raise ValueError("max_events must be at least 1 (or None: keep every event)")
-        self.max_events = max_events
-        #: Events recorded so far (the next event's seq), dropped ones included.
-        self._seq = 0
-        #: Events dropped to respect max_events.
+        #: Events dropped to respect max_events (the next event's seq is len(log) + dropped).
         self.dropped = 0
         self._dropped_exits: dict[str, int] = {}  # reason name -> exits dropped
+        self.max_events = max_events
+
+    @property
+    def max_events(self) -> int | None:
+        """How many events the trace keeps (None: all); settable."""
+        return self._max_events
+
+    @max_events.setter
+    def max_events(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError("max_events must be at least 1 (or None: keep every event)")
+        self._max_events = value
+        # The log length at which _trim runs: a quarter more than the cap (at least 1,024).
+        self._trim_at = _NEVER if value is None else value + max(value // 4, 1024)
+        if len(self._log) >= self._trim_at:
+            self._trim()
+
+    @property
+    def _seq(self) -> int:
+        return len(self._log) + self.dropped
 
     @property
     def events(self) -> list[TraceEvent]:
@@ -155,7 +173,6 @@ class Trace:
     @events.setter
     def events(self, events: list[TraceEvent]) -> None:
         self._log = events
-        self._seq = max(self._seq, len(events))
 
     def _next(self) -> int:
         return self._seq
@@ -166,7 +183,7 @@ class Trace:
         Called once the log holds a quarter more than the cap (at least 1,024 more), so
         a trim moves the kept events' pointers once per max_events/4 recordings: recording
         stays O(1) on average and the log never holds more than 1.25 x max_events."""
-        log, keep = self._log, self.max_events
+        log, keep = self._log, self._max_events
         drop = len(log) - keep
         tally = self._dropped_exits
         for item in log[:drop]:
@@ -184,25 +201,21 @@ class Trace:
     def record_entry(self, instruction: str, guest_rip: int, guest_instructions: int) -> None:
         if self.enabled:
             log = self._log
-            log.append((self._seq, instruction, guest_rip, guest_instructions))
-            self._seq += 1
-            if self.max_events is not None and len(log) >= self._trim_at():
+            n = len(log)
+            log.append((n + self.dropped, instruction, guest_rip, guest_instructions))
+            if n >= self._trim_at:
                 self._trim()
 
     def record_exit(self, exit_, handler: str = "", state: str = ""):
         """Record an exit; returns its record (``seq``, settable ``device`` and ``note``)."""
-        record = _ExitRecord(self._seq, exit_, handler, state)
+        log = self._log
+        n = len(log)
+        record = _ExitRecord(n + self.dropped, exit_, handler, state)
         if self.enabled:
-            log = self._log
             log.append(record)
-            self._seq += 1
-            if self.max_events is not None and len(log) >= self._trim_at():
+            if n >= self._trim_at:
                 self._trim()
         return record
-
-    def _trim_at(self) -> int:
-        keep = self.max_events
-        return keep + max(keep // 4, 1024)
 
     @property
     def exits(self) -> list[TraceEvent]:
