@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from vtlab import BudgetExceeded, ExitReason, Guest, VirtualMachine, VmState, VmxCpu, VtlabError
+from vtlab import BudgetExceeded, ExitReason, Guest, VirtualMachine, VmcsField, VmState, VmxCpu, VtlabError
 from vtlab.cpu import cr_checks, nonroot
 from vtlab.cpu.guest import RanPastProgram, WallClockExceeded
 from vtlab.vmm import machine
@@ -388,6 +388,21 @@ def test_rep_insd_with_a_huge_count_is_bounded():
     s = vm.run(max_seconds=0.5)
     assert time.perf_counter() - t < 3
     assert s.state is VmState.BUDGET and "wall-clock cap" in s.message, s
+
+
+def test_rep_insd_past_the_end_of_ram_stops_the_vm():
+    """REP INSD whose last elements fall beyond guest RAM (fuzz vtlab-fuzz-1:1335): the VM
+    stops with a message, RDI and RCX name the element that could not be stored (SDM
+    Vol. 2, REP: the count and index move after every element), and the VM stays
+    inspectable instead of a raw Unicorn error escaping from the I/O handler."""
+    vm = VirtualMachine("hlt", mode="long")
+    end = vm.guest.memory_size
+    vm = VirtualMachine(f"mov rdi, {end - 4:#x}\nmov ecx, 3\nmov dx, 0x60\nrep insd\nhlt", mode="long")
+    s = vm.run()
+    assert s.state is VmState.STOPPED, s
+    assert "INS wrote to" in s.message and "no RAM" in s.message and f"{end:#x}" in s.message
+    assert vm.regs.rdi == end and vm.regs.rcx == 2
+    assert vm.vmcs.read(VmcsField.VM_EXIT_REASON) == 30          # SDM Appendix C: I/O instruction
 
 
 # --------------------------------------------------------------------- memory

@@ -15,6 +15,10 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 _uc_mem_read = _ucmod.uclib.uc_mem_read
 
+#: What :meth:`GuestMemory.read` and :meth:`GuestMemory.write` raise for an address with
+#: no RAM behind it, for code above the processor layer that must not import Unicorn.
+UnmappedMemoryError = unicorn.UcError
+
 
 class GuestMemory:
     """Guest-physical memory access (a part of :class:`~vtlab.cpu.guest.Guest`).

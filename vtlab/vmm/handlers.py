@@ -9,23 +9,20 @@ returns ``True``/``None`` to resume the guest or ``False`` to stop the VM.  Hype
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import enum
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
 from ..arch.exceptions import InterruptionType, IntrInfo, Vector
 from ..arch.exit_reasons import ExitReason
-from ..arch.msrs import Cr0, Msr
+from ..arch.msrs import Cr0, Msr, Rflags
 from ..arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification
 from ..arch.vmcs_fields import VmcsField as F
 from ..cpu.exits import VmExit
 from ..cpu.guest import Mode
-
-Handler = Callable[["VirtualMachine", VmExit], "bool | None"]
+from ..cpu.memory import UnmappedMemoryError
 from .state import VmState
 
 if TYPE_CHECKING:
@@ -82,32 +79,53 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
     device = vm.bus.device_at(q.port)
     exit.device = device.location if device else None
     if q.string:
-        count = vm.regs.rcx if q.rep else 1
-        mask = 0xFFFF if vm.guest.bits == 16 else 0xFFFF_FFFF_FFFF_FFFF
-        step = -q.size if vm.regs.rflags & (1 << 10) else q.size   # RFLAGS.DF: downwards
-        if q.direction is IoDirection.OUT:
-            # OUTS reads DS:RSI unless a segment prefix overrides DS; the exit's guest-linear
-            # address (SDM 28.2.1) already has the right segment base in it.
-            start = vm.regs.rsi & mask
-            base = (exit.guest_linear_address - start if exit.guest_linear_address is not None
-                    else vm.guest.segment("ds").base)
-        for _ in range(count & mask):
-            if q.direction is IoDirection.OUT:
-                src = vm.regs.rsi & mask
-                value = int.from_bytes(vm.guest.read(base + src, q.size), "little")
-                vm.bus.write(q.port, q.size, value)
-                vm.regs.rsi = (src + step) & mask
-            else:  # INS always writes ES:RDI (no override possible)
-                dst = vm.regs.rdi & mask
-                value = vm.bus.read(q.port, q.size)
-                vm.guest.write(vm.guest.segment("es").base + dst, value.to_bytes(q.size, "little"))
-                vm.regs.rdi = (dst + step) & mask
-        if q.rep:
-            vm.regs.rcx = 0
-    elif q.direction is IoDirection.IN:
+        return _string_io(vm, exit, q)
+    if q.direction is IoDirection.IN:
         vm.regs[_IO_VALUE_REG[q.size]] = vm.bus.read(q.port, q.size)
     else:
         vm.bus.write(q.port, q.size, vm.regs[_IO_VALUE_REG[q.size]])
+    vm.skip_instruction()
+    return True
+
+
+def _string_io(vm: "VirtualMachine", exit: VmExit, q: IoQualification) -> bool:
+    """INS/OUTS (with REP: RCX iterations), one element at a time as the CPU does it.
+
+    RSI/RDI and RCX move after every element (SDM Vol. 2, INS/OUTS and REP), so a guest
+    that points the string at memory where there is no RAM stops the VM with RSI/RDI and
+    RCX naming the element that could not be moved."""
+    mask = 0xFFFF if vm.guest.bits == 16 else 0xFFFF_FFFF_FFFF_FFFF
+    count = vm.regs.rcx & mask if q.rep else 1
+    step = -q.size if vm.regs.rflags & Rflags.DF else q.size   # RFLAGS.DF: downwards
+    if q.direction is IoDirection.OUT:
+        # OUTS reads DS:RSI unless a segment prefix overrides DS; the exit's guest-linear
+        # address (SDM 28.2.1) already has the right segment base in it.
+        index = "rsi"
+        start = vm.regs.rsi & mask
+        base = (exit.guest_linear_address - start if exit.guest_linear_address is not None
+                else vm.guest.segment("ds").base)
+    else:  # INS always writes ES:RDI (no override possible)
+        index, base = "rdi", vm.guest.segment("es").base
+    for done in range(count):
+        offset = vm.regs[index] & mask
+        address = base + offset
+        try:
+            if q.direction is IoDirection.OUT:
+                value = int.from_bytes(vm.guest.read(address, q.size), "little")
+                vm.bus.write(q.port, q.size, value)
+            else:
+                value = vm.bus.read(q.port, q.size)
+                vm.guest.write(address, value.to_bytes(q.size, "little"))
+        except UnmappedMemoryError:
+            if q.rep:
+                vm.regs.rcx = count - done
+            what = "OUTS read from" if q.direction is IoDirection.OUT else "INS wrote to"
+            vm.stop(VmState.STOPPED, f"{what} guest address {address:#x} (port {q.port:#x}, "
+                    f"element {done + 1} of {count}): no RAM or device there")
+            return False
+        vm.regs[index] = (offset + step) & mask
+    if q.rep:
+        vm.regs.rcx = 0
     vm.skip_instruction()
     return True
 
