@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 
-import keystone
 import pytest
 
 from vtlab import AssemblyError
@@ -17,8 +16,8 @@ from vtlab.cpu import asm
 
 
 def run(source, address=0, bits=16, timeout=20.0):
-    """``asm.assemble`` in a thread, so that a Keystone hang fails the test instead of
-    hanging the run (ctypes lets go of the GIL while Keystone loops)."""
+    """``asm.assemble`` in a thread, so that a hang (of the assembler, or of the checks
+    in front of it) fails the test instead of hanging the run."""
     box = {}
 
     def work():
@@ -149,12 +148,13 @@ def test_unicode_spaces_pasted_from_a_web_page_are_spaces():
     UnicodeDecodeError("ascii", b"\xe9", 0, 1, "ordinal not in range(128)"),
     MemoryError(),
 ])
-def test_anything_keystone_raises_becomes_an_assembly_error(monkeypatch, failure):
-    def broken(text, address, bits):
+def test_anything_the_assembler_raises_becomes_an_assembly_error(monkeypatch, failure):
+    def broken(text):
         raise failure
 
-    monkeypatch.setattr(asm, "_ks_asm", broken)
-    exc = assert_error("nop\nmov ax, 0x4242  ; unique to this test", 1)
+    monkeypatch.setattr(asm, "_llvm", broken)
+    exc = error("nop\nmov ax, 0x4242  ; unique to this test")
+    assert exc.line is None  # not the program's fault: no line to blame
     assert type(failure).__name__ in exc.reason
 
 
@@ -202,8 +202,10 @@ def test_data_still_works():
     assert run("msg: db 'hi', 0\ndw msg\ndd -1\ndq 1\ndb ''\n.byte 7") == (
         b"hi\0" + b"\0\0" + b"\xff" * 4 + (1).to_bytes(8, "little") + b"\x07")
     assert run("db 'a'+1, 0ffh, 010, 0b11, -1") == bytes([0x62, 0xFF, 8, 3, 0xFF])
-    # Arithmetic follows NASM's precedence (Keystone's GAS rules would give 1+(2<<3) = 17).
+    # Arithmetic follows NASM's precedence (LLVM's GNU rules would give 1+(2<<3) = 17),
+    # in data and in instructions alike (B8 iw: MOV AX, imm16).
     assert run("db 1 + 2 << 3") == bytes([24])
+    assert run("mov ax, 1 + 2 << 3") == bytes.fromhex("b8 18 00")
 
 
 # --------------------------------------------------------------- not a program
@@ -231,7 +233,7 @@ def test_bad_arguments(kwargs, kind):
 # ------------------------------------------------------------------------- $
 @pytest.mark.parametrize("bits", [16, 32, 64])
 def test_jmp_dollar_is_not_dropped(bits):
-    # Keystone 0.9.2 alone assembles this to 90 F4: the JMP vanishes.
+    # Keystone 0.9.2 alone assembled this to 90 F4: the JMP vanished (issue #14).
     assert run("nop\njmp $\nhlt", bits=bits) == bytes.fromhex("90 eb fe f4")
 
 
@@ -250,15 +252,15 @@ def test_dollar_arithmetic():
 
 # -------------------------------------------------------- silently dropped lines
 @pytest.mark.parametrize("source, line", [
-    ("mov eax,\nnop", 1),            # Keystone accepts this and drops it when a line follows
+    ("mov eax,\nnop", 1),            # Keystone accepted this and dropped it silently
     ("nop\nmov eax,\nnop", 2),
     ("nop\nadd eax\nnop", 2),
     ("nop\nout dx\nhlt", 2),
     ("nop\nmov ax, word\nhlt", 2),   # accepted by Keystone, silently empty
     ("nop\nx =\nnop", 2),
-    ("nop\nmov ax, -\nhlt", 2),      # Keystone reads "mov ax, 0"
-    ("mov ax, [bx\nhlt", 1),         # Keystone reads "mov ax, [0]"
-    ("mov eax, 1 ]\nhlt", 1),        # Keystone ignores the "]"
+    ("nop\nmov ax, -\nhlt", 2),      # Keystone read "mov ax, 0"
+    ("mov ax, [bx\nhlt", 1),         # Keystone (and LLVM) read "mov ax, [0]"
+    ("mov eax, 1 ]\nhlt", 1),        # Keystone ignored the "]"
     ("mov ax, 1 # 2\nhlt", 1),       # "#" would drop the rest of the line
     ("nop\nmov ax, 0x1ffffffffffffffffff\nnop", 2),
     ("jmp $\n$: nop", 2),
@@ -267,18 +269,16 @@ def test_missing_or_broken_operands_are_reported_not_dropped(source, line):
     assert_error(source, line)
 
 
-def test_the_guard_reports_a_statement_keystone_leaves_out(monkeypatch):
-    """Whatever else Keystone might skip without an error is caught by the statement
-    count and the per-line addresses, and pinned to its line."""
-    real = asm._ks_asm
+def test_the_guard_reports_a_statement_the_assembler_leaves_out(monkeypatch):
+    """An assembler that skipped a statement without an error (as Keystone skipped
+    "jmp $" after a failed parse) is caught by the per-line addresses and pinned to
+    its line."""
+    real = asm._llvm
 
-    def forgetful(text, address, bits):
-        # Keystone forgetting "inc ax" (as it forgets "jmp $" after a failed parse).
-        lines = text.split("\n")
-        code, count = real("\n".join(l for l in lines if l != "inc ax"), address, bits)
-        return code, count + lines.count("inc ax")
+    def forgetful(text):
+        return real("\n".join(l for l in text.split("\n") if l != "inc ax"))
 
-    monkeypatch.setattr(asm, "_ks_asm", forgetful)
+    monkeypatch.setattr(asm, "_llvm", forgetful)
     exc = assert_error("nop\nnop\ninc ax\nhlt ; guard test", 3)
     assert "silently" in exc.reason
 
@@ -289,18 +289,21 @@ def test_the_guard_reports_a_statement_keystone_leaves_out(monkeypatch):
     ("rep label: nop", 1), ("$$: nop", 1), ("@@: nop", 1), ("nop\n.byte ,1", 2),
     ("dq 0x10000000000000000\nnop", 1), ("mov ax, \\", 1), ("nop\n'a'", 2), ("1: nop", 1),
 ])
-def test_what_hangs_keystone_is_refused_before_it(source, line):
-    # Every one of these makes Keystone 0.9.2 loop forever.
+def test_what_hung_keystone_is_refused(source, line):
+    # Every one of these made Keystone 0.9.2 loop forever; they are still errors.
     assert_error(source, line)
 
 
 # --------------------------------------------------------- existing behaviour
-def test_labels_prefixes_and_keystone_repairs_still_work():
+def test_labels_prefixes_and_operand_sizes():
     assert run("start:\n  rep movsb\n  REP/movsb\n  lock\n  jmp start") == bytes.fromhex(
         "f3 a4 f3 a4 f0 eb f9")
-    # the 66H repairs of _fix_keystone
-    assert run("lgdt [0x600]", 0, 32) == bytes.fromhex("3e 0f 01 15 00 06 00 00")
-    assert run("retf", 0, 16) == bytes.fromhex("90 cb")
+    # No stray 66H: LGDT in 32-bit code is 0F 01 /2 with a 32-bit base, RETF in 16-bit
+    # code CB (CA iw with a count), RETF in 32-bit code CB too.
+    assert run("lgdt [0x600]", 0, 32) == bytes.fromhex("0f 01 15 00 06 00 00")
+    assert run("retf", 0, 16) == bytes.fromhex("cb")
+    assert run("retf 6", 0, 16) == bytes.fromhex("ca 06 00")
+    assert run("retf", 0, 32) == bytes.fromhex("cb")
     assert run("mov word [bx], 5") == bytes.fromhex("c7 07 05 00")
     assert run("mov al, ';'   ; a semicolon") == bytes.fromhex("b0 3b")
     assert run("") == b"" and run("; only a comment\nlabel:") == b""
@@ -371,16 +374,16 @@ def _safe(fn):
         return exc
 
 
-def test_keystone_never_sees_what_it_cannot_take(monkeypatch):
-    """Every text handed to Keystone is plain ASCII, without the tokens that hang it."""
+def test_the_assembler_only_sees_checked_text(monkeypatch):
+    """Every text handed to LLVM is plain ASCII, one statement per line."""
     seen = []
-    real = asm._ks_asm
+    real = asm._llvm
 
-    def spy(text, address, bits):
+    def spy(text):
         seen.append(text)
-        return real(text, address, bits)
+        return real(text)
 
-    monkeypatch.setattr(asm, "_ks_asm", spy)
+    monkeypatch.setattr(asm, "_llvm", spy)
     rng = random.Random(7)
     for k in range(400):
         try:
@@ -392,21 +395,95 @@ def test_keystone_never_sees_what_it_cannot_take(monkeypatch):
         assert text.isascii() and "{" not in text
         for statement in text.split("\n"):
             assert statement[:1].isalpha() or statement[:1] in "_.", statement
-    assert keystone.KS_ARCH_X86  # (Keystone itself is untouched)
 
 
 @pytest.mark.parametrize("source, line, bits", [
-    ("loop far\ntimes 200 nop\nfar: hlt", 1, 16),      # LOOP rel8: Keystone cuts +200 to -56
+    ("loop far\ntimes 200 nop\nfar: hlt", 1, 16),      # LOOP rel8: Keystone cut +200 to -56
     ("back: times 200 nop\nloop back", 2, 16),
     ("nop\njcxz far\ntimes 130 nop\nfar: hlt", 2, 16),
     ("jecxz far\ntimes 130 nop\nfar: hlt", 1, 32),
     ("jrcxz far\ntimes 130 nop\nfar: hlt", 1, 64),
 ])
 def test_a_loop_out_of_reach_is_reported_not_wrapped(source, line, bits):
-    assert_error(source, line, "-128..+127", "instead of", bits=bits)
+    assert_error(source, line, "-128..+127", "reach", bits=bits)
 
 
 def test_branches_in_reach_and_relaxed_jumps_are_untouched():
     assert run("loop next\ntimes 100 nop\nnext: hlt")[:2] == bytes.fromhex("e2 64")
     code = run("jz far\ntimes 200 nop\nfar: hlt", 0, 32)     # JZ rel32: 0F 84 cd
     assert code[:6] == bytes.fromhex("0f 84 c8 00 00 00")
+
+
+# ------------------------------------------------------- NASM meaning, not LLVM's
+@pytest.mark.parametrize("source, address, bits, code", [
+    # A bare symbol is its address or value (B8 iw), not memory as in MASM/LLVM.
+    ("mov ax, msg\nmsg: db 0", 0x100, 16, "b8 03 01 00"),
+    ("size equ 4\nmov eax, size\nmov bl, size", 0, 32, "b8 04 00 00 00 b3 04"),
+    ("push msg\nmsg:", 0x1000, 32, "68 05 10 00 00"),
+    # A constant branch target is an address (EB cb / E9 cw), far pointers EA/9A.
+    ("jmp 0x1010", 0x1000, 16, "eb 0e"),
+    ("call 0x2000", 0x1000, 32, "e8 fb 0f 00 00"),
+    ("jmp 0x8:0x1000", 0, 32, "ea 00 10 00 00 08 00"),
+    ("call 0x10:there\nthere: hlt", 0x500, 16, "9a 05 05 10 00 f4"),
+    # In 64-bit code an absolute address is reached RIP-relative (as Keystone did): a
+    # disp32 at or above 2 GiB would be sign-extended (0xFFFFFFFF80000000).  Only the
+    # top 2 GiB, out of RIP's reach, take the SIB form with a sign-extended disp32.
+    ("mov qword ptr [0x80000000], 1", 0x1000, 64, "48 c7 05 f5 ef ff 7f 01 00 00 00"),
+    ("mov eax, [0x500]", 0x1000, 64, "8b 05 fa f4 ff ff"),
+    ("mov eax, [-8]", 0x1000, 64, "8b 04 25 f8 ff ff ff"),
+    ("int1", 0, 16, "f1"),
+])
+def test_nasm_meanings(source, address, bits, code):
+    assert run(source, address, bits) == bytes.fromhex(code)
+
+
+@pytest.mark.parametrize("source, bits, words", [
+    ("mov al, 300", 16, ["does not fit", "8-bit"]),       # LLVM alone: mov al, 44
+    ("mov ax, 0x12345", 16, ["does not fit", "16-bit"]),
+    ("mov ax, [0x12345]", 16, ["does not fit", "0xffff"]),  # LLVM alone: [0x2345]
+    ("dw far_away\ntimes 70000 nop\nfar_away:", 16, ["does not fit"]),
+    ("retf 0x10000", 16, ["0..65535"]),
+    ("mov rax, [0x100000000]", 64, ["out of reach", "register"]),
+])
+def test_values_that_do_not_fit_are_errors_not_cut(source, bits, words):
+    assert_error(source, 1, *words, bits=bits)
+
+
+def test_the_disk_cache_serves_bytes_and_errors(monkeypatch, tmp_path):
+    from vtlab.cpu import asm_cache
+
+    monkeypatch.setenv("VTLAB_ASM_CACHE", str(tmp_path))
+    asm_cache.folder.cache_clear()
+    try:
+        source = "mov ax, 0x4711\nhlt ; disk cache test"
+        code = asm._assemble.__wrapped__(source, 0, 16)
+        assert list(tmp_path.rglob("*.bin"))          # written ...
+        calls = []
+        monkeypatch.setattr(asm_cache, "store_code", lambda *a: calls.append(a))
+        assert asm._assemble.__wrapped__(source, 0, 16) == code
+        assert not calls                              # ... and read back, not re-made
+        with pytest.raises(AssemblyError) as first:
+            asm._assemble.__wrapped__("nop\nfrobnicate ax ; disk", 0, 16)
+        with pytest.raises(AssemblyError) as again:
+            asm._assemble.__wrapped__("nop\nfrobnicate ax ; disk", 0, 16)
+        assert str(again.value) == str(first.value) and again.value.line == 2
+        for entry in tmp_path.rglob("*.bin"):         # a damaged entry is ignored
+            entry.write_bytes(b"junk")
+        assert asm._assemble.__wrapped__(source, 0, 16) == code
+    finally:
+        monkeypatch.delenv("VTLAB_ASM_CACHE")
+        asm_cache.folder.cache_clear()
+
+
+def test_the_disk_cache_can_be_turned_off(monkeypatch):
+    from vtlab.cpu import asm_cache
+
+    monkeypatch.setenv("VTLAB_ASM_CACHE", "off")
+    asm_cache.folder.cache_clear()
+    try:
+        assert asm_cache.folder() is None
+        assert asm_cache.load("0" * 64) is None
+        asm_cache.store_code("0" * 64, b"\x90")      # a no-op, no error
+    finally:
+        monkeypatch.delenv("VTLAB_ASM_CACHE")
+        asm_cache.folder.cache_clear()

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vtlab"
 LAYERS = {"arch": 0, "errors": 0, "cpu": 1, "vmm": 2, "analysis": 3, "lab": 4,
           "__init__": 9, "__main__": 9, "_aliases": 9}
 #: third-party engines only the processor layer may import
-ENGINES = {"unicorn", "capstone", "keystone"}
+ENGINES = {"unicorn", "capstone", "ziglang"}
 #: attributes that are the processor's internals, whatever their spelling
 PROCESSOR_INTERNALS = {"uc", "monitor"}
 

@@ -11,32 +11,30 @@ that is the signal that the work-around can go.
 """
 from __future__ import annotations
 
-import keystone
 import pytest
 import unicorn
 from unicorn import x86_const as X
 
-from vtlab.cpu import quirks
+from vtlab.cpu import asm, quirks
 
 DE, DF, GP = 0, 8, 13  # SDM Vol. 3A Table 6-1
 
 CASES = {
-    # name: (Unicorn mode, Keystone mode, code raising the exception, vector)
+    # name: (Unicorn mode, code size in bits, code raising the exception, vector)
     # DIV by zero, in 16-bit real mode
-    "#DE": (unicorn.UC_MODE_16, keystone.KS_MODE_16, "xor cx, cx\ndiv cx", DE),
+    "#DE": (unicorn.UC_MODE_16, 16, "xor cx, cx\ndiv cx", DE),
     # loading DS with a selector far past the (empty) GDT, in Unicorn's 32-bit protected mode
-    "#GP": (unicorn.UC_MODE_32, keystone.KS_MODE_32, "mov ax, 0x1234\nmov ds, ax", GP),
+    "#GP": (unicorn.UC_MODE_32, 32, "mov ax, 0x1234\nmov ds, ax", GP),
 }
 CODE = 0x1000
 
 
 def _cpu(name: str) -> tuple[unicorn.Uc, list[int]]:
     """A bare Unicorn CPU holding the case's code; the list collects reported vectors."""
-    uc_mode, ks_mode, source, _ = CASES[name]
+    uc_mode, bits, source, _ = CASES[name]
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, uc_mode)
     uc.mem_map(0, 0x10000)
-    code, _ = keystone.Ks(keystone.KS_ARCH_X86, ks_mode).asm(source, CODE)
-    uc.mem_write(CODE, bytes(code))
+    uc.mem_write(CODE, asm.assemble(source, CODE, bits))
     vectors: list[int] = []
 
     def on_intr(uc: unicorn.Uc, vector: int, _user) -> None:

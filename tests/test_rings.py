@@ -116,10 +116,10 @@ def test_paged_and_long_modes():
         rings.probe("cli", "real")
 
 
-def test_keystone_descriptor_table_prefix_is_repaired():
-    # Keystone: 66 0f 01 15 ... (16-bit LGDT: 24-bit base); repaired: DS override.
-    assert rings.assemble("lgdt [0x600]", 0, 32) == bytes.fromhex("3e0f011500060000")
-    assert rings.assemble("sidt [ebp]", 0, 32) == bytes.fromhex("360f014d00")
+def test_descriptor_table_instructions_have_no_stray_prefix():
+    # 32-bit LGDT/SIDT carry no 66H (which would make them 16-bit: a 24-bit base).
+    assert rings.assemble("lgdt [0x600]", 0, 32) == bytes.fromhex("0f011500060000")
+    assert rings.assemble("sidt [ebp]", 0, 32) == bytes.fromhex("0f014d00")
     assert rings.assemble("lgdt [0x600]", 0, 16) == bytes.fromhex("0f01160006")
 
 

@@ -1,46 +1,53 @@
-"""Assemble guest source with Keystone and disassemble machine code with Capstone.
+"""Assemble guest source with LLVM's x86 assembler and disassemble it with Capstone.
 
-The source dialect is Intel syntax as Keystone reads it, with a few NASM habits that
-learners bring along translated first:
+The source dialect is Intel syntax as LLVM reads it (``.intel_syntax noprefix``), with
+the NASM habits learners bring along translated first:
 
-* ``;`` starts a comment (Keystone would read it as a statement separator),
+* ``;`` starts a comment (LLVM would read it as a statement separator),
 * ``db``/``dw``/``dd``/``dq`` data with numbers and quoted strings (UTF-8, as NASM),
 * ``times N <statement>`` repeats a statement (``N`` a constant expression),
 * ``bits 16|32|64`` / ``[bits N]`` and ``org ADDR`` lines are honoured,
 * ``$`` is the address of the current line, ``$$`` the program's origin,
 * ``name equ expr`` defines a symbol; ``jmp short x``/``jmp near x`` are read as ``jmp x``
-  (Keystone knows neither word and picks the shortest encoding itself).
+  (LLVM knows neither word and picks the shortest encoding itself),
+* ``jmp 0x1000`` goes to the address 0x1000 (LLVM has no absolute near branch: the
+  target is written relative to the program's first byte), ``jmp SEL:OFF`` and
+  ``call SEL:OFF`` are the far forms (LLVM spells them ``ljmp SEL, OFF``),
+* ``retf`` in 16-bit code is the 16-bit far return CB (LLVM would make it ``66 CB``,
+  the 32-bit one, as it does in 32-bit code).
 
-Errors name the offending source line (:class:`vtlab.errors.AssemblyError`); a program may
-assemble to at most :data:`MAX_OUTPUT` bytes (1 MiB), and the bytes of each
-(source, address, bits) are cached, so assembling the same text again costs nothing.
+Expressions follow NASM's precedence: constant ones are handed to LLVM as their value,
+the others fully parenthesised (GNU rules would read ``1 + 2 << 3`` as ``1 + (2 << 3)``).
 
-Keystone 0.9.2 cannot be trusted with arbitrary text: a statement that starts with a
-token that is not a name (``[``, ``]``, ``+``, ``,`` ...), a ``{`` in an operand or a
-number wider than 64 bits makes it loop forever, and after some errors it carries on
-with the next line and silently leaves the bad statement out (``nop / jmp $ / hlt``
-assembles to ``90 F4``; ``mov eax,`` followed by another line vanishes).  So every line
-is checked here before Keystone sees it, Keystone gets one statement per line, and its
-result is verified: the number of statements it read must be the number it was given,
-and every line that should produce code must have produced some (the address of each
-such line is read back from a table of labels assembled behind the program).
+Every line is checked here before LLVM sees it: LLVM itself would accept a few things
+silently that mean something else to a NASM user (``mov ax, [bx`` is ``[0]`` to it).
+LLVM's own errors name a line of the translated text, which is mapped back to the
+learner's line.  Errors are :class:`vtlab.errors.AssemblyError` naming the offending
+source line; a program may assemble to at most :data:`MAX_OUTPUT` bytes (1 MiB).
+
+Running LLVM (:mod:`vtlab.cpu.asm_llvm`) costs a process start, about 10 ms, so results
+are cached twice: in memory for this process (the same text again costs nothing) and,
+by (text, address, bits, assembler version), in a small on-disk cache
+(:mod:`vtlab.cpu.asm_cache`) that survives between runs - set ``VTLAB_ASM_CACHE=off`` to
+turn it off.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import re
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
+from pathlib import Path
 
 import capstone
-import keystone
 
 from ..errors import AssemblyError
+from . import asm_cache, asm_llvm
 
-_KS_MODE = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 _DATA = {"db": ".byte", "dw": ".short", "dd": ".long", "dq": ".quad"}
-#: Keystone's own data directives, accepted as written (checked like db/dw/dd/dq).
+#: The GNU data directives, accepted as written (checked like db/dw/dd/dq).
 _KS_DATA = {".byte": ".byte", ".short": ".short", ".word": ".short", ".value": ".short",
             ".long": ".long", ".int": ".long", ".quad": ".quad"}
 _DATA_RANGE = {".byte": (8, "db"), ".short": (16, "dw"), ".long": (32, "dd"), ".quad": (64, "dq")}
@@ -55,12 +62,36 @@ _START = "__vtlab_start"      # the first byte of the program: NASM's $$
 _END = "__vtlab_end"
 _HERE = "\x01"                # placeholder for this repetition's "$" label
 _REP = "\x02"                 # placeholder for this repetition's number
+_ORIGIN = "\x03"              # placeholder for the origin (known once every line is read)
+_RETF = "\x04retf"            # placeholder for RETF (its bytes depend on the code size)
 _LABEL_NAME = re.compile(r"[A-Za-z_.][\w.$@?]*")
 _BRANCHES = re.compile(r"j[a-z]{1,4}|call|loop[a-z]{0,3}|xbegin", re.IGNORECASE)
-#: What Keystone reads as a prefix, and then whatever follows it as the next statement.
+#: Prefixes written before an instruction (or alone on a line, NASM style).
 _PREFIXES = {"lock", "rep", "repe", "repz", "repne", "repnz", "data16", "rex64"}
 _PREFIX = re.compile(r"([A-Za-z_][\w.$@?]*)\s*/?(.*)")
 _DIRECTIVE = re.compile(r"\[?\s*(bits|org|use16|use32|use64)(?:\s+(.*?))?\s*\]?", re.IGNORECASE)
+#: NASM's far branch to a constant SEL:OFF (LLVM: ljmp/lcall SEL, OFF).
+_FAR = re.compile(r"(?:far\s+)?([^\[\],:'\"]+):([^\[\],:'\"]+)", re.IGNORECASE)
+#: Instructions LLVM does not know, as their bytes (SDM Vol. 2: F1 is INT1, "ICEBP").
+_RAW_BYTES = {"int1": 0xF1, "icebp": 0xF1}
+#: x86 register names (an operand that is one is never read as an expression).
+_REGISTER_NAME = re.compile(
+    r"[abcd][lh]|[re]?[abcd]x|[re]?[sd]il?|[re]?[sb]pl?|r(?:[89]|1[0-5])[dwb]?|[re]?ip|"
+    r"[c-gs]s|cr\d+|dr\d+|tr\d|st\d?|mm\d|[xyz]mm\d+|k[0-7]|bnd[0-3]", re.IGNORECASE)
+#: How far from the origin a RIP-relative operand may point: 2 GiB, less the longest
+#: instruction (code far from the origin that points near the limit gets LLVM's "too
+#: large for field of 4 bytes").
+_RIP_REACH = (1 << 31) - 16
+#: The width of each general register, to check an immediate given with it.
+_REGISTER_WIDTH = {
+    **{r: 8 for r in "al ah bl bh cl ch dl dh sil dil spl bpl".split()},
+    **{r: 16 for r in "ax bx cx dx si di sp bp".split()},
+    **{"e" + r: 32 for r in "ax bx cx dx si di sp bp".split()},
+    **{"r" + r: 64 for r in "ax bx cx dx si di sp bp".split()},
+    **{f"r{n}{s}": w for n in range(8, 16) for s, w in (("b", 8), ("w", 16), ("d", 32), ("", 64))},
+}
+#: Registers a near branch can go through (jmp eax): never turned into an address.
+_REGISTER = re.compile(r"[re]?(?:ax|bx|cx|dx|si|di|sp|bp|ip)|r(?:[89]|1[0-5])[dwb]?", re.IGNORECASE)
 
 
 class AssemblyTypeError(AssemblyError, TypeError):
@@ -88,11 +119,6 @@ class Instruction:
 
     def __str__(self) -> str:
         return f"{self.address:#06x}: {self.bytes.hex(' '):<24} {self.text}"
-
-
-@cache
-def _ks(bits: int) -> keystone.Ks:
-    return keystone.Ks(keystone.KS_ARCH_X86, _KS_MODE[bits])
 
 
 @cache
@@ -208,7 +234,7 @@ _EXPR_TOKEN = re.compile(r"""\s*(?:
 
 
 def _number(tok: str) -> int:
-    """The value of a number token as Keystone reads it (0x.., 0b.., ..h, 0.. octal, decimal)."""
+    """The value of a number token as NASM reads it (0x.., 0b.., ..h, 0.. octal, decimal)."""
     low = tok.lower()
     try:
         if re.fullmatch(r"0x[0-9a-f]+", low):
@@ -237,7 +263,7 @@ def _number(tok: str) -> int:
 
 @dataclass
 class _Expr:
-    """A checked expression: Keystone text, its value if constant, whether it uses $."""
+    """A checked expression: the text for LLVM, its value if constant, whether it uses $."""
 
     text: str
     value: int | None
@@ -259,8 +285,18 @@ def _c_div(a: int, b: int, op: str) -> int:
     return q if op == "/" else a - q * b
 
 
+def _llvm_number(value: int) -> str:
+    """A constant as LLVM should read it: decimal, with a negative one in parentheses."""
+    return str(value) if value >= 0 else f"({value})"
+
+
 class _ExprParser:
-    """Recursive descent over :data:`_EXPR_TOKEN` tokens; evaluates what is constant."""
+    """Recursive descent over :data:`_EXPR_TOKEN` tokens; evaluates what is constant.
+
+    Each rule returns (text, value): ``value`` is None unless the part is constant, and
+    ``text`` is what LLVM gets - the value itself when it is known, otherwise the part
+    fully parenthesised, so that LLVM's (GNU) precedence cannot change its meaning.
+    """
 
     def __init__(self, text: str, here: str | None, what: str):
         self.tokens, self.what = [], what
@@ -270,7 +306,7 @@ class _ExprParser:
             if kind == "bad":
                 raise _LineError(f"{tok!r} cannot appear in {what}")
             self.tokens.append((kind, tok))
-        self.i, self.here, self.dollar, self.out = 0, here, False, []
+        self.i, self.here, self.dollar = 0, here, False
 
     def peek(self):
         return self.tokens[self.i] if self.i < len(self.tokens) else (None, None)
@@ -283,22 +319,21 @@ class _ExprParser:
     def parse(self) -> _Expr:
         if not self.tokens:
             raise _LineError(f"{self.what} is missing")
-        value = self.binary(0)
+        text, value = self.binary(0)
         if self.i < len(self.tokens):
             raise _LineError(f"unexpected {self.tokens[self.i][1]!r} in {self.what}")
-        return _Expr(" ".join(self.out), value, self.dollar)
+        return _Expr(text, value, self.dollar)
 
-    def binary(self, level: int):
+    def binary(self, level: int) -> tuple[str, int | None]:
         if level == len(_BINARY):
             return self.unary()
-        value = self.binary(level + 1)
+        text, value = self.binary(level + 1)
         while True:
             kind, tok = self.peek()
             if kind != "op" or tok not in _BINARY[level]:
-                return value
+                return text, value
             self.take()
-            self.out.append(tok)
-            rhs = self.binary(level + 1)
+            rhs_text, rhs = self.binary(level + 1)
             if value is None or rhs is None:
                 value = None
             elif tok in ("/", "%"):
@@ -307,43 +342,39 @@ class _ExprParser:
                 raise _LineError(f"shift by {rhs} in {self.what}: shifts go from 0 to 63")
             else:
                 value = _BINARY[level][tok](value, rhs)
+            text = _llvm_number(value) if value is not None else f"({text} {tok} {rhs_text})"
 
-    def unary(self):
+    def unary(self) -> tuple[str, int | None]:
         kind, tok = self.take()
         if kind == "op" and tok in "-+~!":
-            self.out.append(tok)
-            value = self.unary()
+            text, value = self.unary()
             if value is None:
-                return None
-            return {"-": -value, "+": value, "~": ~value, "!": int(not value)}[tok]
+                return f"({tok}{text})", None
+            value = {"-": -value, "+": value, "~": ~value, "!": int(not value)}[tok]
+            return _llvm_number(value), value
         if kind == "op" and tok == "(":
-            self.out.append(tok)
-            value = self.binary(0)
+            text, value = self.binary(0)
             if self.take() != ("op", ")"):
                 raise _LineError(f"a '(' in {self.what} has no matching ')'")
-            self.out.append(")")
-            return value
+            return text, value
         if kind == "num":
-            self.out.append(tok)
-            return _number(tok)
+            value = _number(tok)
+            return _llvm_number(value), value
         if kind == "chr":
             body = tok[1:-1]
             _check_char_literal(body)
             if len(body) != 1:
                 raise _LineError(f"{tok} in {self.what}: a character constant is one character")
-            self.out.append(str(ord(body)))
-            return ord(body)
+            return str(ord(body)), ord(body)
         if kind == "d":
             if self.here is None:
                 raise _LineError(f"$ cannot be used in {self.what}: it must be a constant")
             self.dollar = True
-            self.out.append(self.here)
-            return None
+            return self.here, None
         if kind == "dd":
             if self.here is None:
                 raise _LineError(f"$$ cannot be used in {self.what}: it must be a constant")
-            self.out.append(_START)
-            return None
+            return _START, None
         if kind == "id":
             if self.here is None:
                 raise _LineError(f"{self.what} must be a constant: the symbol {tok!r} cannot "
@@ -352,8 +383,7 @@ class _ExprParser:
                 raise _LineError(f"{tok!r}: NASM's $name escape is not supported")
             if tok.startswith(_RESERVED):
                 raise _LineError(f"{tok!r}: names starting with {_RESERVED} are vtlab's own")
-            self.out.append(tok)
-            return None
+            return tok, None
         if kind is None:
             raise _LineError(f"{self.what} ends too early (a value is missing)")
         raise _LineError(f"unexpected {tok!r} in {self.what}")
@@ -379,22 +409,33 @@ class _Line:
     labels: list[str] = field(default_factory=list)
     what: str = ""              # "data", "instruction", "symbol"
     target: str | None = None   # the symbol a branch goes to (checked after assembly)
+    pattern: bytes | None = None  # one repetition's bytes, when they do not depend on where
 
-    def keystone(self, reps: int | None = None) -> list[str]:
-        """This line's Keystone statements (one per entry), ``reps`` repetitions."""
+    def statements(self, origin: int, reps: int | None = None) -> list[str]:
+        """This line's statements for LLVM (one per entry), ``reps`` repetitions.
+
+        A label ``__vtlab_L<line>`` marks where the line's code starts (the symbol table
+        of the object says where each line ended up).  A repeated statement without
+        ``$`` becomes one ``.rept`` block, however large the count; with ``$`` every
+        repetition is written out, each with a label of its own for its ``$``.
+        """
         reps = self.reps if reps is None else reps
         out = [f"{label}:" for label in self.labels]
         if not self.stmts or reps == 0:
             return out
         marker = f"{_RESERVED}L{self.number}"
         out.append(f"{marker}:")
+        origin_text = str(origin)
+        if self.pattern is not None and reps > 1:
+            # LLVM takes seconds for 10**5 instructions, and no time for data.
+            return out + [f".rept {reps}", ".byte " + ", ".join(map(str, self.pattern)), ".endr"]
         if not self.dollar:
-            body = [s.replace(_REP, "") for s in self.stmts]
-            out.extend(body * reps if reps > 1 else body)
+            body = [s.replace(_REP, "").replace(_ORIGIN, origin_text) for s in self.stmts]
+            out.extend([f".rept {reps}", *body, ".endr"] if reps > 1 else body)
             return out
         for r in range(reps):
             out.append(f"{marker}_{r}:")
-            out.extend(self.resolve(s, r) for s in self.stmts)
+            out.extend(self.resolve(s, r).replace(_ORIGIN, origin_text) for s in self.stmts)
         return out
 
     def resolve(self, text: str, rep: int = 0) -> str:
@@ -425,7 +466,7 @@ def _split_items(operands: str) -> list[str]:
 
 
 def _data(directive: str, name: str, operands: str) -> tuple[list[str], bool]:
-    """Keystone statement(s) for ``db``-style data; (statements, produces bytes)."""
+    """The statement for ``db``-style data; (statements, uses $)."""
     if not operands.strip():
         raise _LineError(f"{name} needs at least one value, e.g. {name} 0")
     width, nasm = _DATA_RANGE[directive]
@@ -486,8 +527,9 @@ def _substitute_dollars(code: str) -> tuple[str, bool]:
     return "".join(out), dollar
 
 
-def _instruction(code: str, number: int) -> tuple[list[str], bool]:
-    """Keystone statement(s) for an instruction line; (statements, uses $)."""
+def _instruction(code: str, number: int, bits: int,
+                 origin: int) -> tuple[list[str], bool, str | None]:
+    """The statement(s) for an instruction line; (statements, uses $, branch target)."""
     if not re.match(r"[A-Za-z_]", code):
         raise _LineError(f"{code.split()[0]!r} cannot start a statement: a line holds an "
                          "instruction, a label (name:) or a directive (db, times, bits, org)")
@@ -496,12 +538,12 @@ def _instruction(code: str, number: int) -> tuple[list[str], bool]:
                     ("}", "braces { } (AVX-512 masks) are not supported"),
                     ("\\", "a backslash cannot appear in an instruction"),
                     ("`", "a backquote cannot appear in an instruction"),
-                    ("#", ("# does not start a comment here (Keystone would drop the rest of "
+                    ("#", ("# does not start a comment here (LLVM would drop the rest of "
                           "the line silently): comments start with ;"))):
         if ch in plain:
             raise _LineError(why)
     m = re.search(r"([-+~!*/%&|^<>])\s*($|[,\])])", plain)
-    if m:  # Keystone reads "mov ax, -" as "mov ax, 0"
+    if m:  # an operator without its value: say so here, in a learner's words
         raise _LineError(f"the operator {m.group(1)!r} has no value after it")
     for quote, text in _pieces(code):
         if quote:
@@ -512,40 +554,181 @@ def _instruction(code: str, number: int) -> tuple[list[str], bool]:
         except _LineError as exc:
             if "too big" in str(exc):
                 raise
-    _check_brackets(code)
+    _check_brackets(code)  # LLVM reads "mov ax, [bx" as "mov ax, [0]"
     code = _SIZE_NO_PTR.sub(lambda m: f"{m.group(1)} ptr [", code)  # NASM "word [x]"
-    prefixes = []  # Keystone reads "rep movsb" as two statements: give it two lines
+    prefixes = []  # "rep movsb", "REP/movsb", "lock": each prefix a statement of its own
     while (m := _PREFIX.match(code)) and m.group(1).lower() in _PREFIXES:
         prefixes.append(m.group(1).lower())
         code = m.group(2).strip()
         if not code:
             return prefixes, False, None
-    stmts, dollar, target = _operation(code, number)
+    stmts, dollar, target = _operation(code, number, bits, origin)
     return prefixes + stmts, dollar, target
 
 
-def _operation(code: str, number: int) -> tuple[list[str], bool, str | None]:
+def _operation(code: str, number: int, bits: int,
+               origin: int) -> tuple[list[str], bool, str | None]:
     """Statements for one instruction; (statements, uses $, the symbol a branch goes to)."""
     if not re.match(r"[A-Za-z_]", code) or _LABEL.match(code) or re.match(r"[\w.$@?]+\s*=", code):
         raise _LineError(f"{code.split()[0]!r} cannot follow a prefix: an instruction must")
     mnemonic, operand = re.match(r"(\S+)\s*(.*)", code).groups()
+    low = mnemonic.lower()
+    far = _FAR.fullmatch(operand.strip())
+    if far and low in ("jmp", "call", "ljmp", "lcall"):
+        return _far_branch(low.lstrip("l"), far.group(1), far.group(2), number)
     if _BRANCHES.fullmatch(mnemonic):
-        # NASM's "jmp short x" / "jmp near x": Keystone knows neither and picks the size.
-        operand = re.sub(r"^(short|near)(\s+|$)", "", operand, flags=re.IGNORECASE).strip()
-        code = f"{mnemonic} {operand}".strip()
-        if (operand and not re.search(r"[\[\],:'\"]", operand)
-                and re.search(r"[-+*/%&|^~()]", operand) and re.search(r"[A-Za-z_.$]", operand)):
-            # Keystone cannot branch to "label+n" (nor to $+n): it gets a name of its own.
-            target = _expression(operand, "the branch target")
+        return _branch(mnemonic, operand, number)
+    if low in _RAW_BYTES and not operand.strip():
+        return [f".byte {_RAW_BYTES[low]:#04x}"], False, None
+    helpers, code = _immediates(mnemonic, operand, number, bits, origin)
+    code, dollar = _substitute_dollars(code)
+    dollar |= any(_HERE in h for h in helpers)
+    if mnemonic.lower() == "retf":
+        # LLVM reads RETF as the 32-bit far return in 16-bit code too (66 CB); NASM's
+        # RETF there is CB (SDM Vol. 2B RET: CB/CA iw pop IP and CS at operand size 16).
+        # A placeholder, finished by _Program._retf, which knows the code size: only
+        # 16-bit code needs the bytes written out.
+        return [f"{_RETF}{operand}"], dollar, None
+    m = re.fullmatch(r"push offset (\S+)", code, re.IGNORECASE)
+    if m and bits == 32:
+        # LLVM makes PUSH of a symbol's address the 16-bit push (66 68 iw) in 32-bit
+        # code; NASM's is PUSH imm32 (68 id, SDM Vol. 2B PUSH).
+        return [*helpers, ".byte 0x68", f".long {m.group(1)}"], dollar, None
+    return [*helpers, code], dollar, None
+
+
+def _immediates(mnemonic: str, operands: str, number: int, bits: int,
+                origin: int) -> tuple[list[str], str]:
+    """Immediate operands in NASM's meaning; (helper statements, the instruction).
+
+    NASM reads ``mov ax, msg`` as "the address of msg" and ``mov cx, len`` (len a
+    constant) as the number; LLVM's Intel syntax, like MASM, reads a bare symbol as a
+    memory operand (``mov ax, [msg]``) unless it is written ``offset msg``.  So each
+    operand that is an expression without ``[ ]`` is evaluated here, with NASM's
+    precedence: a constant becomes its value, anything with a symbol or ``$`` a helper
+    symbol ``__vtlab_V<line>_<k> = <expression>`` used as ``offset __vtlab_V<line>_<k>``.
+    Registers, memory operands and whatever is not an expression are left as written.
+    """
+    if not operands.strip():
+        return [], mnemonic
+    helpers, out = [], []
+    items = _split_items(operands)
+    width = next((_REGISTER_WIDTH[o.lower()] for o in items if o.lower() in _REGISTER_WIDTH), None)
+    for k, operand in enumerate(items):
+        if "[" in operand:
+            helpers_k, operand = _memory(operand, number, k, bits, origin)
+            helpers += helpers_k
+            out.append(operand)
+            continue
+        if (not operand or re.search(r"[\[\]:]|\bptr\b", operand, re.IGNORECASE)
+                or _REGISTER_NAME.fullmatch(operand)):
+            out.append(operand)
+            continue
+        try:
+            expr = _expression(operand, f"operand {k + 1}")
+        except _LineError:
+            out.append(operand)  # not an expression: LLVM reads it (or says what is wrong)
+            continue
+        if expr.value is not None:
+            if width and width < 64 and not -(1 << (width - 1)) <= expr.value < 1 << width:
+                # LLVM would silently keep only the low bits (mov al, 300 -> mov al, 44)
+                raise _LineError(f"operand {k + 1} ({operand}) does not fit a {width}-bit "
+                                 f"register: it takes {-(1 << (width - 1))}..{(1 << width) - 1}")
+            out.append(_llvm_number(expr.value))
+        elif _REGISTER_NAME.search(expr.text) and re.search(
+                rf"(?<![\w.$@?])({_REGISTER_NAME.pattern})(?![\w.$@?])", expr.text, re.I):
+            out.append(operand)  # a register inside an expression: LLVM's to judge
+        else:
+            name = f"{_RESERVED}V{number}_{k}{_REP}"
+            helpers.append(f"{name} = {expr.text}")
+            out.append(f"offset {name}")
+    return helpers, f"{mnemonic} {', '.join(out)}"
+
+
+def _memory(operand: str, number: int, k: int, bits: int,
+            origin: int) -> tuple[list[str], str]:
+    """A memory operand at a constant address checked (and in 64-bit code placed).
+
+    LLVM silently cuts an address that does not fit the displacement (``[0x12345]`` in
+    16-bit code is ``[0x2345]`` to it).  In 64-bit code an absolute address is reached
+    RIP-relative, as Keystone did (and as the exit qualifications of the course expect):
+    LLVM's other form, a disp32 through a SIB byte, is sign-extended, so ``[0x80000000]``
+    would silently be ``[0xFFFFFFFF80000000]``.  Only an address out of RIP's reach but
+    valid as a sign-extended disp32 (the top 2 GiB) takes the SIB form.
+    """
+    m = re.fullmatch(r"(.*?)\[([^\[\]]*)\](.*)", operand)
+    if not m or ":" in m.group(2):
+        return [], operand
+    try:
+        expr = _expression(m.group(2), "the address")
+    except _LineError:
+        return [], operand  # registers inside: LLVM's to read
+    if expr.value is None:
+        return [], operand
+    address = expr.value % (1 << 64)
+    if bits == 64:
+        if abs(address - origin) >= _RIP_REACH:
+            if address < 1 << 31 or address >= (1 << 64) - (1 << 31):
+                return [], operand  # LLVM's sign-extended disp32 holds it
+            raise _LineError(f"the address {m.group(2).strip()} is out of reach in 64-bit "
+                             "code (2 GiB from the code, or a sign-extended 32-bit address): "
+                             "put it in a register, e.g. mov rax, ADDRESS / mov [rax], ...")
+        name = f"{_RESERVED}V{number}_{k}{_REP}"
+        return ([f"{name} = {_START} + ({address} - {_ORIGIN})"],
+                f"{m.group(1)}[rip + {name}]{m.group(3)}")
+    if not -(1 << (bits - 1)) <= expr.value < 1 << bits:
+        raise _LineError(f"the address {m.group(2).strip()} does not fit {bits}-bit code: "
+                         f"addresses go up to {(1 << bits) - 1:#x}")
+    return [], operand
+
+
+def _far_branch(kind: str, selector: str, offset: str,
+                number: int) -> tuple[list[str], bool, str | None]:
+    """``jmp SEL:OFF`` / ``call SEL:OFF``: LLVM's ``ljmp SEL, OFF`` (EA/9A, ptr16:16/32).
+
+    The selector must be a constant; the offset may use labels (``lcall 0x48:next``),
+    given to LLVM as ``offset`` of a helper symbol (a bare name would be memory to it).
+    """
+    sel = _expression(selector, "the selector of a far branch", here=None)
+    off = _expression(offset, "the offset of a far branch")
+    if off.value is not None:
+        return [f"l{kind} {sel.text}, {off.text}"], False, None
+    name = f"{_RESERVED}V{number}_1{_REP}"
+    return [f"{name} = {off.text}", f"l{kind} {sel.text}, offset {name}"], off.dollar, None
+
+
+def _branch(mnemonic: str, operand: str, number: int) -> tuple[list[str], bool, str | None]:
+    """A JMP/Jcc/CALL/LOOP/XBEGIN; (statements, uses $, the symbol it goes to).
+
+    * ``short``/``near`` are dropped: LLVM picks the shortest encoding that reaches.
+    * ``jmp SEL:OFF`` (a constant far pointer) is LLVM's ``ljmp SEL, OFF``.
+    * A constant target is an address (NASM: ``jmp 0x1000`` goes to 0x1000); LLVM has
+      no such operand, so it is written relative to the program's first byte, which
+      also lets LLVM pick the short form when the address is in reach.
+    * A target with arithmetic (``label+2``, ``$+5``) gets a name of its own, so that
+      the branch can be checked after assembly like a branch to a label.
+    """
+    operand = re.sub(r"^(short|near)(\s+|$)", "", operand, flags=re.IGNORECASE).strip()
+    if re.match(r"far\s+\S", operand, re.IGNORECASE):  # NASM "jmp far [mem]"
+        operand = operand[3:].strip()
+        return [f"l{mnemonic.lower()} {_SIZE_NO_PTR.sub(lambda m: f'{m.group(1)} ptr [', operand)}"
+                ], False, None
+    plain = (operand and not re.search(r"[\[\],:'\"]", operand)
+             and not _REGISTER.fullmatch(operand))
+    if plain:
+        target = _expression(operand, "the branch target")
+        if target.value is not None:
+            address = target.value
+            name = f"{_RESERVED}T{number}{_REP}"
+            return ([f"{name} = {_START} + ({address} - {_ORIGIN})", f"{mnemonic} {name}"],
+                    False, name)
+        if re.search(r"[-+*/%&|^~()]", operand) or target.dollar:
             name = f"{_RESERVED}T{number}{_REP}"
             return [f"{name} = {target.text}", f"{mnemonic} {name}"], target.dollar, name
-    code, dollar = _substitute_dollars(code)
-    target = None
-    if _BRANCHES.fullmatch(mnemonic):
-        operand = re.match(r"\S+\s*(.*)", code).group(1).strip()
-        if re.fullmatch(rf"[A-Za-z_.][\w.$@?]*|{_HERE}", operand):
-            target = operand  # a label (or a register: run() only checks known names)
-    return [code], dollar, target
+        if re.fullmatch(r"[A-Za-z_.][\w.$@?]*", operand):
+            return [f"{mnemonic} {operand}"], False, operand
+    code, dollar = _substitute_dollars(f"{mnemonic} {operand}".strip())
+    return [code], dollar, None
 
 
 class _Program:
@@ -658,8 +841,21 @@ class _Program:
         if low.startswith("."):
             raise _LineError(f"the directive {head!r} is not supported (vtlab reads db, dw, dd, "
                              "dq, times, bits, org and equ)")
-        line.stmts, line.dollar, line.target = _instruction(code, line.number)
+        stmts, line.dollar, line.target = _instruction(code, line.number, self.bits, self.origin)
+        line.stmts = [self._retf(s) if s.startswith(_RETF) else s for s in stmts]
         line.code, line.what = True, "instruction"
+
+    def _retf(self, stmt: str) -> str:
+        """RETF for the code size (``bits`` is final: it cannot change after code)."""
+        operand = stmt[len(_RETF):].strip()
+        if self.bits != 16:
+            return f"retf {operand}".strip()
+        if not operand:
+            return ".byte 0xCB"
+        count = _constant(operand, "the operand of retf")
+        if not 0 <= count <= 0xFFFF:
+            raise _LineError(f"retf {operand}: the count of bytes to release is 0..65535")
+        return f".byte 0xCA, {count & 0xFF}, {count >> 8}"
 
     def _times(self, line: _Line, rest: str) -> None:
         m = re.match(r"""(?:\s*(?:\d[\w.]*|'[^']*'|"[^"]*"|<<|>>|[-+*/%()~&|^!]|\$+))+""", rest)
@@ -687,89 +883,150 @@ class _Program:
         line.reps = count
 
 
-# ------------------------------------------------------------------ Keystone
-def _ks_asm(text: str, address: int, bits: int) -> tuple[bytes, int]:
-    """Keystone on checked text: (code, statements read); raises keystone.KsError."""
-    encoding, count = _ks(bits).asm(text.encode("ascii"), address, as_bytes=True)
-    return encoding or b"", count
+# ---------------------------------------------------------------------- LLVM
+def _llvm(text: str) -> asm_llvm.ObjectFile:
+    """LLVM on checked text: the object it makes (raises :class:`asm_llvm.LlvmError`)."""
+    return asm_llvm.read_object(asm_llvm.assemble_object(text))
 
 
-_HINTS = {
-    "KS_ERR_ASM_MNEMONICFAIL": "unknown instruction {mnemonic!r}",
-    "KS_ERR_ASM_INVALIDOPERAND": "Keystone cannot encode these operands",
-    "KS_ERR_ASM_SYMBOL_MISSING": "a label or symbol used here is not defined",
-    "KS_ERR_ASM_SYMBOL_REDEFINED": "a label or symbol is defined twice",
-    "KS_ERR_ASM_DIRECTIVE_VALUE_RANGE": "a value does not fit {where}",
-    "KS_ERR_ASM_EXPR_TOKEN": "an operand is missing or has an unexpected token",
-}
+_LLVM = _llvm  # the real one: only its results go into the on-disk cache
+
+#: LLVM's messages, and what they mean in a learner's terms.
+_HINTS = [
+    (r"invalid instruction mnemonic '([^']*)'", "unknown instruction {0!r}"),
+    (r"invalid operand for instruction", "these operands are not valid for this instruction"),
+    (r"the symbol '([^']*)' is not defined", "a label or symbol used here is not defined: {0!r}"),
+    (r"symbol '([^']*)' is already defined", "{0!r} is defined twice"),
+    (r"does not fit the (\d+)-bit field", "a value does not fit {where}"),
+    (r"too large for field of (\d+) byte", "a value does not fit {where}"),
+    (r"out of range|must be in the range", "a value is out of range {where}"),
+    (r"unknown token in expression|unexpected token", "an operand is missing or has an "
+                                                      "unexpected token"),
+]
 
 
-def _reason(exc: Exception, line: _Line | None) -> str:
-    """Keystone's message, after a hint in a learner's terms where there is one."""
-    message = str(exc)
-    code = re.search(r"\((KS_ERR_\w+)\)", message)
-    hint = _HINTS.get(code.group(1)) if code else None
-    if not hint or line is None:
-        return message
-    words = [w for w in strip_comment(line.text).split() if not w.endswith(":")]
-    if words[:1] and words[0].lower() == "times":
-        words = words[2:]
-    where = ("its operand" if line.what != "data" else
-             "(db takes -128..255, dw -32768..65535, dd -2**31..2**32-1)")
-    hint = hint.format(mnemonic=words[0] if words else "", where=where)
-    return f"{hint} (Keystone: {message})"
+def _reason(message: str, line: _Line | None) -> str:
+    """LLVM's message, after a hint in a learner's terms where there is one."""
+    for pattern, hint in _HINTS:
+        m = re.search(pattern, message)
+        if m:
+            where = ("for its operand" if line is None or line.what != "data" else
+                     "(db takes -128..255, dw -32768..65535, dd -2**31..2**32-1)")
+            return f"{hint.format(*m.groups(), where=where)} (LLVM: {message})"
+    return f"LLVM: {message}"
+
+
+#: Where each line with code ended up: line number -> (start, end) offsets.
+_Spans = dict[int, tuple[int, int]]
 
 
 class _Assembly:
+    """One run of LLVM over a checked program, and the checks of what came back."""
+
     def __init__(self, program: _Program):
         self.p = program
 
-    def probe(self, line: _Line, reps: int = 1) -> tuple[bytes, str | None]:
-        """Assemble ``line`` alone (every other name defined after it): (code, problem)."""
-        own = set(line.labels) | {s.split(" = ")[0] for s in line.stmts if " = " in s}
-        others = [f"{name}:" for name in self.p.labels if name not in own]
-        others += [f"{name} = 0" for name in self.p.symbols if name not in own]
-        text = [f"{_START}:", *line.keystone(reps), *others]
+    def text(self, reps_one: bool = False) -> tuple[str, list[int | None]]:
+        """The text for LLVM and, for each of its lines, the source line it comes from."""
+        p = self.p
+        lines = [".intel_syntax noprefix", f".code{p.bits}", f"{_START}:"]
+        owners: list[int | None] = [None, None, None]
+        for line in p.lines:
+            statements = line.statements(p.origin, min(line.reps, 1) if reps_one else None)
+            lines += statements
+            owners += [line.number] * len(statements)
+        lines.append(f"{_END}:")
+        owners.append(None)
+        return "\n".join(lines) + "\n", owners
+
+    def llvm(self, reps_one: bool = False) -> tuple[asm_llvm.ObjectFile, _Spans]:
+        """Run LLVM: the object and, for every line with code, its (start, end) offsets."""
+        text, owners = self.text(reps_one)
         try:
-            code, count = _ks_asm("\n".join(text), self.p.origin, self.p.bits)
-        except keystone.KsError as exc:
-            return b"", _reason(exc, line)
-        except Exception as exc:  # noqa: BLE001 - Keystone must never escape raw
-            return b"", f"Keystone failed: {type(exc).__name__}: {exc}"
-        if count != len(text) or (line.code and reps and not code):
-            return code, ("Keystone could not read this line but reported no error (it would "
-                          "have been left out of the program silently); check the operands")
-        return code, None
+            obj = _llvm(text)
+        except asm_llvm.LlvmError as exc:
+            number = owners[exc.line - 1] if exc.line and exc.line <= len(owners) else None
+            line = self.p.lines[number - 1] if number else None
+            raise self.p.error(_reason(exc.message, line), number) from None
+        except Exception as exc:  # noqa: BLE001 - the assembler must never escape raw
+            error = self.p.error(f"the assembler failed: {type(exc).__name__}: {exc}", None)
+            error.vtlab_transient = True  # not the program's fault: never cached
+            raise error from None
+        labels = obj.labels()
+        coded = [line for line in self.p.lines if line.code and line.reps]
+        starts = [labels.get(f"{_RESERVED}L{line.number}") for line in coded]
+        starts.append(labels.get(_END))
+        if None in starts or starts != sorted(starts):
+            raise self.p.error("the assembler placed the program's lines where vtlab cannot "
+                               "follow", None)
+        spans = {line.number: (a, b) for line, a, b in zip(coded, starts, starts[1:])}
+        for line in coded:
+            start, end = spans[line.number]
+            if end <= start:
+                raise self.p.error("this line produced no code (it would have been left out "
+                                   "of the program silently); check the operands", line)
+        return obj, spans
 
-    def locate(self, whole: str) -> AssemblyError:
-        for line in self.p.lines:
-            if line.stmts or line.labels:
-                _, problem = self.probe(line, min(line.reps, 1))
-                if problem:
-                    return self.p.error(problem, line)
-        return self.p.error(whole, None)
-
-    def check_sizes(self) -> None:
-        """Fail fast when times lines would add up to more than :data:`MAX_OUTPUT`."""
+    def check_total(self, spans: _Spans, reps_one: bool) -> None:
+        """Fail when the program (its times lines counted in full) passes 1 MiB."""
         total = 0
-        for line in self.p.lines:
-            if line.code and line.reps > 64:
-                code, problem = self.probe(line, 1)
-                size = 1 if problem else len(code)  # a problem is reported by the real run
-                total += line.reps * size
-                if total > MAX_OUTPUT:
-                    own = line.reps * size
-                    more = "" if own == total else f", {total:,} bytes with the times before it"
-                    raise self.p.error(
-                        f"times {line.reps:,} of {size} bytes makes {own:,} bytes{more}: a "
-                        f"program may take at most 1 MiB ({MAX_OUTPUT:,} bytes, the smallest "
-                        "guest memory)", line)
+        for number, (start, end) in spans.items():
+            line = self.p.lines[number - 1]
+            size = (end - start) // (line.reps if not reps_one else 1) or 1
+            own = size * line.reps
+            total += own
+            if total <= MAX_OUTPUT:
+                continue
+            if line.reps > 1:
+                more = "" if own == total else f", {total:,} bytes with the lines before it"
+                raise self.p.error(
+                    f"times {line.reps:,} of {size} bytes makes {own:,} bytes{more}: a "
+                    f"program may take at most 1 MiB ({MAX_OUTPUT:,} bytes, the smallest "
+                    "guest memory)", line)
+            raise self.p.error(f"the program assembles to more than {MAX_OUTPUT:,} bytes: a "
+                               "program may take at most 1 MiB (the smallest guest memory)",
+                               None)
+
+    def size_repetitions(self, coded: list[_Line]) -> None:
+        """Assemble one repetition of each times line first: to refuse a program that
+        would pass 1 MiB before making megabytes, and to learn the bytes of a repeated
+        statement that does not depend on where it is (then repeated as data)."""
+        obj, spans = self.llvm(reps_one=True)
+        self.check_total(spans, reps_one=True)
+        names = set(self.p.labels) | set(self.p.symbols)
+        for line in coded:
+            start, end = spans[line.number]
+            words = set(re.findall(r"[A-Za-z_.][\w.$@?]*", " ".join(line.stmts)))
+            moving = any(start <= r.offset < end for r in obj.relocations)
+            if (line.reps > 64 and not line.dollar and not moving and not (words & names)
+                    and _RESERVED not in " ".join(line.stmts)):
+                line.pattern = obj.code[start:end]
+
+    def link(self, obj: asm_llvm.ObjectFile, spans: _Spans) -> bytes:
+        """The relocations applied for the origin; a problem names the line it is in."""
+        try:
+            return asm_llvm.link(obj, self.p.origin, self.p.bits)
+        except asm_llvm.LlvmError as exc:
+            number = next((n for n, (a, b) in spans.items()
+                           if exc.offset is not None and a <= exc.offset < b), None)
+            line = self.p.lines[number - 1] if number else None
+            raise self.p.error(_reason(exc.message, line), number) from None
+
+    def addresses(self, obj: asm_llvm.ObjectFile) -> dict[str, int]:
+        """Every named symbol's address (labels at the origin, constants as they are)."""
+        out = {}
+        for sym in obj.symbols:
+            if sym.name and sym.section == asm_llvm.SHN_ABS:
+                out[sym.name] = sym.value
+            elif sym.name and sym.section == obj.text_index:
+                out[sym.name] = self.p.origin + sym.value
+        return out
 
     def check_branch(self, line: _Line, code: bytes, address: int, expected: int) -> None:
         """Disassemble a branch and check that it goes where the source says.
 
-        Keystone encodes LOOP/JCXZ to a label out of their reach (-128..+127) with the
-        distance cut to 8 bits, silently: ``loop far`` 200 bytes on goes 56 bytes back.
+        LLVM refuses a LOOP/JCXZ out of reach itself; this is the guard that no branch
+        of any kind is ever encoded to somewhere else without an error.
         """
         found = disassemble(code, address, self.p.bits)
         if not found or not re.fullmatch(r"0x[0-9a-f]+|\d+", found[-1].op_str):
@@ -778,65 +1035,90 @@ class _Assembly:
         actual = int(insn.op_str, 0)
         mask = (1 << min(self.p.bits, 64)) - 1
         if (actual - expected) & mask:
-            distance = expected - (insn.address + insn.size)
-            wrong = (f"Keystone encoded a branch to {actual:#x} instead of {expected:#x}, "
-                     f"{distance:+,} bytes away")
-            if re.fullmatch(r"loop\w*|j[er]?cxz", insn.mnemonic):
-                raise self.p.error(
-                    f"the target is out of the reach of {insn.mnemonic.upper()} ({wrong}): "
-                    "LOOP, JCXZ, JECXZ and JRCXZ reach only -128..+127 bytes; use DEC and "
-                    "JNZ, or TEST and JZ", line)
-            raise self.p.error(f"the branch would go to the wrong place ({wrong})", line)
+            raise self.p.error(f"the branch would go to {actual:#x} instead of {expected:#x}", line)
+
+    def check_branches(self, code: bytes, obj: asm_llvm.ObjectFile,
+                       spans: _Spans) -> None:
+        addresses = self.addresses(obj)
+        for number, (start, end) in spans.items():
+            line = self.p.lines[number - 1]
+            target = line.resolve(line.target) if line.target else None
+            if target in addresses and line.reps == 1:
+                self.check_branch(line, code[start:end], self.p.origin + start,
+                                  addresses[target])
+
+    def reach_error(self, exc: AssemblyError) -> AssemblyError:
+        """LLVM's "too large for field of 1 byte" on a LOOP/JCXZ, in a learner's terms."""
+        line = self.p.lines[exc.line - 1] if exc.line else None
+        words = strip_comment(line.text).lower().split() if line else []
+        branch = next((w for w in words if re.fullmatch(r"loop\w*|j[er]?cxz", w)), None)
+        if branch is None or "field of 1 byte" not in exc.reason:
+            return exc
+        return self.p.error(
+            f"the target is out of the reach of {branch.upper()}: LOOP, JCXZ, JECXZ and "
+            "JRCXZ reach only -128..+127 bytes; use DEC and JNZ, or TEST and JZ "
+            f"({exc.reason})", line)
 
     def run(self) -> bytes:
         p = self.p
         coded = [line for line in p.lines if line.code and line.reps]
         if not coded:
             return b""
-        self.check_sizes()
-        text = [f"{_START}:"]
-        for line in p.lines:
-            text.extend(line.keystone())
-        markers = [f"{_RESERVED}L{line.number}" for line in coded] + [_END]
-        known = set(p.labels) | set(p.symbols)
-        branches = [(line, line.resolve(line.target)) for line in coded
-                    if line.target and line.reps == 1
-                    and (line.target in known or line.target.startswith((_RESERVED, _HERE)))]
-        markers += [name for _, name in branches]
-        text += [f"{_END}:", ".quad " + ", ".join(markers)]
+        if sum(line.reps for line in coded) > MAX_OUTPUT or any(l.reps > 64 for l in coded):
+            self.size_repetitions(coded)
         try:
-            code, count = _ks_asm("\n".join(text), p.origin, p.bits)
-        except keystone.KsError as exc:
-            raise self.locate(_reason(exc, None)) from None
-        except Exception as exc:  # noqa: BLE001 - Keystone must never escape raw
-            raise self.locate(f"Keystone failed: {type(exc).__name__}: {exc}") from None
-        if count != len(text) or len(code) < 8 * len(markers):
-            raise self.locate("Keystone left statements out without reporting an error")
-        table = code[-8 * len(markers):]
-        code = code[: -8 * len(markers)]
-        starts = [int.from_bytes(table[i:i + 8], "little") for i in range(0, len(table), 8)]
-        targets = starts[len(coded) + 1:]
-        starts = starts[: len(coded) + 1]
-        if (starts[-1] - p.origin) % (1 << 64) != len(code) or starts[0] != p.origin:
-            raise self.locate("Keystone placed the program's lines where vtlab cannot follow")
-        for line, start, end in zip(coded, starts, starts[1:]):
-            if end <= start:
-                _, problem = self.probe(line, 1)
-                raise p.error(problem or "Keystone produced no code for this line (it would "
-                              "have been left out of the program silently)", line)
-        where = dict(zip((line.number for line in coded), zip(starts, starts[1:])))
-        for (line, _), expected in zip(branches, targets):
-            start, end = where[line.number]
-            self.check_branch(line, code[start - p.origin:end - p.origin], start, expected)
-        if len(code) > MAX_OUTPUT:
-            raise p.error(f"the program assembles to {len(code):,} bytes: a program may take at"
-                          f" most 1 MiB ({MAX_OUTPUT:,} bytes, the smallest guest memory)", None)
-        return _fix_keystone(code, p.origin, p.bits)
+            obj, spans = self.llvm()
+        except AssemblyError as exc:
+            raise self.reach_error(exc) from None
+        self.check_total(spans, reps_one=False)
+        code = self.link(obj, spans)
+        self.check_branches(code, obj, spans)
+        return code
 
 
-@lru_cache(maxsize=256)
-def _assemble(source: str, address: int, bits: int) -> bytes:
+@cache
+def assembler_version() -> str:
+    """What made the bytes: the ziglang wheel and the source of vtlab's assembler.
+
+    Part of every on-disk cache key, so that a new zig or an edited asm.py never meets
+    the results of the old one.
+    """
+    digest = hashlib.sha256()
+    for module in (__file__, asm_llvm.__file__):
+        digest.update(Path(module).read_bytes())
+    return f"{asm_llvm.zig_version()}; vtlab-asm {digest.hexdigest()[:16]}"
+
+
+def _assemble_uncached(source: str, address: int, bits: int) -> bytes:
     return _Assembly(_Program(source, address, bits)).run()
+
+
+@lru_cache(maxsize=1024)
+def _assemble(source: str, address: int, bits: int) -> bytes:
+    """The one funnel every assembly goes through: memory cache, disk cache, LLVM."""
+    if _llvm is not _LLVM:  # a test watching or replacing LLVM: keep the disk out of it
+        return _assemble_uncached(source, address, bits)
+    try:
+        version = assembler_version()
+    except asm_llvm.LlvmError as exc:  # ziglang is not installed
+        raise AssemblyError(str(exc)) from None
+    name = asm_cache.key(version, source, address, bits)
+    hit = asm_cache.load(name)
+    if isinstance(hit, bytes):
+        return hit
+    if hit is not None:
+        message, line = hit
+        text = source.splitlines()[line - 1] if line and line <= len(source.splitlines()) else None
+        raise AssemblyError(message, line if text is not None else None, text)
+    program = _Program(source, address, bits)  # an error of the checks: cheap, not kept
+    try:
+        code = _Assembly(program).run()
+    except AssemblyError as exc:
+        if not getattr(exc, "vtlab_transient", False):
+            asm_cache.store_error(name, exc.reason, exc.line)
+        raise
+    asm_cache.store_code(name, code)
+    return code
 
 
 def assemble(source: str, address: int = 0, bits: int = 16) -> bytes:
@@ -864,31 +1146,6 @@ def assemble(source: str, address: int = 0, bits: int = 16) -> bytes:
     if not 0 <= address < 1 << 64:
         raise AssemblyValueError(f"address {address:#x} is outside 0 .. 2**64-1")
     return _assemble(source, address, int(bits))
-
-
-# Keystone (0.9.2) emits an operand-size prefix (66H) where none belongs: on LGDT, LIDT,
-# SGDT and SIDT in 32-bit code (which then load/store only 24 bits of the base) and on
-# RETF in 16-bit code (which then pops 32-bit values).  The prefix is swapped for one
-# that changes nothing (DS, or SS for a stack-based operand, or a NOP before RETF), so
-# every length - and every label - stays as Keystone computed it.
-_DT_OPS = {"lgdt", "lidt", "sgdt", "sidt"}
-
-
-def _fix_keystone(code: bytes, address: int, bits: int) -> bytes:
-    if bits == 64 or b"\x66" not in code:
-        return code
-    out = bytearray(code)
-    for insn in disassemble(code, address, bits):
-        raw = insn.bytes
-        if raw[:1] != b"\x66":
-            continue
-        off = insn.address - address
-        if bits == 32 and insn.mnemonic in _DT_OPS:
-            stack = any(r in insn.op_str for r in ("esp", "ebp"))
-            out[off] = 0x36 if stack else 0x3E
-        elif bits == 16 and raw[1:2] == b"\xcb" and len(raw) == 2:
-            out[off] = 0x90
-    return bytes(out)
 
 
 def disassemble(code: bytes, address: int = 0, bits: int = 16, count: int = 0) -> list[Instruction]:

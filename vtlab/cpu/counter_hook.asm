@@ -1,15 +1,15 @@
-# vtlab's native basic-block hook (x86-64, Intel syntax, as Keystone assembles it).
+# vtlab's native basic-block hook (x86-64, Intel syntax, as LLVM's assembler reads it).
 #
 # This file is the *source* of the machine code that vtlab/cpu/counter.py ships as
 # ``_HOOK_CODE``.  vtlab never assembles it at run time; tests/test_counter.py
-# re-assembles it with Keystone and checks that the bytes still match, so edit both
-# together:
+# re-assembles it with LLVM (vtlab.cpu.asm_llvm, from the ziglang wheel) and checks that
+# the bytes still match, so edit both together:
 #
-#     import keystone
-#     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-#     print(bytes(ks.asm(open("vtlab/cpu/counter_hook.asm").read())[0]).hex())
+#     from vtlab.cpu import asm_llvm
+#     src = ".intel_syntax noprefix\n" + open("vtlab/cpu/counter_hook.asm").read()
+#     print(asm_llvm.link(asm_llvm.read_object(asm_llvm.assemble_object(src)), 0, 64).hex())
 #
-# (Comments start with '#': that is the comment character of Keystone's LLVM assembler.)
+# (Comments start with '#': that is the comment character of LLVM's x86 assembler.)
 #
 # Unicorn calls the hook at the start of every guest basic block, as a C function
 #

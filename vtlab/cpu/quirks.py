@@ -27,13 +27,15 @@ def _raw(ctx) -> tuple[int, bytes]:
     return ptr, ctypes.string_at(ptr, ctx.size)
 
 
-def _calibrate() -> int | None:
-    import keystone
+#: ``xor cx, cx`` / ``div cx`` in 16-bit code (SDM Vol. 2: 31 /r XOR r/m16, r16; F7 /6
+#: DIV r/m16): a division by zero, #DE.  Written as bytes: no assembler needed here.
+_DIVIDE_BY_ZERO = bytes.fromhex("31c9" "f7f1")
 
+
+def _calibrate() -> int | None:
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_16)
     uc.mem_map(0, 0x10000)
-    code = bytes(keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_16).asm("xor cx, cx\ndiv cx\n")[0])
-    uc.mem_write(0x1000, code)
+    uc.mem_write(0x1000, _DIVIDE_BY_ZERO)
     uc.hook_add(unicorn.UC_HOOK_INTR, lambda u, n, d: u.emu_stop())
     _, before = _raw(uc.context_save())
     uc.emu_start(0x1000, 0x2000, count=10)

@@ -61,10 +61,9 @@ What is left out, and why
 * **RDPMC** raises #UD in Unicorn even at CPL 0, so it is not in the default list.
 * IN/OUT/INS/OUTS at CPL > IOPL: Unicorn skips the check; :mod:`vtlab.guest` applies
   it (with no I/O permission bitmap), so they fault as on hardware.
-* Keystone encodes ``push cs`` / ``pop ss`` with a 0x66 prefix (16-bit push/pop) in
-  32-bit code, and truncates the offset of ``ljmp sel:offset`` to 16 bits; the probes
-  below use the forms that assemble correctly (``lcall sel:label``, ``ljmp [mem]``).
-  It also puts a 0x66 prefix on LGDT/LIDT/SGDT/SIDT, which :func:`assemble` repairs.
+* The assembler (LLVM's) encodes ``push cs`` / ``pop ss`` without a size in 32-bit code
+  as their 16-bit forms (a 0x66 prefix); the probes below use forms whose size is
+  unambiguous (``lcall sel:label``, ``ljmp [mem]``).
 * Unicorn never delivers an exception through the IDT (the host hook gets it), and
   it then reports the *next* #GP on the same CPU as #DF; every run here therefore
   uses a fresh :class:`~vtlab.guest.Guest` and ends with exactly one fault.
@@ -90,7 +89,7 @@ from ..cpu.guest import Guest, GuestException, Layout, Mode, Selector  # noqa: F
 from .rings_worlds import (CONFORMING_CODE, DEPRIVILEGED, FACTORS, GDT_LIMIT,  # noqa: F401
                            LDT_SELECTOR, NATIVE, PROBE_ADDRESS, SETUP_ADDRESS, VMM_GDT,
                            VMM_GDT_LIMIT, VMM_IDT, VMM_IDT_LIMIT, VMM_LDT, VMM_TSS,
-                           VMM_TSS_BASE, Factor, World, _PSEUDO, _TABLE_OPS, _code_selectors,
+                           VMM_TSS_BASE, Factor, World, _PSEUDO, _code_selectors,
                            _gprs, _initial_gprs, _install_tables, _setup_source,
                            _system_descriptor, assemble)
 from .rings_runs import (_DATA_PAGE, _FLAG_MASK, _FLAG_NAMES, _IOPL, _STACK_WINDOW,  # noqa: F401

@@ -11,12 +11,11 @@ MOV CR0, POPF, IRET).  See :mod:`vtlab.lab.rings` for the experiment as a whole.
 """
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass, replace
 
 from ..cpu import asm
-from ..arch.msrs import Cr0
+from ..arch.msrs import RFLAGS_IOPL_SHIFT, Cr0, Rflags
 from ..cpu.guest import Guest, Layout, Mode, Selector, pack_descriptor
 
 # ----------------------------------------------------------------------------- layout
@@ -83,7 +82,7 @@ class World:
 
     @property
     def eflags(self) -> int:
-        return 0x2 | (self.interrupt_flag << 9) | (self.iopl << 12)
+        return int(Rflags.FIXED | (Rflags.IF if self.interrupt_flag else 0)) | (self.iopl << RFLAGS_IOPL_SHIFT)
 
 
 #: The guest kernel on bare hardware.
@@ -137,27 +136,9 @@ def _system_descriptor(base: int, limit: int, access: int, long_mode: bool) -> b
     return low + (struct.pack("<Q", base >> 32) if long_mode else bytes(8))
 
 
-_TABLE_OPS = ("lgdt", "lidt", "sgdt", "sidt")
-
-
 def assemble(source: str, address: int, bits: int) -> bytes:
-    """:func:`vtlab.asm.assemble`, with Keystone's LGDT/LIDT/SGDT/SIDT fixed in 32-bit code.
-
-    Keystone puts a 0x66 operand-size prefix on these four in 32-bit code, which makes
-    them 16-bit instructions: LGDT/LIDT then load only a 24-bit base (SDM Vol. 2A,
-    LGDT/LIDT "Operation") and QEMU's SGDT/SIDT store only 24 bits of it.  The prefix
-    is replaced by a segment-override prefix naming the segment the operand uses
-    anyway (DS, or SS for EBP/ESP-based operands), so the length and every label stay
-    the same and the instruction gets its 32-bit operand size back.
-    """
-    code = bytearray(asm.assemble(source, address, bits))
-    if bits != 32:
-        return bytes(code)
-    for insn in asm.disassemble(bytes(code), address, bits):
-        if insn.mnemonic in _TABLE_OPS and insn.bytes[:1] == b"\x66":
-            uses_stack = re.search(r"\b(ebp|esp)\b", insn.op_str) is not None
-            code[insn.address - address] = 0x36 if uses_stack else 0x3E
-    return bytes(code)
+    """:func:`vtlab.asm.assemble` (kept under this name for the lab's callers)."""
+    return asm.assemble(source, address, bits)
 
 
 def _install_tables(g: Guest, world: World) -> None:
