@@ -1,7 +1,10 @@
 # vtlab — one way to set up, one way to test.
 #   make lab    set up .venv and open the course in JupyterLab
-#   make test   set up .venv (and Debian's chromium) and run the whole test suite
+#   make test   set up .venv (and Debian's chromium) and run the whole test suite (CI)
+#   make check  the fast subset for the inner loop (no notebooks, nbgrader, fuzz,
+#               browser or Binder venv; about a minute)
 #   make bench  run the benchmarks
+#   make wheels check that every runtime dependency has a wheel on the five platforms
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +18,7 @@ ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv lab browser test bench clean distclean
+.PHONY: venv lab browser test check bench wheels clean distclean
 
 venv: $(STAMP)
 
@@ -52,11 +55,25 @@ test: venv browser
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_browser.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 
+# The tests tests/conftest.py marks slow (by file: notebooks, course notebooks, nbgrader,
+# fuzz, browser, Binder venv) are left out; everything else runs.  Not for CI.
+check: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/test_browser.py
+
 bench: venv
 	$(PY) benchmarks/run.py
 
+# pip download of each runtime pin for Linux x86-64/aarch64, macOS arm64/x86-64 and
+# Windows x86-64 (network); exits non-zero listing the missing wheels.
+wheels: venv
+	$(PY) tools/check_wheels.py
+
+# Tests write nothing into the tree: their artifacts and the Binder venv live in
+# $(VTLAB_CACHE) (tests/conftest.py); tests/artifacts and .venv-binder are from older runs.
+VTLAB_CACHE ?= $(or $(VTLAB_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vtlab)
+
 clean:
-	rm -rf build dist *.egg-info .pytest_cache tests/artifacts
+	rm -rf build dist *.egg-info .pytest_cache tests/artifacts $(VTLAB_CACHE)/test-artifacts
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -path ./$(VENV) -prune -o -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +
 
@@ -86,6 +103,6 @@ validate-assignments: venv
 
 # The Binder test's cached environment (tests/test_binder.py).
 clean-binder:
-	rm -rf .venv-binder
+	rm -rf .venv-binder $(VTLAB_CACHE)/binder-venv
 
 distclean: clean-binder

@@ -7,6 +7,9 @@ Prints, for each figure, vtlab's rate, plain Unicorn's rate and their ratio:
 1. exit-free guest code throughput (a tight arithmetic loop, no sensitive
    instructions): vtlab's run loop with its native instruction counter vs. a bare
    ``emu_start`` (target ratio >= 0.5);
+1b. the same on the Python counter path (``VTLAB_PYTHON_COUNTER=1``), which hosts
+   other than x86-64 Linux/macOS take (Apple silicon, ARM Linux, Windows): one Python
+   call per basic block, so this tight loop is its worst case;
 2. CPUID VM-exit round trips per second through the full exit/entry path (exit
    information, lazy guest-state save, the VMM's CPUID handler, trace record, VM-entry
    checks, guest-state load) vs. a plain Unicorn UC_HOOK_INSN CPUID callback that does
@@ -21,6 +24,7 @@ Timings are wall-clock, best of several repetitions, on whatever machine runs th
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ from unicorn import x86_const as X  # noqa: E402
 
 import vtlab  # noqa: E402
 from vtlab import assemble  # noqa: E402
+from vtlab.cpu.counter import PYTHON_COUNTER_ENV, native_counter_supported  # noqa: E402
 
 LOOP = """
     mov ecx, {n}
@@ -70,7 +75,9 @@ def plain_unicorn(code: bytes, insn_hook=None) -> unicorn.Uc:
     return uc
 
 
-def bench_exit_free(n: int = 3_000_000) -> dict:
+def bench_exit_free(n: int = 3_000_000, python_counter: bool = False) -> dict:
+    """Exit-free MIPS of vtlab and of bare Unicorn; ``python_counter`` forces vtlab's
+    Python counting path (as on a host where the native counter cannot run)."""
     src = LOOP.format(n=n)
     code = assemble(src, 0x1000, 32)
     insns = 4 * n + 2
@@ -84,7 +91,17 @@ def bench_exit_free(n: int = 3_000_000) -> dict:
         return time.perf_counter() - t
 
     def timed_vtlab() -> float:
-        vm = vtlab.VirtualMachine(src, mode="protected")
+        # The counter reads the switch when the VM's engine is made, so set it only then.
+        saved = os.environ.get(PYTHON_COUNTER_ENV)
+        os.environ[PYTHON_COUNTER_ENV] = "1" if python_counter else "0"
+        try:
+            vm = vtlab.VirtualMachine(src, mode="protected")
+        finally:
+            if saved is None:
+                del os.environ[PYTHON_COUNTER_ENV]
+            else:
+                os.environ[PYTHON_COUNTER_ENV] = saved
+        assert vm.guest.counter.native is (not python_counter and native_counter_supported())
         t = time.perf_counter()
         s = vm.run(max_instructions=10 * n)
         dt = time.perf_counter() - t
@@ -166,6 +183,11 @@ def main() -> None:
     ef = bench_exit_free()
     print(f"exit-free throughput : vtlab {ef['vtlab_mips']:8.1f} MIPS | plain Unicorn {ef['plain_mips']:8.1f} MIPS"
           f" | ratio {ef['ratio']:.2f} (target >= 0.5)")
+    # A tenth of the loop: the Python path runs one callback per block (per iteration).
+    py = bench_exit_free(n=300_000, python_counter=True)
+    print(f"  ... Python counter : vtlab {py['vtlab_mips']:8.1f} MIPS | plain Unicorn {py['plain_mips']:8.1f} MIPS"
+          f" | ratio {py['ratio']:.2f} ({ef['vtlab_mips'] / py['vtlab_mips']:.1f}x slower than native;"
+          " the path off x86-64 Linux/macOS)")
     cp = bench_cpuid()
     print(f"CPUID exit round trip: vtlab {cp['vtlab_per_s']:8.0f} /s ({cp['vtlab_us_per_exit']:.1f} us) | plain "
           f"Unicorn CPUID hook {cp['plain_per_s']:8.0f} /s | ratio {cp['ratio']:.3f} (target >= 0.5)")

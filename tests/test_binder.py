@@ -6,10 +6,13 @@
   line installs vtlab itself, non-editable) executes every notebook in ``notebooks/``
   (plus the nbgrader fixture) in a kernel running that environment's python.
 
-The environment is cached in ``.venv-binder/`` (git-ignored), keyed by a hash of
-``binder/requirements.txt`` and the interpreter; the vtlab package in it is re-installed
-(``pip install --no-deps --force-reinstall .``) whenever vtlab's sources change.
-``make distclean`` (or ``make clean-binder``) removes it. Select with ``pytest -m binder``.
+The environment is cached outside the repository, in ``~/.cache/vtlab/binder-venv/``
+(``$VTLAB_CACHE_DIR`` / ``$XDG_CACHE_HOME`` move it; see tests/conftest.py), keyed by a
+hash of ``binder/requirements.txt`` and the interpreter; the vtlab package in it is
+re-installed (``pip install --no-deps --force-reinstall .``) whenever vtlab's sources
+change.  pip builds vtlab from a temporary copy of the sources, so its ``build/`` and
+``*.egg-info`` never land in the repository.  ``make clean-binder`` removes the cache.
+Select with ``pytest -m binder``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS_DIR, CACHE_DIR
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -36,9 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 BINDER = REPO / "binder"
 BINDER_REQS = BINDER / "requirements.txt"
 DEV_REQS = REPO / "requirements.txt"
-CACHE = REPO / ".venv-binder"
+CACHE = CACHE_DIR / "binder-venv"
 ENV = CACHE / "env"
-ARTIFACTS = REPO / "tests" / "artifacts" / "binder"
+ARTIFACTS = ARTIFACTS_DIR / "binder"
+#: What pip needs to build vtlab (pyproject.toml names the readme and the license file).
+PACKAGE_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "vtlab", "binder")
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 FIXTURE = REPO / "tests" / "fixtures" / "nbgrader_sample.ipynb"
@@ -149,10 +156,26 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+def _source_copy(dest: Path) -> Path:
+    """Copy what a `pip install .` of vtlab reads into ``dest``; returns ``dest``.
+
+    setuptools builds in the source tree (``build/``, ``vtlab.egg-info/``): building
+    from a copy keeps those out of the repository.
+    """
+    for name in PACKAGE_SOURCES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="session")
-def binder_python() -> Path:
+def binder_python(tmp_path_factory) -> Path:
     """The python of a venv built only from binder/requirements.txt (cached)."""
-    CACHE.mkdir(exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    source = _source_copy(tmp_path_factory.mktemp("binder-src"))
     python = ENV / "bin" / "python"
     env_key = _digest(BINDER_REQS.read_bytes(), sys.version.encode(), str(ENV).encode())
     env_stamp, pkg_stamp = CACHE / "env.sha256", CACHE / "vtlab.sha256"
@@ -169,7 +192,7 @@ def binder_python() -> Path:
             _run([sys.executable, "-m", "venv", str(ENV)], env=_clean_env())
             _run(
                 [str(python), "-m", "pip", "install", "-r", str(BINDER_REQS.relative_to(REPO))],
-                cwd=REPO, env=_clean_env(ENV), timeout=PIP_TIMEOUT,
+                cwd=source, env=_clean_env(ENV), timeout=PIP_TIMEOUT,
             )
             env_stamp.write_text(env_key)
             pkg_stamp.write_text(pkg_key)
@@ -179,7 +202,7 @@ def binder_python() -> Path:
             # vtlab changed since the env was built: re-run the `.` line of binder/requirements.txt
             _run(
                 [str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "."],
-                cwd=REPO, env=_clean_env(ENV), timeout=PIP_TIMEOUT,
+                cwd=source, env=_clean_env(ENV), timeout=PIP_TIMEOUT,
             )
             pkg_stamp.write_text(pkg_key)
     return python
@@ -226,7 +249,7 @@ print("RESULT " + json.dumps(result))
 def test_binder_env_has_only_the_binder_packages(binder_python):
     """The env imports the course stack and vtlab from its own site-packages."""
     code = (
-        "import json, sys, vtlab, unicorn, capstone, keystone, ipywidgets, matplotlib, pandas, nbgrader\n"
+        "import json, sys, vtlab, unicorn, capstone, ziglang, ipywidgets, matplotlib, pandas, nbgrader\n"
         "from importlib.metadata import version\n"
         "print(json.dumps({'prefix': sys.prefix, 'vtlab': vtlab.__file__,"
         " 'versions': {n: version(n) for n in ['unicorn', 'jupyterlab', 'ipywidgets', 'nbgrader']}}))"

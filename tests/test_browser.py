@@ -7,8 +7,9 @@ copies a notebook with a vtlab dashboard into a temporary directory and opens it
 headless Chromium (``/usr/bin/chromium`` - never ``playwright install``).  Then: Run ->
 Run All Cells, wait for the kernel to be idle, flip the dashboard's HLT-exiting
 checkbox, press its run button (``.vtlab-run``) and wait until the rendered exit total
-(``.vtlab-exit-total``) changes.  Screenshots go to tests/artifacts/browser.png; with
-``VTLAB_UPDATE_SCREENSHOT=1`` also to docs/screenshot-dashboard.png for the README.
+(``.vtlab-exit-total``) changes.  Screenshots go to browser.png in the test artifacts
+folder outside the repository (``~/.cache/vtlab/test-artifacts``, see tests/conftest.py);
+with ``VTLAB_UPDATE_SCREENSHOT=1`` also to docs/screenshot-dashboard.png for the README.
 
 The notebook is ``notebooks/04_exits.ipynb`` when it exists and builds a Dashboard,
 otherwise ``tests/fixtures/browser_dashboard.ipynb``.
@@ -38,11 +39,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK_04 = REPO / "notebooks" / "04_exits.ipynb"
 FIXTURE = REPO / "tests" / "fixtures" / "browser_dashboard.ipynb"
-ARTIFACTS = REPO / "tests" / "artifacts"
+ARTIFACTS = ARTIFACTS_DIR   # outside the repository (tests/conftest.py)
 SCREENSHOT = ARTIFACTS / "browser.png"
 FAILURE_SCREENSHOT = ARTIFACTS / "browser-failure.png"
 SERVER_LOG = ARTIFACTS / "browser-jupyter.log"

@@ -209,3 +209,110 @@ def test_demo_json():
     assert data["output"] == "Hello from VMX non-root operation!\n"
     assert data["state"] == "halted"
     assert data["exits"][-1]["reason_number"] == HLT
+
+
+# ------------------------------------------------------------------ the exit list: 1..N
+def _numbers(stdout: str) -> list[int]:
+    """The numbers in front of the listed exits."""
+    return [int(line.split()[0]) for line in stdout.splitlines() if line[:5].strip().isdigit()]
+
+
+def test_exit_list_is_numbered_1_to_n(hello_asm):
+    proc = vtlab_cli("run", str(hello_asm))
+    assert "--- 3 VM exits ---" in proc.stdout
+    assert _numbers(proc.stdout) == [1, 2, 3]
+
+
+def test_a_capped_trace_numbers_exits_among_all_of_them(tmp_path, capsys, monkeypatch):
+    """A long run keeps only the last events: the list still ends at N, and says so."""
+    from vtlab.lab import cli
+
+    class SmallTraceVM(cli.VirtualMachine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trace.max_events = 10   # trimmed once the log reaches 1,034 events
+
+    monkeypatch.setattr(cli, "VirtualMachine", SmallTraceVM)
+    src = "mov esi, 2000\nl: mov eax, 1\ncpuid\ndec esi\njnz l\nhlt\n"
+    assert cli.run_guest(src, "protected", None, [], [], False, 10_000, 1_000_000, show_exits=8) == 0
+    out = capsys.readouterr().out
+    headline = next(line for line in out.splitlines() if "VM exits" in line and line.startswith("---"))
+    assert headline.startswith("--- 2001 VM exits (the trace kept the last ")
+    numbers = _numbers(out)
+    assert numbers[-1] == 2001 and numbers == sorted(numbers) and numbers[0] > 1
+
+
+# ------------------------------------------------------------------ raw code vs assembly
+HELLO_E9 = bytes.fromhex("b041" "e6e9" "f4")   # mov al, 'A' / out 0xe9, al / hlt
+
+
+def cli_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m vtlab ARGS`` in this process (cheaper than a subprocess): status, out, err."""
+    from vtlab.lab.cli import main
+
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_file_that_is_not_utf8_runs_as_raw_code_with_a_note(tmp_path):
+    """Not UTF-8 text, under a name that says nothing: raw code (no codec error), and a note."""
+    path = tmp_path / "guest.dat"
+    path.write_bytes(HELLO_E9)
+    proc = vtlab_cli("run", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "A"
+    assert "raw machine code" in proc.stderr and "--raw" in proc.stderr
+    assert "Traceback" not in proc.stderr and "codec" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["guest.img", "guest.com", "GUEST.BIN"])
+def test_raw_guest_by_file_name(tmp_path, capsys, name):
+    path = tmp_path / name
+    path.write_bytes(HELLO_E9)
+    status, out, err = cli_main(capsys, "run", str(path), "--json")
+    data = json.loads(out)
+    assert status == 0 and data["output"] == "A" and err == ""   # no note: the name said it
+    assert [e["reason_number"] for e in data["exits"]] == [IO_INSTRUCTION, HLT]
+
+
+def test_asm_file_that_is_not_text_says_what_it_needs(tmp_path, capsys):
+    path = tmp_path / "guest.asm"
+    path.write_bytes(HELLO_E9)
+    status, _, err = cli_main(capsys, "run", str(path))
+    assert status == 2
+    assert "not assembly source" in err and "--raw" in err
+    status, out, _ = cli_main(capsys, "run", str(path), "--raw", "--json")   # ... and --raw runs it
+    assert status == 0 and json.loads(out)["output"] == "A"
+
+
+def test_asm_flag_reads_a_bin_named_file_as_source(tmp_path, capsys):
+    path = tmp_path / "hello.bin"
+    path.write_text(HELLO)
+    status, out, _ = cli_main(capsys, "run", str(path), "--asm", "--json")
+    assert status == 0 and json.loads(out)["output"] == "hi"
+
+
+def test_text_that_does_not_assemble_hints_at_raw(tmp_path, capsys):
+    path = tmp_path / "guest.dat"
+    path.write_text("this is not x86\n")
+    status, _, err = cli_main(capsys, "run", str(path))
+    assert status == 2
+    assert "line 1" in err and "--raw" in err
+
+
+def test_read_guest_decides_by_name_then_content(tmp_path):
+    from vtlab.lab.cli import read_guest
+
+    def guest(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    assert read_guest(guest("a.asm", b"\xef\xbb\xbfhlt\r\n")) == ("hlt\r\n", None)  # BOM, CRLF
+    assert read_guest(guest("a.txt", "mov al, 'é'\n".encode())) == ("mov al, 'é'\n", None)
+    code, note = read_guest(guest("a.raw", b"jA\x00X"))   # ASCII, but a NUL: not text
+    assert code == b"jA\x00X" and "control characters" in note
+    assert read_guest(guest("b.asm", HELLO_E9), "raw") == (HELLO_E9, None)
+    with pytest.raises(ValueError, match="offset 0"):
+        read_guest(guest("c.bin", HELLO_E9), "asm")

@@ -7,11 +7,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import ARTIFACTS_DIR
 from nbrun import NotebookRunError, run_notebook
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "notebooks"
+ARTIFACTS = ARTIFACTS_DIR / "notebooks"   # outside the repository (tests/conftest.py)
 
 
 if not NOTEBOOKS:

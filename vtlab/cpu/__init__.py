@@ -1,10 +1,16 @@
 """The processor layer: the x86 CPU (Unicorn) and the VMX logic vtlab adds around it.
 
-This is the only package that touches Unicorn, Capstone and Keystone.  Everything above
+This is the only package that touches Unicorn, Capstone and the assembler (LLVM from ziglang).  Everything above
 it (:mod:`vtlab.vmm`, :mod:`vtlab.analysis`, :mod:`vtlab.lab`) talks to the processor
 through the public names re-exported here (``from vtlab.cpu import VmxCpu, Guest ...``),
 the way a hypervisor talks to silicon through its instructions and nothing else.
 """
+
+# First of all: the modules below call Unicorn's private ctypes layer, so a binding
+# without it must fail here, once, with the version vtlab needs (not deep in a run).
+from ._unicorn import check_binding as _check_binding
+
+_check_binding()
 
 from .asm import Instruction, assemble, disassemble
 from .capabilities import VmxCapabilities

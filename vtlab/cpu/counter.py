@@ -27,7 +27,9 @@ holds it is never writable and executable at once: it is mapped read/write, fill
 then switched to read/execute with ``mprotect`` (the W^X rule hardened systems enforce).
 
 Elsewhere, or where the OS refuses executable memory, a Python block hook gives the same
-numbers, slowly, and a :class:`SlowCounterWarning` says so once per process.  Set
+numbers, slowly (one Python call per basic block: a tight exit-free loop runs about two
+orders of magnitude slower; ``make bench`` measures both paths), and a
+:class:`SlowCounterWarning` says so once per process, naming the host.  Set
 ``VTLAB_PYTHON_COUNTER=1`` in the environment (read whenever a counter is created), or
 pass ``native=False``, to take the Python path on purpose (the tests compare the two).
 """
@@ -43,6 +45,8 @@ import warnings
 import numpy as np
 import unicorn
 from unicorn.unicorn_py3 import unicorn as _ucmod
+
+_uc_emu_stop = _ucmod.uclib.uc_emu_stop
 
 # ctx layout (u64 each, in this order; the hook addresses them as [rcx + 8*index]):
 # window base, window size, total, blocks, outside_blocks, prefix-table pointer,
@@ -111,15 +115,34 @@ def _python_counter_requested() -> bool:
 _warned = False  # one SlowCounterWarning per process is enough
 
 
+def _host() -> str:
+    """This host in words, e.g. ``macOS on arm64``, ``Windows on AMD64``."""
+    system = {"darwin": "macOS", "win32": "Windows", "cygwin": "Cygwin", "msys": "MSYS2"}.get(
+        sys.platform, sys.platform.capitalize())
+    bits = "" if ctypes.sizeof(ctypes.c_void_p) == 8 else " (32-bit Python)"
+    return f"{system} on {platform.machine() or 'an unknown CPU'}{bits}"
+
+
 def _warn_slow(reason: str) -> None:
+    """Say once per process that counting falls back to Python, and why.
+
+    A learner on Apple silicon, ARM Linux or Windows sees this once (in the first cell
+    that makes a guest), not once per guest: the message is about the machine, not the
+    code.  Counts are identical on both paths (tests/test_counter.py), so it is a note on
+    speed, not an error.
+    """
     global _warned
     if _warned:
         return
     _warned = True
     # stacklevel 4: _warn_slow <- _choose_native <- InstructionCounter.__init__ <- the
     # code that made the counter (usually vtlab's Guest)
-    warnings.warn(f"vtlab: native instruction counter {reason}; counting in Python, "
-                  "exit-free code runs slower", SlowCounterWarning, stacklevel=4)
+    warnings.warn(
+        f"vtlab: counting guest instructions in Python on this host ({_host()}): the native "
+        f"instruction counter {reason}.  Every count and result is the same; only long "
+        "exit-free guest code runs slower (one Python call per basic block).  Shown once "
+        f"per process; set {PYTHON_COUNTER_ENV}=1 to choose the Python path without it.",
+        SlowCounterWarning, stacklevel=4)
 
 
 def _executable_page(code: bytes) -> int:
@@ -173,6 +196,33 @@ def _native_hook() -> int | None:
     return _page
 
 
+def _catch_lost_exceptions() -> None:
+    """Make sure a Ctrl-C during an exit-free run on the Python path is not lost.
+
+    Python checks for a pending signal (and for an exception another thread set, as the
+    watchdog's RunTimeout) as a function *starts*: so on the Python path a KeyboardInterrupt
+    is raised as :meth:`InstructionCounter._python_hook` is entered, before its ``try``.
+    ctypes cannot pass it on to C; it reports it to :func:`sys.unraisablehook` and
+    returns, and the guest would spin on (the binding's own hook wrapper has the same
+    hole).  This hook, wrapped around whatever hook is installed, hands such an exception
+    to the counter instead, which stops the engine so that Guest raises it.  Installed
+    again whenever someone (pytest, per test) has put another hook in its place.
+    """
+    current = sys.unraisablehook
+    if getattr(current, "_vtlab_counter", False):
+        return
+
+    def hook(unraisable) -> None:
+        counter = getattr(unraisable.object, "__self__", None)
+        if isinstance(counter, InstructionCounter) and unraisable.exc_value is not None:
+            counter._stop_for(unraisable.exc_value)
+        else:
+            current(unraisable)
+
+    hook._vtlab_counter = True
+    sys.unraisablehook = hook
+
+
 class InstructionCounter:
     """Counts instructions retired by one Unicorn instance; read :attr:`total`.
 
@@ -185,6 +235,9 @@ class InstructionCounter:
     def __init__(self, uc: unicorn.Uc, native: bool | None = None):
         self._uc = uc
         self._ctx = (ctypes.c_uint64 * len(_CTX_FIELDS))()
+        # The same words as a memoryview of unsigned 64-bit items, for the Python hook
+        # (a ctypes array item costs about twice as much to get or set).
+        self._ctx_view = memoryview(self._ctx).cast("B").cast("Q")
         self._ctx[7] = (1 << 64) - 1
         self._ctx[8] = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._prefix = np.zeros(2, dtype=np.uint32)
@@ -195,6 +248,7 @@ class InstructionCounter:
         self._handle = None
         #: True if the native hook counts for this engine, False if the Python one does.
         self.native = False
+        self._python_callback = None  # the ctypes callback of the Python path (kept alive)
         address = self._choose_native(native)
         if address is not None:
             handle = _ucmod.uc_hook_h()
@@ -209,7 +263,31 @@ class InstructionCounter:
             else:
                 _warn_slow(f"was refused by Unicorn ({unicorn.UcError(status)})")
         if not self.native:
-            self._handle = uc.hook_add(unicorn.UC_HOOK_BLOCK, self._python_hook)
+            self._handle = self._add_python_hook(uc)
+
+    def _add_python_hook(self, uc: unicorn.Uc):
+        """Register :meth:`_python_hook` as a raw ctypes block hook; returns its handle.
+
+        Not through ``uc.hook_add``: the binding wraps each callback in two more Python
+        frames, which roughly doubles the cost of a block on this path (it runs once per
+        basic block).  A block hook has the code-hook signature, so the binding's
+        HOOK_CODE_CFUNC type fits.  The callback object must live as long as the engine
+        may call it: the engine's own table of callbacks (``Uc._callbacks``, where
+        hook_add keeps its own) holds it, as does the counter.
+        """
+        _catch_lost_exceptions()
+        self._python_callback = _ucmod.HOOK_CODE_CFUNC(self._python_hook)
+        handle = _ucmod.uc_hook_h()
+        status = _ucmod.uclib.uc_hook_add(
+            uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_BLOCK,
+            ctypes.cast(self._python_callback, ctypes.c_void_p), None,
+            ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+        callbacks = getattr(uc, "_callbacks", None)
+        if isinstance(callbacks, dict):
+            callbacks[handle.value] = self._python_callback
+        return handle
 
     @staticmethod
     def _choose_native(native: bool | None) -> int | None:
@@ -217,8 +295,8 @@ class InstructionCounter:
         if native is False or (native is None and _python_counter_requested()):
             return None  # asked for the Python path: no warning
         if not native_counter_supported():
-            why = ("needs an x86-64 SysV host (Linux/macOS x86-64), not "
-                   f"{platform.machine() or 'an unknown CPU'} on {sys.platform}")
+            why = ("is x86-64 machine code for the System V calling convention, so it needs "
+                   "an x86-64 SysV host (Linux, macOS or a BSD on an x86-64 CPU, 64-bit Python)")
             if native:
                 raise RuntimeError(f"vtlab: the native instruction counter {why}")
             _warn_slow(why)
@@ -245,21 +323,41 @@ class InstructionCounter:
         self._ctx[0], self._ctx[1] = lo, hi - lo + 1
         self._ctx[5] = prefix.ctypes.data
 
-    def _python_hook(self, uc, address, size, _user):
-        """The native hook's work in Python (see counter_hook.asm), for other hosts."""
-        c = self._ctx
-        c[9], c[10] = address, size
-        off = address - c[0]
-        if 0 <= off and off + size <= c[1]:
-            prefix = self._prefix_view  # Python ints, cheaper than numpy scalars
-            c[2] += prefix[off + size] - prefix[off]
-            c[3] += 1
-        else:
-            c[4] += 1
-            c[2] += 1
-            c[6] += size
-        if c[2] >= c[7]:
-            uc.emu_stop()
+    def _python_hook(self, uch, address, size, _user):
+        """The native hook's work in Python (see counter_hook.asm), for other hosts.
+
+        Called by the engine through ctypes with its C handle ``uch``.  An exception
+        cannot travel through the C code back to emu_start, and on this path a Ctrl-C
+        (KeyboardInterrupt) or the watchdog's RunTimeout is raised *here*, in the only
+        Python code running: so it is handled as the binding's own hook wrapper does it
+        (which Guest relies on): kept in ``Uc._hook_exception``, the engine stopped, and
+        Guest raises it once emu_start has returned.
+        """
+        try:
+            c = self._ctx_view  # the ctx through a memoryview: faster items than ctypes'
+            c[9] = address
+            c[10] = size
+            off = address - c[0]
+            if 0 <= off and off + size <= c[1]:
+                prefix = self._prefix_view  # Python ints, cheaper than numpy scalars
+                total = c[2] + prefix[off + size] - prefix[off]
+                c[3] += 1
+            else:
+                total = c[2] + 1
+                c[4] += 1
+                c[6] += size
+            c[2] = total
+            if total >= c[7]:
+                _uc_emu_stop(uch)
+        except BaseException as exc:
+            self._stop_for(exc)
+
+    def _stop_for(self, exc: BaseException) -> None:
+        """Stop the engine and leave ``exc`` for Guest to raise after emu_start returns."""
+        uc = self._uc
+        if uc._hook_exception is None:  # the first exception wins, as in the binding
+            uc._hook_exception = exc
+        _uc_emu_stop(uc._uch)
 
     def unretire_rest_of_block(self, address: int, retired_here: bool = False) -> None:
         """Emulation left the current block at ``address``: take back what was counted ahead.

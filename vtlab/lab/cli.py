@@ -1,10 +1,13 @@
 """``python -m vtlab``: run a guest in VMX non-root operation from the command line.
 
-    python -m vtlab run GUEST [--mode real|protected|paged|long] [--load ADDR]
+    python -m vtlab run GUEST [--mode real|protected|paged|long] [--load ADDR] [--raw | --asm]
                               [--reg NAME=VALUE ...] [--control NAME=0|1 ...] [--json]
     python -m vtlab demo
 
-GUEST is an assembly file (.asm) or raw machine code (.bin).  Controls are named as
+GUEST is assembly source (UTF-8 text, Intel syntax) or raw machine code.  ``.bin``,
+``.img`` and ``.com`` files are raw code, ``.asm``, ``.s`` and ``.nasm`` files assembly;
+any other file is assembly if it is UTF-8 text and raw code if it is not (a note on
+stderr says so).  ``--raw`` / ``--asm`` decide instead.  Controls are named as
 in the SDM / Linux (``HLT_EXITING``, ``UNCOND_IO_EXITING``, ``ENABLE_EPT`` ...), optionally
 qualified by their class (``ProcBased.HLT_EXITING``).  The exit status is 0 when the guest
 halted or shut down, 1 for a VM-entry failure, a crash or an exhausted budget, 2 for bad
@@ -13,12 +16,13 @@ command-line input.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from pathlib import Path
 
 from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
-from ..errors import VtlabError
+from ..errors import AssemblyError, VtlabError
 from ..vmm.machine import VirtualMachine, VmState
 
 _CLASSES = {"PinBased": PinBased, "ProcBased": ProcBased, "ProcBased2": ProcBased2,
@@ -71,6 +75,45 @@ def parse_reg(text: str) -> tuple[str, int]:
     return name.strip().lower(), int(value, 0)
 
 
+#: File name endings that say what a guest file holds (compared in lower case).
+RAW_SUFFIXES = frozenset({".bin", ".img", ".com"})
+ASM_SUFFIXES = frozenset({".asm", ".s", ".nasm", ".inc"})
+# Text never holds these: a "text" file with any of them is machine code that happens to
+# decode as UTF-8 (``6A 00 58``, push 0 / pop ax, is all ASCII, NUL included).
+_BINARY_CONTROLS = frozenset(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D}
+
+
+def read_guest(path: Path, kind: str = "auto") -> tuple[str | bytes, str | None]:
+    """The guest in ``path`` as assembly text (str) or raw code (bytes), and a note.
+
+    ``kind`` is "asm", "raw" or "auto" (by file name ending, then by content).  The note
+    is None unless auto-detection had to look at the content; it then says what the
+    file was taken for and how to say otherwise.  Raises ValueError when a file that
+    must be assembly is not UTF-8 text.
+    """
+    data = path.read_bytes()
+    suffix = path.suffix.lower()
+    if kind == "raw" or (kind == "auto" and suffix in RAW_SUFFIXES):
+        return data, None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # (Windows editors)
+    try:
+        text = data[skip:].decode("utf-8")
+        looks_binary = any(ord(ch) in _BINARY_CONTROLS for ch in text)
+    except UnicodeDecodeError as exc:
+        text, looks_binary = None, True
+        at = skip + exc.start
+        bad = f"byte {data[at]:#04x} at offset {at} is not UTF-8"
+    else:
+        bad = "it holds control characters that text never does"
+    if not looks_binary:
+        return text, None
+    if kind == "asm" or suffix in ASM_SUFFIXES:
+        raise ValueError(f"{path} is not assembly source: {bad}.  If it is raw machine "
+                         "code, pass --raw (or name it .bin, .img or .com)")
+    return data, (f"{path.name} is not UTF-8 assembly text ({bad}): running it as raw "
+                  "machine code (pass --raw to say so, or --asm if it is assembly)")
+
+
 def _exit_status(state: VmState) -> int:
     return 0 if state in (VmState.HALTED, VmState.SHUTDOWN, VmState.STOPPED) else 1
 
@@ -96,22 +139,28 @@ def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]],
     exits = [{"reason": e.reason, "reason_number": e.reason_number, "qualification": e.qualification,
               "instruction_length": e.instruction_length, "guest_rip": e.guest_rip}
              for e in vm.trace.exits]
+    # A long run's trace keeps only its last events (vtlab.vmm.trace): number the kept
+    # exits by their place among all exits, so the list always ends at N of "N VM exits".
+    total = vm.trace.exits_total
+    first = total - len(exits) + 1
     if as_json:
-        print(json.dumps({"output": vm.output, "exits": exits, "state": vm.state.value,
-                          "message": vm.message}))
+        print(json.dumps({"output": vm.output, "exits": exits, "exits_total": total,
+                          "state": vm.state.value, "message": vm.message}))
     else:
         if vm.output:
             print(vm.output, end="" if vm.output.endswith("\n") else "\n")
-        print(f"--- {len(exits)} VM exits ---")
-        shown = vm.trace.exits
-        if len(shown) > show_exits:  # the first ones and the last few tell the story
-            shown = shown[:show_exits - 5] + [None] + shown[-5:]
-        for e in shown:
-            if e is None:
+        kept = "" if first == 1 else f" (the trace kept the last {len(exits)}: {first} to {total})"
+        print(f"--- {total} VM exits{kept} ---")
+        numbered = list(enumerate(vm.trace.exits, start=first))
+        if len(numbered) > show_exits:  # the first ones and the last few tell the story
+            numbered = numbered[:show_exits - 5] + [None] + numbered[-5:]
+        for item in numbered:
+            if item is None:
                 print(f"  ... {len(exits) - show_exits} more (--show-exits N to see more)")
                 continue
+            number, e = item
             text = f" '{e.instruction}'" if e.instruction else ""
-            print(f"{e.seq:5d}  {e.reason:<18} ({e.reason_number:2d})  rip={e.guest_rip:#x}{text}"
+            print(f"{number:5d}  {e.reason:<18} ({e.reason_number:2d})  rip={e.guest_rip:#x}{text}"
                   f"  qual={e.qualification:#x}  len={e.instruction_length}")
         if exits:
             counts = ", ".join(f"{reason} {n}" for reason, n in vm.trace.counts().items())
@@ -123,8 +172,14 @@ def run_guest(program, mode: str, load: int | None, regs: list[tuple[str, int]],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtlab", description="Run x86 guests under vtlab's VT-x model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an .asm or .bin guest in VMX non-root operation")
-    run.add_argument("guest", type=Path)
+    run = sub.add_parser("run", help="run an assembly or raw-code guest in VMX non-root operation")
+    run.add_argument("guest", type=Path, help="assembly source (.asm, UTF-8 text) or raw machine code "
+                     "(.bin, .img, .com, or any file that is not UTF-8 text)")
+    kind = run.add_mutually_exclusive_group()
+    kind.add_argument("--raw", dest="kind", action="store_const", const="raw", default="auto",
+                      help="GUEST is raw machine code, whatever its name")
+    kind.add_argument("--asm", dest="kind", action="store_const", const="asm",
+                      help="GUEST is assembly source, whatever its name")
     run.add_argument("--mode", default="real", choices=["real", "protected", "paged", "long"])
     run.add_argument("--load", type=lambda s: int(s, 0), default=None, help="load address (default 0x1000)")
     run.add_argument("--reg", action="append", default=[], help="NAME=VALUE, e.g. --reg rax=5")
@@ -139,13 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_guest(DEMO, "real", None, [], [], args.json, 10_000, 1_000_000)
-        if not args.guest.exists():
+        if not args.guest.is_file():
             raise ValueError(f"no such guest file: {args.guest}")
-        program = args.guest.read_bytes() if args.guest.suffix == ".bin" else args.guest.read_text()
+        program, note = read_guest(args.guest, args.kind)
+        if note:
+            print(f"vtlab: note: {note}", file=sys.stderr)
         controls = [parse_control(c) for c in args.control]
         regs = [parse_reg(r) for r in args.reg]
-        return run_guest(program, args.mode, args.load, regs, controls, args.json,
-                         args.max_exits, args.max_instructions, max(args.show_exits, 6))
+        try:
+            return run_guest(program, args.mode, args.load, regs, controls, args.json,
+                             args.max_exits, args.max_instructions, max(args.show_exits, 6))
+        except AssemblyError as exc:
+            if args.kind == "auto" and args.guest.suffix.lower() not in ASM_SUFFIXES:
+                # text in a file whose name does not say "assembly": maybe it is raw code
+                raise ValueError(f"{exc}\n(vtlab read {args.guest.name} as assembly because it is "
+                                 "UTF-8 text; if it is raw machine code, pass --raw)") from None
+            raise
     except (ValueError, VtlabError) as exc:
         print(f"vtlab: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python -m vtlab run x.asm | head`: the reader has gone
+        sys.stderr.close()    # (and Python's own report of the closed pipe with it)
+        return 0
