@@ -58,6 +58,9 @@ print("@@KEY-RESULTS@@" + _json.dumps({
     "boot_output": boot_vm().run(max_exits=50, max_instructions=10_000).output,
     "reset_cr0": [reset_cr0.state.value, reset_cr0.vmread(F.VM_EXIT_REASON)],
     "violations": [str(v) for v in several.cpu.entry_violations()],
+    "registry_sample": registry_sample.reset_index().astype(str).to_dict(orient="records"),
+    "explorer_rules": len(entry_explorer.rules),
+    "explored": [explored.outcome, explored.exit_reason, explored.qualification],
     "launch_story": launch_story.reset_index().astype(str).to_dict(orient="records"),
 }))
 """,
@@ -288,6 +291,25 @@ def test_03_entry_checks(nb03):
     assert "enable EPT" in rows["EPT off, unrestricted guest on"]["what the check says"]
     groups = [v.split("]")[0].lstrip("[").split(",")[0] for v in r["violations"]]
     assert groups == ["controls", "host-state", "guest-state", "guest-state"]
+
+
+def test_03_registry_rules_of_every_group(nb03):
+    """One registry rule per group, broken with its own recipe (SDM 27.2 / 27.8 outcomes,
+    written out: controls -> error 7, host state -> error 8, guest state -> 0x80000021)."""
+    r = nb03[2]
+    rows = {x["rule"]: x for x in r["registry_sample"]}
+    assert {x["group"] for x in rows.values()} == {"controls", "host-state", "guest-state"}
+    for x in rows.values():
+        if x["group"] == "controls":
+            assert (x["outcome"], x["VM-instruction error"]) == ("VMfailValid", "7"), x
+        elif x["group"] == "host-state":
+            assert (x["outcome"], x["VM-instruction error"]) == ("VMfailValid", "8"), x
+        else:
+            assert (x["outcome"], x["exit reason"]) == ("VM-entry failure", "0x80000021"), x
+    assert rows["guest_pdptes_valid"]["qualification"] == "2"            # SDM 27.8: PDPTEs
+    assert rows["guest_pdptes_valid"]["guest mode"] == "paged"
+    assert r["explorer_rules"] >= 193
+    assert r["explored"] == ["VM-entry failure", 0x80000021, 0]
 
 
 def test_03_launch_state(nb03):

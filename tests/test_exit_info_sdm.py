@@ -41,17 +41,7 @@ IA32_VMX_PROCBASED_CTLS2, IA32_VMX_EPT_VPID_CAP = 0x48B, 0x48C
 IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS = 0x48D, 0x48E
 IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_ENTRY_CTLS, IA32_VMX_VMFUNC = 0x48F, 0x490, 0x491
 
-# The ring-3 entry of a 64-bit guest: an IRETQ frame with vtlab's user selectors.
-TO_USER_64 = """
-    push 0x2b
-    push 0x8e000
-    push 0x202
-    push 0x33
-    mov rax, user
-    push rax
-    iretq
-user:
-"""
+from user_mode import TO_USER_64  # noqa: E402
 
 
 def stop_at_exit(program: str, mode: str, setup=None, append_hlt: bool = True):

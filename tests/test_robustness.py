@@ -228,13 +228,27 @@ def test_event_budget(monkeypatch):
     assert vm.run().state is VmState.BUDGET        # and again: still runnable
 
 
-def test_delivery_with_a_stack_beyond_memory_is_a_triple_fault():
-    """Pushing an exception frame outside guest memory used to escape as a raw UcError."""
-    vm = VirtualMachine("mov esp, 0x3ffffff0\nint 0x30\nhlt", mode="protected")
+@pytest.mark.parametrize("ept", [False, True])
+def test_delivery_with_a_stack_beyond_memory_is_a_triple_fault(ept):
+    """Pushing an exception frame outside guest memory used to escape as a raw UcError.
+    Without EPT: a triple fault.  With EPT (the default VMM) the frame's guest-physical
+    address has no EPT mapping: an EPT violation during delivery (SDM 28.2.4), which the
+    VMM reports as guest memory that is not there."""
+    from vtlab.arch import ProcBased2
+    # (without EPT there is no unrestricted guest, so paging must be on: identity-mapped)
+    vm = VirtualMachine("mov esp, 0x3ffffff0\nint 0x30\nhlt", mode="protected" if ept else "paged")
+    if not ept:
+        vm.set_control(ProcBased2.UNRESTRICTED_GUEST, False)   # (it needs EPT)
+        vm.set_control(ProcBased2.ENABLE_EPT, False)
     gate = struct.pack("<HHBBH", 0x2000, 0x08, 0, 0x8E, 0)      # present 32-bit interrupt gate
     vm.guest.write(0x9_1000 + 0x30 * 8, gate)
     vm.vmwrite("GUEST_IDTR_LIMIT", 0x7FF)
     s = vm.run()
+    if ept:
+        assert s.state is VmState.STOPPED and "no RAM or device there" in s.message, s
+        assert vm.vmread("VM_EXIT_REASON") == 48                       # EPT violation
+        assert vm.vmread("IDT_VECTORING_INFO_FIELD") == 0x8000_0430    # INT 30H, type 4
+        return
     assert s.state is VmState.CRASHED, s
     assert "could not be delivered" in vm.trace.to_dataframe()["note"].iloc[-1]
 

@@ -12,7 +12,7 @@ class VtlabError(Exception):
 
 
 class AssemblyError(VtlabError):
-    """Keystone could not assemble the guest source.
+    """The guest source could not be assembled.
 
     ``line`` is the 1-based line number in the source (``None`` if it could not be
     pinned down) and ``text`` that line's text.

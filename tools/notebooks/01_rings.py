@@ -60,6 +60,7 @@ from matplotlib.figure import Figure
 
 import vtlab
 from vtlab import Guest, Hypercall, VirtualMachine, VmState, bt, cost, plots, rings
+from vtlab.arch import Rflags   # the EFLAGS/RFLAGS bits by name: Rflags.IF, Rflags.IOPL ...
 from vtlab.plots import OKABE_ITO
 
 pd.set_option("display.max_colwidth", 120)
@@ -585,7 +586,8 @@ Return a list with those of the following clues that are present, in this order:
 `"idt-high"` (the IDT base is at or above `rings.RED_PILL_THRESHOLD`, `0xD0000000`),
 `"if-still-set"` (EFLAGS.IF, bit 9, is 1 although the kernel just executed CLI) and
 `"iopl-not-0"` (EFLAGS.IOPL, bits 13:12, is not the 0 the kernel set). Native hardware gives
-an empty list.
+an empty list. `Rflags.IF` (`0x200`) and `Rflags.IOPL` (`0x3000`, both bits) are those bits
+as masks: `eflags & Rflags.IF` is non-zero exactly when IF is 1.
 """, lock="ex01_redpill_task")
 
 answer("ex01_redpill", r"""
@@ -595,9 +597,9 @@ def red_pill_clues(sidt_image: bytes, eflags: int) -> list[str]:
     clues = []
     if base >= rings.RED_PILL_THRESHOLD:
         clues.append("idt-high")
-    if eflags >> 9 & 1:
+    if eflags & Rflags.IF:
         clues.append("if-still-set")
-    if eflags >> 12 & 3:
+    if eflags & Rflags.IOPL:
         clues.append("iopl-not-0")
     return clues
     ### END SOLUTION

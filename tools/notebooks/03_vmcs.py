@@ -36,7 +36,8 @@ on vtlab's processor.
 * compute a legal control value from a capability MSR's allowed-0 and allowed-1 settings,
   and recognise the error when a VMM gets it wrong;
 * set up a real-mode boot-sector guest at 0x7C00 (unrestricted guest, which needs EPT),
-  break one VM-entry rule at a time and read the failure;
+  break one VM-entry rule at a time — controls, host state or guest state — and read the
+  failure;
 * use VMLAUNCH, VMRESUME and VMCLEAR according to the launch state, including when a VMCS
   moves to another logical processor.
 """, lock="nb03_intro")
@@ -52,7 +53,7 @@ from matplotlib.patches import Patch
 import vtlab
 import vtlab.widgets as widgets
 from vtlab import (CONTROL_CLASSES, CONTROL_FIELD, Cr0, EntryControl, ExitControl, FieldType,
-                   FieldWidth, Msr, PinBased, ProcBased, ProcBased2, Status, VirtualMachine,
+                   FieldWidth, Msr, PinBased, ProcBased, ProcBased2, Rflags, Status, VirtualMachine,
                    VmcsArea, VmcsField as F, VmState, VmxOperation, control_names,
                    decode_encoding, field_area)
 from vtlab.plots import OKABE_ITO
@@ -106,8 +107,10 @@ processor may keep parts of the active VMCS in internal storage rather than in m
 software reads and writes fields only with **VMREAD** and **VMWRITE**, naming each field by a
 32-bit *encoding*, never by an offset. (That caching is also why VMCS accesses show up in a
 hypervisor's performance: each VMREAD/VMWRITE is an instruction with a cost, and KVM, for one,
-keeps copies of often-read fields in software.) vtlab makes the point literally — the region in
-memory holds nothing but those two dwords:
+keeps copies of often-read fields in software.) vtlab behaves like such a processor: while a
+VMCS is *active* its data lives "on the chip", and the region holds only what the last VMCLEAR
+wrote there, in a layout that is vtlab's own (`vtlab.cpu.vmcs.REGION_LAYOUT`). Writing to
+the region of an active VMCS therefore has no effect that VMREAD could see:
 """)
 
 code("""
@@ -683,7 +686,7 @@ Break one rule at a time and read what the processor says:
 
 code("""
 BREAKERS = {
-    "RFLAGS bit 1 = 0": lambda vm: vm.vmwrite(F.GUEST_RFLAGS, vm.vmread(F.GUEST_RFLAGS) & ~0x2),
+    "RFLAGS bit 1 = 0": lambda vm: vm.vmwrite(F.GUEST_RFLAGS, vm.vmread(F.GUEST_RFLAGS) & ~int(Rflags.FIXED)),
     "CR0.PG = 1 while CR0.PE = 0": lambda vm: vm.vmwrite(F.GUEST_CR0, vm.vmread(F.GUEST_CR0) | Cr0.PG),
     "CR0.NE = 0 (IA32_VMX_CR0_FIXED0)": lambda vm: vm.vmwrite(F.GUEST_CR0, vm.vmread(F.GUEST_CR0) & ~Cr0.NE),
     "unrestricted guest off (real-mode CR0)": lambda vm: vm.set_control(ProcBased2.UNRESTRICTED_GUEST, False),
@@ -752,6 +755,73 @@ for violation in several.cpu.entry_violations():
     print(violation)
 """)
 
+md("""
+### Every rule of SDM 27.2-27.3, one at a time
+
+The eleven rules of `BREAKERS` are a handful of the conditions SDM Vol. 3C chapter 27 states.
+vtlab keeps all of them in a **registry** (`vtlab.cpu.entry`), one record per condition, the
+way KVM names each of its checks: a stable id, the **group** (controls, host state or guest
+state — which decides how a failure is reported), the **SDM section** that states it, and a
+*break recipe* — the VMWRITEs that break that rule in a fresh, valid `VirtualMachine` started
+in the guest mode the recipe needs. (The event-injection checks of SDM 27.2.1.3 belong to the
+controls group: the VM-entry interruption-information field is a VM-entry control.)
+
+The cell below breaks one rule of each kind with its own recipe, each in a fresh VM, and
+VMLAUNCHes: compare the outcome column with the three reporting rules above.
+""")
+
+code("""
+from vtlab.cpu.entry import get_rule, rules
+from vtlab.lab.widgets_entry import EntryRuleExplorer
+
+print(len(rules()), "rules in the registry:", pd.Series([r.group for r in rules()]).value_counts().to_dict())
+SAMPLES = ["ept_pointer_memory_type",                # controls: the EPTP's memory type (SDM 27.2.1.1)
+           "event_injection_nmi_vector",             # controls: event injection (SDM 27.2.1.3)
+           "host_ia32_pat_valid",                    # host state (SDM 27.2.2)
+           "guest_interruptibility_sti_and_mov_ss",  # guest state, non-register state (SDM 27.3.1.5)
+           "guest_pdptes_valid"]                     # guest state, PAE paging: a paged-mode guest
+rows = []
+for sample in map(get_rule, SAMPLES):
+    probe = VirtualMachine("hlt", mode=sample.mode)  # fresh and valid, in the mode the recipe needs
+    sample.breaks(probe)                            # the rule's own recipe
+    probe.run(max_exits=5, max_instructions=1_000)
+    out = probe.last_outcome
+    failed = out.status is Status.ENTRY_FAILED
+    rows.append({"rule": sample.id, "group": sample.group, "SDM": sample.section, "guest mode": sample.mode,
+                 "outcome": out.status.value,
+                 "VM-instruction error": probe.vmread(F.VM_INSTRUCTION_ERROR) if out.status is Status.VMFAIL_VALID else "",
+                 "exit reason": f"{probe.vmread(F.VM_EXIT_REASON):#010x}" if failed else "",
+                 "qualification": probe.vmread(F.EXIT_QUALIFICATION) if failed else "",
+                 "what the check says": out.violations[0].message})
+registry_sample = pd.DataFrame(rows).set_index("rule")
+registry_sample
+""")
+
+md("""
+The controls rules end in VMfailValid with error 7 and the host-state rule with error 8;
+both guest-state rules are VM-entry failures with exit reason 0x80000021 (basic reason 33),
+and the qualification tells them apart: 0 for most rules, 2 when the PDPTEs could not be
+loaded (SDM 27.8). No guest instruction ran in any of them.
+
+`EntryRuleExplorer` lets you try any rule of the registry: pick a group and a rule (listed
+with its SDM section), press **Break it and VMLAUNCH** and read the outcome in the SDM's
+terms, what the checks say and the rule's statement. Each press starts a fresh VM, so
+nothing here touches `broken_boot_vm`. The guest mode is the recipe's own unless you pick
+another; a recipe written for another mode may then not break its rule, and the explorer
+says so. (`EntryRuleExplorer?` shows how to drive it from code.)
+""")
+
+code("""
+entry_explorer = EntryRuleExplorer()
+entry_explorer
+""")
+
+code("""
+entry_explorer.select("guest_ia32_pat_valid")
+explored = entry_explorer.break_and_launch()
+print(explored.describe())
+""")
+
 # ------------------------------------------------------------------ exercise 3
 md("""
 ### Exercise 3 — repair a broken VMCS (4 points)
@@ -770,7 +840,7 @@ code-segment selector is 0x10.
 answer("ex03_repair", """
 def repair(vm):
     ### BEGIN SOLUTION
-    vm.vmwrite(F.GUEST_RFLAGS, vm.vmread(F.GUEST_RFLAGS) | 0x2)
+    vm.vmwrite(F.GUEST_RFLAGS, vm.vmread(F.GUEST_RFLAGS) | Rflags.FIXED)
     vm.set_control(ProcBased.TPR_SHADOW, False)
     vm.set_control(ProcBased2.ENABLE_EPT, True)
     vm.set_control(ProcBased2.UNRESTRICTED_GUEST, True)
@@ -866,6 +936,26 @@ md("""
 character — and no exit handler runs, so the guest simply exits again at the same place.)
 """)
 
+md("""
+VMCLEAR's first point can be seen in memory. After VMCLEAR the region holds the whole VMCS,
+so a copy of those 4 KBytes at another address is the same VMCS: VMPTRLD the copy and every
+field reads the same (this is how kvm-unit-tests checks that VMCLEAR really flushes). The
+copy's launch state is clear too, so it needs VMLAUNCH:
+""")
+
+code("""
+vm = boot_vm()
+cpu, V = vm.cpu, vm.vmcs_address
+cpu.vmlaunch(10_000)                      # V is launched and active; back in root operation
+rip = cpu.vmread(F.GUEST_RIP).value
+cpu.vmclear(V).check()                    # everything the processor held is now in memory
+copy = cpu.alloc_region()                 # a zeroed 4-KByte region elsewhere
+cpu.memory.write(copy, cpu.memory.read(V, 4096))
+for outcome in (cpu.vmptrld(copy), cpu.vmread(F.GUEST_RIP), cpu.vmresume(10_000), cpu.vmlaunch(10_000)):
+    print(outcome)
+print(f"GUEST_RIP before the copy: {rip:#x}; after its VMLAUNCH the copy is {cpu.view(copy).launch_state.value}")
+""")
+
 # ------------------------------------------------------------------ exercise 4
 md("""
 ### Exercise 4 — move a vCPU to another processor (2 points)
@@ -930,6 +1020,8 @@ md("""
   VMLAUNCH fail with error **7**, a bad host state with error **8**.
 * A real-mode guest at 0x7C00 needs **unrestricted guest**, which needs **EPT**. Guest-state
   problems make the entry fail like an exit: reason **0x80000021** (33 with bit 31).
+* Every rule of SDM 27.2-27.3 is a record in vtlab's registry (`vtlab.cpu.entry.rules()`) with
+  its group, section and a recipe that breaks it; `EntryRuleExplorer` breaks any of them.
 * **VMLAUNCH** wants a clear VMCS (else error **4**), **VMRESUME** a launched one (else
   error **5**). **VMCLEAR** writes the VMCS back to memory, makes it clear and invalidates the
   current-VMCS pointer if it was current — do it before a VMCS moves to another processor,

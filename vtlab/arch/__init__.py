@@ -11,16 +11,35 @@ chapters 24-31 and Appendices A-C) and matches Linux's
 * :mod:`.msrs` - MSR numbers and CR0/CR4/EFER/RFLAGS/IA32_FEATURE_CONTROL bits
 * :mod:`.exceptions` - exception vectors and the interruption-information format
 * :mod:`.qualifications` - exit-qualification layouts
+* :mod:`.segments` - the segment access-rights format (S, P, L, D/B, G, unusable, types)
 
 Section numbers cited anywhere in vtlab are those of the edition in :data:`SDM_EDITION`
 (Vol. 3C: 24 Introduction to VMX, 25 VMCS, 26 VMX non-root operation, 27 VM entries,
-28 VM exits, 29 address translation, 31 VMX instruction reference).
+28 VM exits, 29 address translation, 30 APIC virtualization, 31 VMX instruction reference;
+:data:`SDM_VMX_CHAPTERS`).
 """
 from __future__ import annotations
 
+#: Order number of the SDM edition vtlab cites (325462 = the combined volumes; 084 = the
+#: revision).  Everything else that names the edition is built from this one string.
+SDM_ORDER_NUMBER = "325462-084US"
+
 #: The Intel SDM edition whose section and table numbers vtlab cites.
 SDM_EDITION = ("Intel 64 and IA-32 Architectures Software Developer's Manual, Combined "
-               "Volumes 1-4, Order Number 325462-084US, June 2024")
+               f"Volumes 1-4, Order Number {SDM_ORDER_NUMBER}, June 2024")
+
+#: The VMX chapters of Vol. 3C in that edition (older editions numbered them
+#: 23-30: a citation "24.11.5" there is "25.11.5" here).
+SDM_VMX_CHAPTERS = {
+    24: "Introduction to Virtual Machine Extensions",
+    25: "Virtual Machine Control Structures",
+    26: "VMX Non-Root Operation",
+    27: "VM Entries",
+    28: "VM Exits",
+    29: "VMX Support for Address Translation",
+    30: "APIC Virtualization and Virtual Interrupts",
+    31: "VMX Instruction Reference",
+}
 
 from .controls import (
     CONTROL_CLASSES,
@@ -66,7 +85,7 @@ from .exit_reasons import (
     basic_exit_reason,
     is_entry_failure,
 )
-from .msrs import Cr0, Cr4, Efer, FeatureControl, Msr, Rflags
+from .msrs import RFLAGS_IOPL_SHIFT, Cr0, Cr4, Efer, FeatureControl, Msr, Rflags
 from .qualifications import (
     GPR_ORDER,
     CrAccessQualification,
@@ -78,6 +97,7 @@ from .qualifications import (
     IoQualification,
     gpr_name,
 )
+from .segments import AR_DPL_SHIFT, AR_RESERVED, AccessRights, CodeDataType, SystemType
 from .vmcs_fields import (
     FIELD_DESCRIPTIONS,
     VMCS_MAX_INDEX,
@@ -94,6 +114,8 @@ from .vmcs_fields import (
 
 __all__ = [
     "SDM_EDITION",
+    "SDM_ORDER_NUMBER",
+    "SDM_VMX_CHAPTERS",
     # exit_reasons
     "ExitReason",
     "ExitReasonInfo",
@@ -144,6 +166,7 @@ __all__ = [
     "Cr0",
     "Cr4",
     "Rflags",
+    "RFLAGS_IOPL_SHIFT",
     # exceptions
     "Vector",
     "ExceptionInfo",
@@ -156,6 +179,12 @@ __all__ = [
     "INTR_INFO_DELIVER_CODE",
     "INTR_INFO_NMI_UNBLOCKING",
     "INTR_INFO_VALID",
+    # segments
+    "AccessRights",
+    "CodeDataType",
+    "SystemType",
+    "AR_DPL_SHIFT",
+    "AR_RESERVED",
     # qualifications
     "GPR_ORDER",
     "gpr_name",

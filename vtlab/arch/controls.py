@@ -6,8 +6,8 @@
 * :class:`ExitControl` - Table 25-13 "Definitions of Primary VM-Exit Controls"
 * :class:`EntryControl` - Table 25-15 "Definitions of VM-Entry Controls"
 
-(Table numbers are those of recent SDM editions; older editions number the
-chapter 24.)  Member names are Linux's (``arch/x86/include/asm/vmx.h``) without
+(Table numbers are those of the edition in :data:`vtlab.arch.SDM_EDITION`; editions
+before the VMX chapters moved up by one number the chapter 24.)  Member names are Linux's (``arch/x86/include/asm/vmx.h``) without
 the ``PIN_BASED_`` / ``CPU_BASED_`` / ``SECONDARY_EXEC_`` / ``VM_EXIT_`` /
 ``VM_ENTRY_`` prefix.  Bits the SDM defines but Linux does not name get a name
 in the same style.
@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Union
 
+from .bits import RegisterBits
 from .vmcs_fields import VmcsField
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class PinBased(enum.IntFlag):
+class PinBased(RegisterBits):
     """Pin-based VM-execution controls (VMCS field PIN_BASED_VM_EXEC_CONTROL, 0x4000).
 
     They govern asynchronous events: external interrupts and NMIs.
@@ -60,7 +61,7 @@ class PinBased(enum.IntFlag):
     POSTED_INTR = 1 << 7
 
 
-class ProcBased(enum.IntFlag):
+class ProcBased(RegisterBits):
     """Primary processor-based VM-execution controls (CPU_BASED_VM_EXEC_CONTROL, 0x4002).
 
     They decide which guest instructions cause VM exits.
@@ -90,7 +91,7 @@ class ProcBased(enum.IntFlag):
     ACTIVATE_SECONDARY_CONTROLS = 1 << 31
 
 
-class ProcBased2(enum.IntFlag):
+class ProcBased2(RegisterBits):
     """Secondary processor-based VM-execution controls (SECONDARY_VM_EXEC_CONTROL, 0x401E).
 
     Only used if ``ProcBased.ACTIVATE_SECONDARY_CONTROLS`` is set.
@@ -129,7 +130,7 @@ class ProcBased2(enum.IntFlag):
     NOTIFY_VM_EXITING = 1 << 31
 
 
-class ExitControl(enum.IntFlag):
+class ExitControl(RegisterBits):
     """Primary VM-exit controls (VM_EXIT_CONTROLS, 0x400C): what happens on VM exit."""
 
     SAVE_DEBUG_CONTROLS = 1 << 2
@@ -152,7 +153,7 @@ class ExitControl(enum.IntFlag):
     ACTIVATE_SECONDARY_CONTROLS = 1 << 31
 
 
-class EntryControl(enum.IntFlag):
+class EntryControl(RegisterBits):
     """VM-entry controls (VM_ENTRY_CONTROLS, 0x4012): what happens on VM entry."""
 
     LOAD_DEBUG_CONTROLS = 1 << 2

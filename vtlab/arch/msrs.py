@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Msr", "FeatureControl", "Efer", "Cr0", "Cr4", "Rflags"]
+from .bits import RegisterBits
+
+__all__ = ["Msr", "FeatureControl", "Efer", "Cr0", "Cr4", "Rflags", "RFLAGS_IOPL_SHIFT"]
 
 
 class Msr(enum.IntEnum):
@@ -101,7 +103,7 @@ class Msr(enum.IntEnum):
     IA32_TSC = 0x10
 
 
-class FeatureControl(enum.IntFlag):
+class FeatureControl(RegisterBits):
     """IA32_FEATURE_CONTROL (MSR 0x3A) bits; firmware sets them and then locks the MSR.
 
     VMXON raises #GP unless LOCKED and the VMXON_ENABLED bit for the current
@@ -118,7 +120,7 @@ class FeatureControl(enum.IntFlag):
     LMCE_ENABLED = 1 << 20
 
 
-class Efer(enum.IntFlag):
+class Efer(RegisterBits):
     """IA32_EFER (MSR 0xC0000080) bits (SDM Vol. 3A, 2.2.1)."""
 
     SCE = 1 << 0  #: SYSCALL enable
@@ -127,7 +129,7 @@ class Efer(enum.IntFlag):
     NXE = 1 << 11  #: execute-disable bit enable
 
 
-class Cr0(enum.IntFlag):
+class Cr0(RegisterBits):
     """CR0 bits (SDM Vol. 3A, 2.5)."""
 
     PE = 1 << 0  #: protection enable
@@ -143,7 +145,7 @@ class Cr0(enum.IntFlag):
     PG = 1 << 31  #: paging
 
 
-class Cr4(enum.IntFlag):
+class Cr4(RegisterBits):
     """CR4 bits (SDM Vol. 3A, 2.5)."""
 
     VME = 1 << 0  #: virtual-8086 mode extensions
@@ -176,7 +178,7 @@ class Cr4(enum.IntFlag):
     FRED = 1 << 32  #: flexible return and event delivery
 
 
-class Rflags(enum.IntFlag):
+class Rflags(RegisterBits):
     """RFLAGS bits (SDM Vol. 1, 3.4.3).  ``IOPL`` is the two-bit field 13:12."""
 
     CF = 1 << 0  #: carry
@@ -197,3 +199,8 @@ class Rflags(enum.IntFlag):
     VIF = 1 << 19  #: virtual interrupt flag
     VIP = 1 << 20  #: virtual interrupt pending
     ID = 1 << 21  #: CPUID available
+
+
+#: Bit position of the two-bit :attr:`Rflags.IOPL` field: ``(rflags & Rflags.IOPL) >>
+#: RFLAGS_IOPL_SHIFT`` is the I/O privilege level, ``iopl << RFLAGS_IOPL_SHIFT`` the bits.
+RFLAGS_IOPL_SHIFT = 12

@@ -3,6 +3,7 @@
 The EXIT_QUALIFICATION field (0x6400) gives details about an exit; its layout
 depends on the exit reason:
 
+* :class:`TaskSwitchQualification` - Table 28-2 "Exit Qualification for Task Switches"
 * :class:`IoQualification` - Table 28-5 "Exit Qualification for I/O Instructions"
 * :class:`CrAccessQualification` - Table 28-3 "Exit Qualification for Control-Register Accesses"
 * :class:`DrAccessQualification` - Table 28-4 "Exit Qualification for MOV DR"
@@ -28,6 +29,8 @@ __all__ = [
     "DrAccessDirection",
     "DrAccessQualification",
     "EptViolationQualification",
+    "TaskSwitchSource",
+    "TaskSwitchQualification",
 ]
 
 #: SDM register numbering (Table 28-3 bits 11:8, Table 28-4, instruction information).
@@ -369,6 +372,54 @@ class EptViolationQualification:
         """Named fields for display."""
         d: dict[str, object] = {"access": self.access, "ept_permissions": self.permissions}
         d.update({name: getattr(self, name) for name, _ in _EPT_BITS[6:]})
+        if self.other_bits:
+            d["other_bits"] = f"{self.other_bits:#x}"
+        return d
+
+
+# ---------------------------------------------------------------------------
+# Task switches
+# ---------------------------------------------------------------------------
+
+
+class TaskSwitchSource(enum.IntEnum):
+    """Bits 31:30 of the task-switch exit qualification: what started the switch."""
+
+    CALL = 0       #: CALL to a TSS or to a task gate
+    IRET = 1       #: IRET with RFLAGS.NT = 1 (back to the previous-task link)
+    JMP = 2        #: JMP to a TSS or to a task gate
+    TASK_GATE = 3  #: an event delivered through a task gate in the IDT
+
+
+@dataclass(frozen=True)
+class TaskSwitchQualification:
+    """Exit qualification for task switches (SDM Table 28-2).
+
+    Bits 15:0 the selector of the TSS switched to; bits 29:16 not currently defined
+    (kept in ``other_bits`` so ``decode(v).encode() == v``); bits 31:30 the source.
+    """
+
+    selector: int
+    source: TaskSwitchSource = TaskSwitchSource.CALL
+    other_bits: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.selector <= 0xFFFF:
+            raise ValueError(f"TSS selector {self.selector:#x} is not a 16-bit value")
+
+    def encode(self) -> int:
+        """The exit-qualification value."""
+        return self.selector | (self.other_bits & 0x3FFF_0000) | int(self.source) << 30
+
+    @classmethod
+    def decode(cls, value: int) -> "TaskSwitchQualification":
+        """Split a task-switch exit qualification into its fields."""
+        return cls(selector=value & 0xFFFF, source=TaskSwitchSource((value >> 30) & 3),
+                   other_bits=value & 0x3FFF_0000)
+
+    def as_dict(self) -> dict[str, object]:
+        """Named fields for display."""
+        d: dict[str, object] = {"tss_selector": f"{self.selector:#06x}", "source": self.source.name}
         if self.other_bits:
             d["other_bits"] = f"{self.other_bits:#x}"
         return d

@@ -15,9 +15,15 @@ bits   meaning
 31:15  reserved, must be 0
 ====== =========================================================
 
-:class:`VmcsField` lists every field of Appendix B (full encodings only; the
-"high" half of a 64-bit field is ``field + 1``).  Names follow Linux's
-``arch/x86/include/asm/vmx.h``; fields Linux does not name get a name in the
+:class:`VmcsField` lists every field of Appendix B by its full encoding, and
+names the "high" access encoding of each 64-bit field too, as Appendix B lists it
+(``TSC_OFFSET = 0x2010``, ``TSC_OFFSET_HIGH = 0x2011``).  A high half is not a field
+of its own but a second way to reach bits 63:32 of the same field (SDM 25.11.2), so
+the ``*_HIGH`` members work by name and by value (``VmcsField(0x2011)`` is
+``VmcsField.TSC_OFFSET_HIGH``) but iterating over ``VmcsField`` (and ``len``) gives
+each field once, by its full encoding; :attr:`VmcsField.full` goes from either
+encoding to the field.  Names follow Linux's ``arch/x86/include/asm/vmx.h``
+(``<NAME>_HIGH`` for the high halves); fields Linux does not name get a name in the
 same style.  :func:`decode_encoding` splits any encoding into its parts.
 """
 from __future__ import annotations
@@ -43,11 +49,14 @@ __all__ = [
 
 
 class VmcsField(enum.IntEnum):
-    """Encoding of every VMCS field (SDM Appendix B), full access type.
+    """Encoding of every VMCS field (SDM Appendix B), full access type, plus the named
+    high access encoding (``<NAME>_HIGH`` = encoding | 1) of every 64-bit field.
 
     ``int(VmcsField.GUEST_RIP) == 0x681E``.  Useful properties:
     ``.encoding_info`` (a :class:`FieldEncoding`), ``.width``, ``.type``,
-    ``.area``, ``.read_only`` and ``.description``.
+    ``.area``, ``.read_only``, ``.description`` and ``.full`` (the field itself, also
+    for a ``*_HIGH`` member).  Iteration yields the fields only (no ``*_HIGH``): a high
+    half is an access type of its field, not another field (see the module doc).
     """
 
     # --- B.1.1 16-bit control fields -------------------------------------
@@ -78,81 +87,154 @@ class VmcsField(enum.IntEnum):
     HOST_TR_SELECTOR = 0x0C0C
     # --- B.2.1 64-bit control fields -------------------------------------
     IO_BITMAP_A = 0x2000
+    IO_BITMAP_A_HIGH = 0x2001
     IO_BITMAP_B = 0x2002
+    IO_BITMAP_B_HIGH = 0x2003
     MSR_BITMAP = 0x2004
+    MSR_BITMAP_HIGH = 0x2005
     VM_EXIT_MSR_STORE_ADDR = 0x2006
+    VM_EXIT_MSR_STORE_ADDR_HIGH = 0x2007
     VM_EXIT_MSR_LOAD_ADDR = 0x2008
+    VM_EXIT_MSR_LOAD_ADDR_HIGH = 0x2009
     VM_ENTRY_MSR_LOAD_ADDR = 0x200A
+    VM_ENTRY_MSR_LOAD_ADDR_HIGH = 0x200B
     EXECUTIVE_VMCS_POINTER = 0x200C
+    EXECUTIVE_VMCS_POINTER_HIGH = 0x200D
     PML_ADDRESS = 0x200E
+    PML_ADDRESS_HIGH = 0x200F
     TSC_OFFSET = 0x2010
+    TSC_OFFSET_HIGH = 0x2011
     VIRTUAL_APIC_PAGE_ADDR = 0x2012
+    VIRTUAL_APIC_PAGE_ADDR_HIGH = 0x2013
     APIC_ACCESS_ADDR = 0x2014
+    APIC_ACCESS_ADDR_HIGH = 0x2015
     POSTED_INTR_DESC_ADDR = 0x2016
+    POSTED_INTR_DESC_ADDR_HIGH = 0x2017
     VM_FUNCTION_CONTROL = 0x2018
+    VM_FUNCTION_CONTROL_HIGH = 0x2019
     EPT_POINTER = 0x201A
+    EPT_POINTER_HIGH = 0x201B
     EOI_EXIT_BITMAP0 = 0x201C
+    EOI_EXIT_BITMAP0_HIGH = 0x201D
     EOI_EXIT_BITMAP1 = 0x201E
+    EOI_EXIT_BITMAP1_HIGH = 0x201F
     EOI_EXIT_BITMAP2 = 0x2020
+    EOI_EXIT_BITMAP2_HIGH = 0x2021
     EOI_EXIT_BITMAP3 = 0x2022
+    EOI_EXIT_BITMAP3_HIGH = 0x2023
     EPTP_LIST_ADDRESS = 0x2024
+    EPTP_LIST_ADDRESS_HIGH = 0x2025
     VMREAD_BITMAP = 0x2026
+    VMREAD_BITMAP_HIGH = 0x2027
     VMWRITE_BITMAP = 0x2028
+    VMWRITE_BITMAP_HIGH = 0x2029
     VE_INFORMATION_ADDRESS = 0x202A
+    VE_INFORMATION_ADDRESS_HIGH = 0x202B
     XSS_EXIT_BITMAP = 0x202C
+    XSS_EXIT_BITMAP_HIGH = 0x202D
     ENCLS_EXITING_BITMAP = 0x202E
+    ENCLS_EXITING_BITMAP_HIGH = 0x202F
     SPPT_POINTER = 0x2030
+    SPPT_POINTER_HIGH = 0x2031
     TSC_MULTIPLIER = 0x2032
+    TSC_MULTIPLIER_HIGH = 0x2033
     TERTIARY_VM_EXEC_CONTROL = 0x2034
+    TERTIARY_VM_EXEC_CONTROL_HIGH = 0x2035
     ENCLV_EXITING_BITMAP = 0x2036
+    ENCLV_EXITING_BITMAP_HIGH = 0x2037
     LOW_PASID_DIR_ADDRESS = 0x2038
+    LOW_PASID_DIR_ADDRESS_HIGH = 0x2039
     HIGH_PASID_DIR_ADDRESS = 0x203A
+    HIGH_PASID_DIR_ADDRESS_HIGH = 0x203B
     SHARED_EPT_POINTER = 0x203C
+    SHARED_EPT_POINTER_HIGH = 0x203D
     PCONFIG_EXITING_BITMAP = 0x203E
+    PCONFIG_EXITING_BITMAP_HIGH = 0x203F
     HLAT_POINTER = 0x2040
+    HLAT_POINTER_HIGH = 0x2041
     PID_POINTER_TABLE = 0x2042
+    PID_POINTER_TABLE_HIGH = 0x2043
     SECONDARY_VM_EXIT_CONTROLS = 0x2044
+    SECONDARY_VM_EXIT_CONTROLS_HIGH = 0x2045
     IA32_SPEC_CTRL_MASK = 0x204A
+    IA32_SPEC_CTRL_MASK_HIGH = 0x204B
     IA32_SPEC_CTRL_SHADOW = 0x204C
+    IA32_SPEC_CTRL_SHADOW_HIGH = 0x204D
     INJECTED_EVENT_DATA = 0x2052
+    INJECTED_EVENT_DATA_HIGH = 0x2053
     # --- B.2.2 64-bit read-only data fields ------------------------------
     GUEST_PHYSICAL_ADDRESS = 0x2400
+    GUEST_PHYSICAL_ADDRESS_HIGH = 0x2401
     ORIGINAL_EVENT_DATA = 0x2404
+    ORIGINAL_EVENT_DATA_HIGH = 0x2405
     # --- B.2.3 64-bit guest-state fields ---------------------------------
     VMCS_LINK_POINTER = 0x2800
+    VMCS_LINK_POINTER_HIGH = 0x2801
     GUEST_IA32_DEBUGCTL = 0x2802
+    GUEST_IA32_DEBUGCTL_HIGH = 0x2803
     GUEST_IA32_PAT = 0x2804
+    GUEST_IA32_PAT_HIGH = 0x2805
     GUEST_IA32_EFER = 0x2806
+    GUEST_IA32_EFER_HIGH = 0x2807
     GUEST_IA32_PERF_GLOBAL_CTRL = 0x2808
+    GUEST_IA32_PERF_GLOBAL_CTRL_HIGH = 0x2809
     GUEST_PDPTR0 = 0x280A
+    GUEST_PDPTR0_HIGH = 0x280B
     GUEST_PDPTR1 = 0x280C
+    GUEST_PDPTR1_HIGH = 0x280D
     GUEST_PDPTR2 = 0x280E
+    GUEST_PDPTR2_HIGH = 0x280F
     GUEST_PDPTR3 = 0x2810
+    GUEST_PDPTR3_HIGH = 0x2811
     GUEST_BNDCFGS = 0x2812
+    GUEST_BNDCFGS_HIGH = 0x2813
     GUEST_IA32_RTIT_CTL = 0x2814
+    GUEST_IA32_RTIT_CTL_HIGH = 0x2815
     GUEST_IA32_LBR_CTL = 0x2816
+    GUEST_IA32_LBR_CTL_HIGH = 0x2817
     GUEST_IA32_PKRS = 0x2818
+    GUEST_IA32_PKRS_HIGH = 0x2819
     GUEST_IA32_FRED_CONFIG = 0x281A
+    GUEST_IA32_FRED_CONFIG_HIGH = 0x281B
     GUEST_IA32_FRED_RSP1 = 0x281C
+    GUEST_IA32_FRED_RSP1_HIGH = 0x281D
     GUEST_IA32_FRED_RSP2 = 0x281E
+    GUEST_IA32_FRED_RSP2_HIGH = 0x281F
     GUEST_IA32_FRED_RSP3 = 0x2820
+    GUEST_IA32_FRED_RSP3_HIGH = 0x2821
     GUEST_IA32_FRED_STKLVLS = 0x2822
+    GUEST_IA32_FRED_STKLVLS_HIGH = 0x2823
     GUEST_IA32_FRED_SSP1 = 0x2824
+    GUEST_IA32_FRED_SSP1_HIGH = 0x2825
     GUEST_IA32_FRED_SSP2 = 0x2826
+    GUEST_IA32_FRED_SSP2_HIGH = 0x2827
     GUEST_IA32_FRED_SSP3 = 0x2828
+    GUEST_IA32_FRED_SSP3_HIGH = 0x2829
     # --- B.2.4 64-bit host-state fields ----------------------------------
     HOST_IA32_PAT = 0x2C00
+    HOST_IA32_PAT_HIGH = 0x2C01
     HOST_IA32_EFER = 0x2C02
+    HOST_IA32_EFER_HIGH = 0x2C03
     HOST_IA32_PERF_GLOBAL_CTRL = 0x2C04
+    HOST_IA32_PERF_GLOBAL_CTRL_HIGH = 0x2C05
     HOST_IA32_PKRS = 0x2C06
+    HOST_IA32_PKRS_HIGH = 0x2C07
     HOST_IA32_FRED_CONFIG = 0x2C08
+    HOST_IA32_FRED_CONFIG_HIGH = 0x2C09
     HOST_IA32_FRED_RSP1 = 0x2C0A
+    HOST_IA32_FRED_RSP1_HIGH = 0x2C0B
     HOST_IA32_FRED_RSP2 = 0x2C0C
+    HOST_IA32_FRED_RSP2_HIGH = 0x2C0D
     HOST_IA32_FRED_RSP3 = 0x2C0E
+    HOST_IA32_FRED_RSP3_HIGH = 0x2C0F
     HOST_IA32_FRED_STKLVLS = 0x2C10
+    HOST_IA32_FRED_STKLVLS_HIGH = 0x2C11
     HOST_IA32_FRED_SSP1 = 0x2C12
+    HOST_IA32_FRED_SSP1_HIGH = 0x2C13
     HOST_IA32_FRED_SSP2 = 0x2C14
+    HOST_IA32_FRED_SSP2_HIGH = 0x2C15
     HOST_IA32_FRED_SSP3 = 0x2C16
+    HOST_IA32_FRED_SSP3_HIGH = 0x2C17
     # --- B.3.1 32-bit control fields -------------------------------------
     PIN_BASED_VM_EXEC_CONTROL = 0x4000
     CPU_BASED_VM_EXEC_CONTROL = 0x4002
@@ -291,9 +373,44 @@ class VmcsField(enum.IntEnum):
         return field_area(self)
 
     @property
+    def full(self) -> "VmcsField":
+        """The field this encoding reaches: itself, or for a ``*_HIGH`` member the
+        64-bit field whose bits 63:32 it reads and writes."""
+        return VmcsField(int(self) & ~1) if int(self) & 1 else self
+
+    @property
+    def is_high(self) -> bool:
+        """True for the high access encoding of a 64-bit field (bit 0 of the encoding)."""
+        return bool(int(self) & 1)
+
+    @property
     def description(self) -> str:
-        """A one-line description of the field."""
+        """A one-line description of the field (of its bits 63:32 for a ``*_HIGH`` member)."""
+        if int(self) & 1:
+            return (f"Bits 63:32 of {self.full.name}, the 'high' access type of that 64-bit "
+                    f"field: {FIELD_DESCRIPTIONS[self.full]}")
         return FIELD_DESCRIPTIONS[self]
+
+
+def _iterate_fields_only(cls: type[VmcsField]) -> None:
+    """Keep the ``*_HIGH`` members out of iteration and ``len``.
+
+    The enum machinery iterates over ``_member_names_``; removing a name from it gives
+    that member the standing of an alias (reachable as ``VmcsField.X``,
+    ``VmcsField["X"]`` and ``VmcsField(value)``, listed in ``__members__``, skipped by
+    ``for f in VmcsField``), which is what a high half is: another encoding of a field.
+    The check below keeps the table honest: exactly one ``_HIGH`` per 64-bit field.
+    """
+    names = cls._member_names_
+    high = [n for n in names if int(cls[n]) & 1]
+    fields64 = [n for n in names if not int(cls[n]) & 1 and (int(cls[n]) >> 13) & 3 == 1]
+    if sorted(high) != sorted(n + "_HIGH" for n in fields64) or any(
+            int(cls[n + "_HIGH"]) != int(cls[n]) | 1 for n in fields64):
+        raise AssertionError("VmcsField: every 64-bit field needs exactly one <NAME>_HIGH = encoding | 1")
+    names[:] = [n for n in names if not int(cls[n]) & 1]
+
+
+_iterate_fields_only(VmcsField)
 
 
 class AccessType(enum.IntEnum):

@@ -96,7 +96,7 @@ class VmxCapabilities:
     cr0_fixed0: int = Cr0.PE | Cr0.NE | Cr0.PG
     cr0_fixed1: int = 0xFFFF_FFFF
     cr4_fixed0: int = Cr4.VMXE
-    #: Bits CR4 may have set in VMX operation (SDM A.8): VME..OSXMMEXCPT, UMIP (10), VMXE,
+    #: Bits CR4 may have set in VMX operation (SDM A.8): VME..OSXMMEXCPT (bits 10:0), VMXE,
     #: SMXE (14: vtlab's processor reports SMX, CPUID.1:ECX[6]), FSGSBASE, PCIDE, OSXSAVE,
     #: SMEP, SMAP - the value of a recent Intel core with SMX.
     cr4_fixed1: int = 0x0037_67FF

@@ -1,5 +1,5 @@
 """When MOV to a control register raises #GP(0) (SDM Vol. 2B, "MOV - Move to/from Control
-Registers"; Vol. 3A 2.5, 4.1.1, 4.4.1, 4.10.1, 9.8.5).
+Registers"; Vol. 3A 2.5, 4.1.1, 4.4.1, 4.10.1, 10.8.5).
 
 QEMU, the CPU model inside Unicorn, performs a MOV to CR0/CR3/CR4/CR8 without any of
 the architectural checks: it lets a real-mode guest set CR0.PG with CR0.PE clear, set
@@ -102,7 +102,7 @@ def mov_to_cr_fault(guest: "Guest", cr: int, value: int,
     ``value`` is what the register would become; ``vmx_fixed`` the (FIXED0, FIXED1) pair
     of the VMX capability MSRs for that register when the CPU is in VMX operation (SDM
     Vol. 3C 24.8: bits fixed to 1 must stay 1, bits fixed to 0 must stay 0 - a MOV that
-    breaks them raises #GP, SDM 25.3).
+    breaks them raises #GP, SDM 26.3).
 
     >>> from vtlab.cpu.guest import Guest
     >>> mov_to_cr_fault(Guest("real"), 0, 0x8000_0010)
@@ -122,10 +122,10 @@ def mov_to_cr_fault(guest: "Guest", cr: int, value: int,
             return "#GP(0): CR0.NW = 1 with CR0.CD = 0 (SDM Vol. 2B MOV CR: invalid bit combination)"
         if lma and not value & _PG and guest.bits == 64:
             return ("#GP(0): clearing CR0.PG in 64-bit mode (IA-32e mode is left from "
-                    "compatibility mode only; SDM Vol. 3A 9.8.5.4)")
+                    "compatibility mode only; SDM Vol. 3A 10.8.5.4)")
         if value & _PG and not cr0 & _PG and efer & _LME and not cr4 & _PAE:
             return ("#GP(0): setting CR0.PG with IA32_EFER.LME = 1 needs CR4.PAE = 1 "
-                    "(SDM Vol. 3A 9.8.5)")
+                    "(SDM Vol. 3A 10.8.5)")
         if not value & _WP and cr4 & _CET:
             return "#GP(0): clearing CR0.WP while CR4.CET = 1 (SDM Vol. 2B MOV CR)"
         fault = _fixed_fault("CR0", value, vmx_fixed)
@@ -178,7 +178,7 @@ def mov_to_cr_fault(guest: "Guest", cr: int, value: int,
 
 
 def _fixed_fault(name: str, value: int, fixed: tuple[int, int] | None) -> str | None:
-    """The VMX fixed-bit rule (SDM Vol. 3C 24.8, 25.3) for a MOV in VMX operation."""
+    """The VMX fixed-bit rule (SDM Vol. 3C 24.8, 26.3) for a MOV in VMX operation."""
     if fixed is None:
         return None
     fixed0, fixed1 = fixed

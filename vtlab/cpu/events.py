@@ -1,17 +1,28 @@
 """Exceptions, interrupts, NMIs and EPT violations in VMX non-root operation (SDM 26.2,
 27.6, 29.3.3): through the exception bitmap and pin-based controls to a VM exit, or
-delivered to the guest through its IDT."""
+delivered to the guest through its IDT.
+
+An exception raised while an event is being delivered (a #GP from a bad gate, a #PF or
+an EPT violation on the IDT or the stack) is first checked against the exception bitmap
+- a VM exit *during event delivery*, which records the event in the IDT-vectoring
+information fields (SDM 28.2.4) - and otherwise goes through the double-fault rules of
+SDM Vol. 3A 6.15 (Tables 6-4 and 6-5, data in :mod:`vtlab.arch.exceptions`): handled
+serially, a #DF (itself subject to exception-bitmap bit 8), or - an exception while
+delivering #DF - a triple fault (exit reason 2).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import unicorn
 from unicorn import x86_const as X
 
 from ..arch.controls import ExitControl, PinBased, ProcBased2
-from ..arch.exceptions import IntrInfo, InterruptionType, Vector
+from ..arch.exceptions import (EXCEPTION_BITMAP_TYPES, SOFTWARE_EVENT_TYPES, IntrInfo, InterruptionType,
+                               Vector, causes_double_fault, exception_class)
 from ..arch.exit_reasons import ExitReason
-from ..arch.qualifications import (EptViolationQualification)
-from ..arch.msrs import Efer
+from ..arch.qualifications import EptViolationQualification, TaskSwitchQualification, TaskSwitchSource
+from ..arch.msrs import Cr0, Efer, Rflags
 from ..arch.vmcs_fields import VmcsField as F
 from .guest import ERROR_CODE_VECTORS
 
@@ -19,6 +30,70 @@ from .vmexit import VmExit
 from .nonroot_consts import _VALID
 
 _EFER_LMA = int(Efer.LMA)
+_CR0_PE = int(Cr0.PE)
+_RFLAGS_IF, _RFLAGS_VM = int(Rflags.IF), int(Rflags.VM)
+_HARDWARE = InterruptionType.HARDWARE_EXCEPTION
+_SOFTWARE_INTERRUPT = InterruptionType.SOFTWARE_INTERRUPT
+_SOFTWARE_EXCEPTION = InterruptionType.SOFTWARE_EXCEPTION
+_PRIVILEGED = InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION
+#: Events a delivery may chain before vtlab gives up (a #DF ends any chain well before).
+_MAX_NESTING = 8
+
+
+@dataclass
+class Event:
+    """An event on its way to the guest's IDT (or IVT).
+
+    ``at`` is the RIP a VM exit during its delivery reports - the INT n / INT1 / INT3 /
+    INTO itself for a software event (SDM 28.3.3), the guest RIP of the VM entry for an
+    injected one (27.6.1.2) - and ``length`` the instruction length such an exit reports
+    (28.2.5; the VM-entry instruction length for injected software events).  Delivery
+    pushes ``at + length``.  ``address``: a #PF's linear address, loaded into CR2 when
+    the #PF is delivered.
+    """
+
+    vector: int
+    kind: InterruptionType
+    error_code: int | None = None
+    at: int = 0
+    length: int = 0
+    address: int | None = None
+    note: str = ""
+
+    @property
+    def return_rip(self) -> int:
+        return self.at + self.length
+
+    @property
+    def is_double_fault(self) -> bool:
+        return self.kind is _HARDWARE and self.vector == Vector.DF
+
+    def info(self, real_mode: bool) -> int:
+        """The interruption-information value of this event (VM-exit or IDT-vectoring):
+        bit 11 says an error code is valid - never in real-address mode (28.2.2, 28.2.4)."""
+        return IntrInfo(self.vector, self.kind, self.error_code is not None and not real_mode).encode()
+
+    def name(self) -> str:
+        if self.kind in (_SOFTWARE_INTERRUPT,) or self.vector >= 32:
+            return f"INT {self.vector:#x}"
+        try:
+            return "#" + Vector(self.vector).name
+        except ValueError:
+            return f"vector {self.vector}"
+
+
+def software_event_type(vector: int, length: int) -> InterruptionType:
+    """The interruption type of an instruction-caused event (SDM 25.8.3, 28.2.2): INT1
+    (F1) is a privileged software exception (5), INT3 (CC) and INTO (CE) are software
+    exceptions (6), and INT n (CD n) is a software interrupt (4) whatever n - INT 3
+    (CD 03) included."""
+    if length == 1:
+        if vector == Vector.DB:
+            return _PRIVILEGED
+        if vector in (Vector.BP, Vector.OF):
+            return _SOFTWARE_EXCEPTION
+    return _SOFTWARE_INTERRUPT
+
 
 class EventUnit:
     """Event handling of the non-root monitor."""
@@ -41,13 +116,18 @@ class EventUnit:
     def _software_interrupt_at(self, rip: int, vector: int) -> int:
         """Did an INT n / INT3 / INTO just execute (Unicorn reports RIP after it)?  Its
         length (2, 1, 1) if so - the "software" element of an event - else 0."""
-        for length, opcode in ((2, 0xCD), (1, 0xCC), (1, 0xCE)):
+        base = self.guest.segment("cs").base
+        try:
+            raw = self.guest.read(base + rip - 2, 2)
+        except unicorn.UcError:
             try:
-                raw = self.guest.read(self.guest.segment("cs").base + rip - length, length)
+                raw = b"\0" + self.guest.read(base + rip - 1, 1)
             except unicorn.UcError:
-                continue
-            if raw[0] == opcode and (opcode != 0xCD or raw[1] == vector):
-                return length
+                return 0
+        if raw[0] == 0xCD and raw[1] == vector:
+            return 2
+        if (raw[1] == 0xCC and vector == 3) or (raw[1] == 0xCE and vector == 4):
+            return 1
         return 0
 
     # ------------------------------------------------- address-range monitor
@@ -101,21 +181,22 @@ class EventUnit:
             limit = limit << 12 | 0xFFF
         return limit >= (0x67 if kind & 8 else 0x2B)
 
-    def _task_gate_exit(self, vector: int, at: int, length: int, software: bool) -> VmExit | None:
+    def _task_gate_exit(self, event: Event) -> VmExit | None:
         """An event about to be delivered through a task gate in the IDT: a task switch,
         so a VM exit (SDM 26.4.2) - qualification bits 15:0 the TSS selector in the gate,
-        bits 31:30 = 3 (task gate in the IDT), Table 28-2.
+        bits 31:30 = 3 (task gate in the IDT), Table 28-2 - during event delivery, so
+        with the event in the IDT-vectoring information (28.2.4).
 
         Outside IA-32e mode only (there a task gate raises #GP, 26.4.2 e); the gate must
         be present, and for INT n / INT3 / INTO its DPL >= CPL (26.4.2 b; other events
         get no privilege check, f); then the new TSS is checked (:meth:`valid_new_tss`).
-        None: not a task gate, or a check failed (delivery raises the fault).
-        ``at``/``length``: the RIP and VM-exit instruction length the exit reports
-        (the INT instruction and its length for software events, SDM 28.2.5).
+        None: not a task gate, or a check failed (delivery raises the fault).  The exit
+        reports RIP ``event.at`` and, for software events, ``event.length`` (28.2.5).
         """
         g = self.guest
-        if not g.reg("cr0") & 1 or g.reg("efer") & _EFER_LMA:
+        if not g.reg("cr0") & _CR0_PE or g.reg("efer") & _EFER_LMA:
             return None
+        vector = event.vector
         base, limit = g.descriptor_table("idtr")
         if vector * 8 + 7 > limit:
             return None
@@ -125,14 +206,47 @@ class EventUnit:
             return None
         if (raw >> 40) & 0x1F != 5 or not raw >> 47 & 1:   # S = 0, type 5; P
             return None
-        if software and (raw >> 45 & 3) < g.cpl:
+        software = event.kind in (_SOFTWARE_INTERRUPT, _SOFTWARE_EXCEPTION)
+        if software and (raw >> 45 & 3) < self._guest_cpl():
             return None
         selector = raw >> 16 & 0xFFFF
         if not self.valid_new_tss(selector, busy=False):
             return None
-        insn = g.instruction_at(at) if software else None
-        return VmExit(ExitReason.TASK_SWITCH, selector | 3 << 30, length, at,
-                      insn.text if insn else "", guest_instructions=g.counter.total, cpl=g.cpl)
+        has_length = event.kind in SOFTWARE_EVENT_TYPES
+        insn = g.instruction_at(event.at) if has_length else None
+        q = TaskSwitchQualification(selector, TaskSwitchSource.TASK_GATE).encode()
+        return self._during_delivery(VmExit(ExitReason.TASK_SWITCH, q, 0, event.at,
+                                            insn.text if insn else "", guest_instructions=g.counter.total,
+                                            cpl=self._guest_cpl()), event)
+
+    def _guest_cpl(self) -> int:
+        """The CPL: 0 in real mode, 3 in virtual-8086 mode, else CS.RPL."""
+        g = self.guest
+        if not g.reg("cr0") & _CR0_PE:
+            return 0
+        return 3 if g.reg("eflags") & _RFLAGS_VM else g.reg("cs") & 3
+
+    def _during_delivery(self, exit_: VmExit, event: Event) -> VmExit:
+        """Fill in what a VM exit during the delivery of ``event`` reports (SDM 28.2.4):
+        the IDT-vectoring information and error code, the VM-exit instruction length of
+        a software event (28.2.5), RIP as the event's (28.3.3)."""
+        real = not self.guest.reg("cr0") & _CR0_PE
+        exit_.idt_vectoring_info = event.info(real)
+        exit_.idt_vectoring_error_code = event.error_code if event.error_code is not None and not real else None
+        exit_.instruction_length = event.length if event.kind in SOFTWARE_EVENT_TYPES else 0
+        exit_.guest_rip = event.at
+        return exit_
+
+    def _ept_permissions(self):
+        """The EPT permissions of a guest-physical page, for delivery's own accesses
+        (None while EPT is off): pages never restricted have all of them, memory beyond
+        the guest's RAM none (an EPT violation, as :meth:`_on_mem_fault` reports it)."""
+        if self.vmcs is None or not self.proc2 & ProcBased2.ENABLE_EPT:
+            return None
+        pages, size = self.ept_pages, self.guest.memory_size
+        if pages is None:
+            return lambda page: 7 if page < size else 0
+        return lambda page: pages.get(page, 0)
 
     def _on_mem_fault(self, uc, access, address, size, value, _user):
         if self.vmcs is None or not self.proc2 & ProcBased2.ENABLE_EPT:
@@ -190,43 +304,107 @@ class EventUnit:
                 return self._handle_event(int(Vector.UD), self.guest.rip + 2, True)
         return self._handle_event(int(e.vector), self.guest.rip, False, error_code=e.error_code)
 
-    def _handle_event(self, vector: int, rip: int, software: bool, error_code: int | None = None,
+    def _handle_event(self, vector: int, rip: int, software: bool | int, error_code: int | None = None,
                       depth: int = 0, fault_address: int | None = None) -> VmExit | None:
         """An exception or INT n: exit through the exception bitmap, or deliver it (SDM 26.2).
 
-        ``fault_address`` is the linear address of a #PF: the exit qualification of a #PF
-        exit (SDM 28.2.1) - such an exit leaves CR2 alone (SDM 28.1) - and the value
-        loaded into CR2 when the #PF is delivered to the guest instead.
+        ``rip`` is where the CPU stands (past the instruction for INT n / INT3 / INTO /
+        INT1); ``software`` the length of that instruction (True: work it out), or False
+        for a hardware exception.  ``fault_address`` is the linear address of a #PF: the
+        exit qualification of a #PF exit (SDM 28.2.1) - such an exit leaves CR2 alone
+        (SDM 28.1) - and the value loaded into CR2 when the #PF is delivered instead.
         """
         g = self.guest
-        if not software and error_code is None and vector in ERROR_CODE_VECTORS:
-            error_code = 0  # Unicorn does not report error codes (see ERROR_CODE_VECTORS)
-        is_exception = vector < 32 and (not software or vector in (3, 4))
-        # ``software``: the length of the INT n / INT3 / INTO / INT1 (True: work it out).
-        length = (2 if vector not in (3, 4) else 1) if software is True else int(software)
-        if is_exception and self._exception_exits(vector, error_code or 0):
-            kind = InterruptionType.SOFTWARE_EXCEPTION if software else InterruptionType.HARDWARE_EXCEPTION
-            info = IntrInfo(vector, kind, error_code is not None).encode()
-            insn = g.instruction_at()
-            at = rip - length if software else rip
-            qualification = fault_address if vector == Vector.PF and fault_address is not None else 0
-            return VmExit(ExitReason.EXCEPTION_NMI, qualification, (rip - at) if software else 0, at,
-                          insn.text if insn and not software else "", intr_info=info,
-                          intr_error_code=error_code, guest_instructions=g.counter.total, cpl=g.cpl)
-        gate = self._task_gate_exit(vector, rip - length if software else rip,
-                                    length if software else 0, bool(software))
+        real = not g.reg("cr0") & _CR0_PE
+        if software:
+            length = (2 if vector not in (3, 4) else 1) if software is True else int(software)
+            event = Event(vector, software_event_type(vector, length), None, rip - length, length)
+        else:
+            if error_code is None and vector in ERROR_CODE_VECTORS:
+                error_code = 0  # Unicorn does not report error codes (see ERROR_CODE_VECTORS)
+            event = Event(vector, _HARDWARE, None if real else error_code, rip, 0,
+                          fault_address if vector == Vector.PF else None)
+        exit_ = self._bitmap_exit(event)
+        if exit_ is not None:
+            return exit_
+        return self._deliver(event, depth)
+
+    def _bitmap_exit(self, event: Event, during: Event | None = None) -> VmExit | None:
+        """The exception bitmap (SDM 26.2) for an exception about to be delivered: an
+        EXCEPTION_NMI exit (reason 0) with the interruption information of 28.2.2, or None.
+        ``during``: the event whose delivery raised this exception (28.2.4)."""
+        if event.kind not in EXCEPTION_BITMAP_TYPES or not self._exception_exits(
+                event.vector, event.error_code or 0):
+            return None
+        g = self.guest
+        real = not g.reg("cr0") & _CR0_PE
+        software = event.kind in SOFTWARE_EVENT_TYPES
+        insn = g.instruction_at(event.at)
+        qualification = event.address if event.vector == Vector.PF and event.address is not None else 0
+        exit_ = VmExit(ExitReason.EXCEPTION_NMI, qualification, event.length if software else 0, event.at,
+                       insn.text if insn and during is None else "", intr_info=event.info(real),
+                       intr_error_code=None if real else event.error_code,
+                       guest_instructions=g.counter.total, cpl=self._guest_cpl(), note=event.note)
+        if during is not None:
+            self._during_delivery(exit_, during)
+        return exit_
+
+    def _deliver(self, event: Event, depth: int = 0) -> VmExit | None:
+        """Deliver ``event`` through the guest's IDT/IVT (no exception-bitmap check: the
+        caller made it, and an injected event skips it, 27.6.1.2).  None: delivered.
+        Otherwise the VM exit its delivery caused (a task switch, an exit during event
+        delivery, a #DF exit or a triple fault)."""
+        gate = self._task_gate_exit(event)
         if gate is not None:
             return gate
-        if vector == Vector.PF and not software and fault_address is not None:
-            g.uc.reg_write(X.UC_X86_REG_CR2, fault_address)
-        problem = g.deliver_interrupt(vector, error_code if is_exception and not software else None, rip)
-        if problem is None:
+        g = self.guest
+        if event.vector == Vector.PF and event.kind is _HARDWARE and event.address is not None:
+            g.uc.reg_write(X.UC_X86_REG_CR2, event.address)   # CR2 before delivery starts
+        code = event.error_code if event.kind is _HARDWARE else None
+        fault = g.deliver_interrupt(event.vector, code, event.return_rip,
+                                    software=event.kind in (_SOFTWARE_INTERRUPT, _SOFTWARE_EXCEPTION),
+                                    ept=self._ept_permissions())
+        if fault is None:
             return None
-        # Could not deliver: #GP, then #DF, then a triple fault (SDM Vol. 3A 6.15, Table 6-5).
-        if depth >= 1 or vector == Vector.DF:
-            return VmExit(ExitReason.TRIPLE_FAULT, 0, 0, rip, "", note=f"triple fault: {problem}",
-                          guest_instructions=g.counter.total, cpl=g.cpl)
-        return self._handle_event(int(Vector.DF), rip, False, 0, depth + 1)
+        return self._delivery_failed(event, fault, depth)
+
+    def _delivery_failed(self, event: Event, fault, depth: int) -> VmExit | None:
+        """Delivering ``event`` raised ``fault`` (a DeliveryFault; nothing was changed)."""
+        g = self.guest
+        if fault.vector is None:   # an EPT violation on the IDT, GDT, TSS or stack (29.3.3)
+            perms = fault.ept_permissions
+            q = EptViolationQualification(read=not fault.ept_write, write=fault.ept_write,
+                                          readable=bool(perms & 1), writable=bool(perms & 2),
+                                          executable=bool(perms & 4), gla_valid=True, gla_translation=True)
+            exit_ = VmExit(ExitReason.EPT_VIOLATION, q.encode(), 0, event.at, "",
+                           guest_linear_address=fault.ept_linear, guest_physical_address=fault.ept_physical,
+                           guest_instructions=g.counter.total, cpl=self._guest_cpl(),
+                           note=f"{fault.note} of {event.name()}")
+            return self._during_delivery(exit_, event)
+        real = not g.reg("cr0") & _CR0_PE
+        second = Event(fault.vector, _HARDWARE, None if real else fault.error_code, event.at, 0,
+                       fault.address, note=f"{fault.note}, delivering {event.name()}")
+        # 1. The exception bitmap, for the exception delivery raised (SDM 26.2, 28.2.4).
+        exit_ = self._bitmap_exit(second, during=event)
+        if exit_ is not None:
+            return exit_
+        # 2. The double-fault rules (SDM Vol. 3A 6.15, Tables 6-4 and 6-5).
+        if event.is_double_fault or depth >= _MAX_NESTING:
+            # Shutdown: a triple fault - not "during event delivery" (28.2.4).
+            return VmExit(ExitReason.TRIPLE_FAULT, 0, 0, event.at, "",
+                          note=f"triple fault: {second.note}", guest_instructions=g.counter.total,
+                          cpl=self._guest_cpl())
+        if second.vector == Vector.PF and second.address is not None:
+            g.uc.reg_write(X.UC_X86_REG_CR2, second.address)   # the #PF happened (CR2 loaded)
+        if causes_double_fault(exception_class(event.vector, event.kind), exception_class(second.vector)):
+            df = Event(int(Vector.DF), _HARDWARE, None if real else 0, event.at, 0,
+                       note=f"#DF: {second.note}")
+            # A #DF that exits is not an exit during event delivery (28.2.4).
+            exit_ = self._bitmap_exit(df)
+            if exit_ is not None:
+                return exit_
+            return self._deliver(df, depth + 1)
+        return self._deliver(second, depth + 1)   # handled serially
 
     def _exception_exits(self, vector: int, error_code: int) -> bool:
         """Exception bitmap, with the #PF error-code mask/match rule (SDM 26.2)."""
@@ -237,31 +415,29 @@ class EventUnit:
         return bool(bitmap >> 14 & 1) == match
 
     def _inject_event(self) -> VmExit | None:
-        """VM-entry event injection (SDM 27.6): deliver VM_ENTRY_INTR_INFO through the guest IDT."""
+        """VM-entry event injection (SDM 27.6): deliver VM_ENTRY_INTR_INFO through the guest
+        IDT as if it had happened just after the entry (27.6.1), or - type 7 (other event),
+        vector 0 - make an MTF VM exit pending (27.6.2)."""
         info = self.vmcs.get(F.VM_ENTRY_INTR_INFO_FIELD)
         if not info & _VALID:
             return None
         d = IntrInfo.decode(info)
-        code = self.vmcs.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if d.deliver_error_code else None
-        rip = at = self.guest.rip
-        length = 0
-        if d.type in (InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION,
-                      InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION):
-            length = self.vmcs.get(F.VM_ENTRY_INSTRUCTION_LEN)
-            rip += length
+        g = self.guest
         self.vmcs.save_guest(F.VM_ENTRY_INTR_INFO_FIELD, info & ~_VALID)
         self.halted = False
-        # Delivery through a task gate is a task switch: a VM exit (SDM 26.4.2); its
-        # instruction length is the VM-entry instruction length (SDM 28.2.5).
-        if d.type is not InterruptionType.OTHER_EVENT:
-            gate = self._task_gate_exit(d.vector, at, length, d.type in (
-                InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION))
-            if gate is not None:
-                return gate
-        problem = self.guest.deliver_interrupt(d.vector, code, rip)
-        if problem is None:
-            return None
-        return self._handle_event(int(Vector.DF), rip, False, 0, 1)
+        if d.type is InterruptionType.OTHER_EVENT:
+            # SDM 27.6.2: no event is delivered; an MTF VM exit is pending on the instruction
+            # boundary after the entry - even with "monitor trap flag" 0 - so it happens
+            # before the guest executes anything, RIP unchanged, qualification 0.
+            return VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
+                          note="pending MTF VM exit injected at VM entry (type 7, vector 0)",
+                          guest_instructions=g.counter.total, cpl=self._guest_cpl())
+        real = not g.reg("cr0") & _CR0_PE
+        code = self.vmcs.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if d.deliver_error_code and not real else None
+        length = self.vmcs.get(F.VM_ENTRY_INSTRUCTION_LEN) if d.type in SOFTWARE_EVENT_TYPES else 0
+        # An exit during delivery reports the entry's RIP and, for software events, the
+        # VM-entry instruction length (27.6.1.2, 28.2.5).
+        return self._deliver(Event(d.vector, d.type, code, g.rip, length))
 
     def _pending_interrupt_exit(self) -> VmExit | None:
         """External interrupts / NMIs raised by devices: exit if the pin-based control says so."""
@@ -270,12 +446,11 @@ class EventUnit:
             self.pending_nmi = False
             if self.pin & PinBased.NMI_EXITING:
                 return VmExit(ExitReason.EXCEPTION_NMI, 0, 0, g.rip, intr_info=IntrInfo(
-                    2, InterruptionType.NMI).encode(), guest_instructions=g.counter.total, cpl=g.cpl)
-            gate = self._task_gate_exit(2, g.rip, 0, False)
-            if gate is not None:
-                return gate
-            g.deliver_interrupt(2)
+                    2, InterruptionType.NMI).encode(), guest_instructions=g.counter.total, cpl=self._guest_cpl())
             self.halted = False
+            exit_ = self._deliver(Event(int(Vector.NMI), InterruptionType.NMI, None, g.rip))
+            if exit_ is not None:
+                return exit_
         if self.pending_interrupts:
             vector = self.pending_interrupts[0]
             if self.pin & PinBased.EXT_INTR_MASK:
@@ -283,14 +458,9 @@ class EventUnit:
                 ack = self.vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.ACK_INTR_ON_EXIT
                 info = IntrInfo(vector, InterruptionType.EXTERNAL_INTERRUPT).encode() if ack else 0
                 return VmExit(ExitReason.EXTERNAL_INTERRUPT, 0, 0, g.rip, intr_info=info,
-                              guest_instructions=g.counter.total, cpl=g.cpl)
-            if g.reg("eflags") & (1 << 9):  # IF = 1: the guest takes it itself
+                              guest_instructions=g.counter.total, cpl=self._guest_cpl())
+            if g.reg("eflags") & _RFLAGS_IF:  # IF = 1: the guest takes it itself
                 self.pending_interrupts.pop(0)
                 self.halted = False
-                gate = self._task_gate_exit(vector, g.rip, 0, False)
-                if gate is not None:
-                    return gate
-                problem = g.deliver_interrupt(vector)
-                if problem is not None:
-                    return self._handle_event(int(Vector.DF), g.rip, False, 0, 1)
+                return self._deliver(Event(vector, InterruptionType.EXTERNAL_INTERRUPT, None, g.rip))
         return None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 from ..arch.controls import ProcBased, ProcBased2
 from ..arch.exceptions import IntrInfo, InterruptionType, Vector
 from ..arch.exit_reasons import ExitReason
-from ..arch.msrs import Cr0, Cr4, Efer
+from ..arch.msrs import Cr0, Cr4, Efer, Rflags
 from ..arch.qualifications import CrAccessQualification, CrAccessType, IoDirection, IoQualification
 from ..arch.vmcs_fields import VmcsField as F
 from .decoder import DecodedInstruction, InsnKind
@@ -75,8 +75,8 @@ _CR0_PE, _CR0_TS = int(Cr0.PE), int(Cr0.TS)
 _CR4_OSXSAVE, _CR4_PCE, _CR4_TSD = int(Cr4.OSXSAVE), int(Cr4.PCE), int(Cr4.TSD)
 _CR4_SMXE = int(Cr4.SMXE)
 _EFER_LMA = int(Efer.LMA)
-_RFLAGS_VM = 1 << 17
-_RFLAGS_NT = 1 << 14
+_RFLAGS_VM = int(Rflags.VM)
+_RFLAGS_NT = int(Rflags.NT)
 _BASIC_INS_OUTS_INFO = 1 << 54   # IA32_VMX_BASIC[54]: INS/OUTS instruction information (SDM A.1)
 
 

@@ -28,7 +28,7 @@ from unicorn import x86_const as X
 
 from . import asm, decoder
 from ..arch.exceptions import Vector
-from ..arch.msrs import Cr0, Cr4, Efer, Msr  # noqa: F401
+from ..arch.msrs import RFLAGS_IOPL_SHIFT, Cr0, Cr4, Efer, Msr, Rflags  # noqa: F401
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from .counter import _CTX_FIELDS, InstructionCounter
@@ -486,7 +486,7 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         """
         if self._stop is not None or not self.reg("cr0") & Cr0.PE:
             return
-        iopl = (self.reg("eflags") >> 12) & 3
+        iopl = (self.reg("eflags") & Rflags.IOPL) >> RFLAGS_IOPL_SHIFT
         if self.cpl > iopl:
             # #GP(0), raised like any other exception: a bare run records it, and in VMX
             # non-root operation the exit monitor takes it through the exception bitmap -
@@ -831,7 +831,7 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         if self.mode is Mode.REAL:
             raise ValueError("CPL 3 needs protected or long mode; real mode always runs at CPL 0")
         prog = self.load(program, address)
-        flags = 0x202 | (iopl & 3) << 12
+        flags = int(Rflags.FIXED | Rflags.IF | (iopl << RFLAGS_IOPL_SHIFT) & Rflags.IOPL)
         if self.mode is Mode.LONG:
             tramp = (f"push {Selector.USER_DATA:#x}\npush {Layout.USER_STACK:#x}\n"
                      f"push {flags:#x}\npopfq\npushfq\npush {Selector.USER_CODE64:#x}\n"

@@ -16,7 +16,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from ..arch.controls import EntryControl, ExitControl
-from ..arch.msrs import Cr0, Efer, Msr
+from ..arch.msrs import Cr0, Efer, Msr, Rflags
 from ..arch.vmcs_fields import VmcsField as F
 
 if TYPE_CHECKING:
@@ -198,6 +198,12 @@ class GuestStateCache:
             g.uc.reg_write(X.UC_X86_REG_GDTR, (0, v(F.GUEST_GDTR_BASE), v(F.GUEST_GDTR_LIMIT), 0))
         if want(F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT):
             g.uc.reg_write(X.UC_X86_REG_IDTR, (0, v(F.GUEST_IDTR_BASE), v(F.GUEST_IDTR_LIMIT), 0))
+        rflags_first = want(F.GUEST_RFLAGS) and (v(F.GUEST_RFLAGS) | g.reg("rflags")) & Rflags.VM
+        if rflags_first:
+            # Into or out of virtual-8086 mode: RFLAGS.VM decides how the segment registers
+            # load (SDM 27.3.2.2: with VM = 1 each base is selector << 4, limit FFFFH,
+            # access rights F3H), so it is loaded before them.
+            g.set_reg("rflags", v(F.GUEST_RFLAGS))
         order = ("cs", "ss", "ds", "es", "fs", "gs")
         for seg in order:
             if want(*_SEG_FIELDS[seg]):
@@ -219,7 +225,7 @@ class GuestStateCache:
             g.set_reg("rsp", v(F.GUEST_RSP))
         if want(F.GUEST_RIP):
             g.rip = v(F.GUEST_RIP)
-        if want(F.GUEST_RFLAGS):
+        if want(F.GUEST_RFLAGS) and not rflags_first:
             g.set_reg("rflags", v(F.GUEST_RFLAGS))
         if want(F.GUEST_DR7) and entry & EntryControl.LOAD_DEBUG_CONTROLS:
             g.set_reg("dr7", v(F.GUEST_DR7))

@@ -11,7 +11,7 @@ import struct
 
 from unicorn import x86_const as X
 
-from ..arch.msrs import Cr0, Cr4, Efer, Msr
+from ..arch.msrs import Cr0, Cr4, Efer, Msr, Rflags
 from .layout import Layout, Mode, Selector
 from .registers import _REGS, _SEGMENTS
 from .segments import TSS_LIMIT
@@ -57,7 +57,7 @@ class ModeControl:
             # TR as the CPU leaves it at reset: base 0, limit FFFFH, present busy TSS (SDM 10.1.1)
             uc.reg_write(X.UC_X86_REG_TR, (0, 0, 0xFFFF, 0x8B00))
             uc.reg_write(self._sp, Layout.STACK)
-            uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+            uc.reg_write(X.UC_X86_REG_EFLAGS, Rflags.FIXED)
             self.mode = mode
             return
         cr4, cr0 = 0, Cr0.PE | Cr0.ET | Cr0.NE
@@ -74,7 +74,8 @@ class ModeControl:
         uc.reg_write(X.UC_X86_REG_CS, code)
         for seg in ("ss", "ds", "es", "fs", "gs"):
             uc.reg_write(_REGS[seg], Selector.KERNEL_DATA)
+        self.write_tss(long_mode=mode is Mode.LONG)
         uc.reg_write(X.UC_X86_REG_TR, (Selector.TSS, Layout.TSS, TSS_LIMIT, 0x8B00))
         uc.reg_write(self._sp, Layout.STACK)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, Rflags.FIXED)
         self.mode = mode

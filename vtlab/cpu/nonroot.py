@@ -30,6 +30,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from ..arch.controls import ProcBased2
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import ExitReason
+from ..arch.msrs import Cr0, Rflags
 from ..arch.vmcs_fields import VmcsField as F
 from .quirks import forget_exception
 from .outcome import Status, VmxOutcome
@@ -56,6 +57,8 @@ from .nonroot_consts import _UNDECODED_SIZE, _NOT_IN_QEMU, _MONITOR_TRAP_FLAG, _
 _GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
 
 _ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
+_RFLAGS_VM = int(Rflags.VM)
+_CR0_PE = int(Cr0.PE)
 
 #: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
 _OUTSIDE_BLOCKS, _OUTSIDE_BYTES = _CTX_FIELDS.index("outside_blocks"), _CTX_FIELDS.index("outside_bytes")
@@ -203,7 +206,8 @@ class ExitMonitor(EventUnit):
         # RIP, and the CPL (CS.RPL in protected mode, 0 in real mode).
         rip, cr0, cs, rax, rbx, rcx, rdx, rsp, rflags = g.read_registers(_EXIT_REGISTERS)
         self.rip = rip
-        self.cpl = cpl = cs & 3 if cr0 & 1 else 0
+        # (Virtual-8086 mode, RFLAGS.VM = 1, always runs at CPL 3.)
+        self.cpl = cpl = (3 if rflags & _RFLAGS_VM else cs & 3) if cr0 & _CR0_PE else 0
         rule = EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES[d.kind]
         result = rule(self, d)
         if result is None:
@@ -231,6 +235,8 @@ class ExitMonitor(EventUnit):
         """Called by the guest before HLT executes: exit, or enter the HLT activity state."""
         if self.pending is not None or self.vmcs is None:
             return False
+        if self.guest.reg("eflags") & _RFLAGS_VM:
+            return False  # virtual-8086 mode is CPL 3: HLT raises #GP (the CPU does it)
         if self._on_sensitive(self.guest.uc, address, 1, None):
             return True
         self.halted = True
@@ -367,9 +373,11 @@ class ExitMonitor(EventUnit):
                     event = self.event
                     exit_ = self._guarded(self._handle_event, *event)
                     if exit_ is not None:
-                        if event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI:
+                        if (event[0] == Vector.PF and exit_.reason is ExitReason.EXCEPTION_NMI
+                                and not exit_.idt_vectoring_info & _VALID):
                             # A #PF that causes a VM exit does not load CR2 (SDM 28.1): the
-                            # address is in the exit qualification instead.
+                            # address is in the exit qualification instead.  (One whose
+                            # delivery was under way when the exit came had loaded it.)
                             if self._cr2 is not None:
                                 g.uc.reg_write(X.UC_X86_REG_CR2, self._cr2)
                         if self.fault_note and not exit_.note:
@@ -442,7 +450,7 @@ class ExitMonitor(EventUnit):
         bounds[2] = total
         handler = g.linear_rip()
         bounds[1] = 0 if g.in_program(handler) else bounds[1] + 1
-        table = "IDT" if g.reg("cr0") & 1 else "IVT"
+        table = "IDT" if g.reg("cr0") & _CR0_PE else "IVT"
         if g.never_loaded(handler):
             return (f"the guest took {what} and its {table} sent it to {handler:#x}, where nothing "
                     "was loaded (zeroed memory): it has no handler for it"

@@ -46,12 +46,13 @@ _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
 # path that runs on every VM entry.
 _MONITOR_TRAP_FLAG = int(ProcBased.MONITOR_TRAP_FLAG)
 _ACTIVATE_SECONDARY = int(ProcBased.ACTIVATE_SECONDARY_CONTROLS)
-_VALID = 1 << 31  # the valid bit of the interruption-information fields (SDM 25.8.3, 27.2.2)
+_VALID = 1 << 31  # the valid bit of the interruption-information fields (SDM 25.8.3, 28.2.2)
 
 #: The exit-information fields every VM exit writes (SDM 28.2), in vm_exit's order.
 _EXIT_INFO_FIELDS = tuple(int(f) for f in (
     F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VM_EXIT_INTR_INFO,
-    F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD, F.VMX_INSTRUCTION_INFO,
+    F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD, F.IDT_VECTORING_ERROR_CODE,
+    F.VMX_INSTRUCTION_INFO,
     F.GUEST_LINEAR_ADDRESS, F.GUEST_PHYSICAL_ADDRESS))
 
 _uc_hook_add = _ucmod.uclib.uc_hook_add

@@ -16,8 +16,12 @@ import ctypes
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from ..arch.msrs import Cr0, Efer, Msr
+from ..arch.msrs import Cr0, Efer, Msr, Rflags
+from ..arch.segments import AccessRights
 from .layout import Mode
+
+_CR0_PE = int(Cr0.PE)   # a plain int: cpl is read on every exit
+_RFLAGS_VM = int(Rflags.VM)
 
 _GPRS = {
     64: ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
@@ -219,9 +223,9 @@ class RegisterAccess:
         if not cr0 & Cr0.PE:
             return 16
         cs = self.segment("cs")
-        if efer & Efer.LMA and cs.access_rights & (1 << 13):
+        if efer & Efer.LMA and cs.access_rights & AccessRights.L:
             return 64
-        return 32 if cs.access_rights & (1 << 14) else 16
+        return 32 if cs.access_rights & AccessRights.DB else 16
 
     @property
     def rip(self) -> int:
@@ -234,15 +238,20 @@ class RegisterAccess:
 
     @property
     def cpl(self) -> int:
-        """Current privilege level: SS.DPL in protected mode (SDM Vol. 3A 5.5), 0 in real mode."""
-        if not self._read_raw(X.UC_X86_REG_CR0) & 1:
+        """Current privilege level (SDM Vol. 3A 5.5): 0 in real mode, 3 in virtual-8086 mode
+        (RFLAGS.VM = 1; Vol. 3B, "8086 Emulation"), else the CS selector's RPL (= CS.DPL)."""
+        if not self._read_raw(X.UC_X86_REG_CR0) & _CR0_PE:
             return 0
+        if self._read_raw(X.UC_X86_REG_EFLAGS) & _RFLAGS_VM:
+            return 3
         return self._read_raw(X.UC_X86_REG_CS) & 3
 
     @staticmethod
-    def cpl_of(cr0: int, cs: int) -> int:
-        """:attr:`cpl` from CR0 and the CS selector already read (e.g. by read_registers)."""
-        return cs & 3 if cr0 & 1 else 0
+    def cpl_of(cr0: int, cs: int, rflags: int = 0) -> int:
+        """:attr:`cpl` from CR0, the CS selector and RFLAGS already read (e.g. by read_registers)."""
+        if not cr0 & _CR0_PE:
+            return 0
+        return 3 if rflags & _RFLAGS_VM else cs & 3
 
     def registers(self) -> dict[str, int]:
         """The general registers, RIP, RFLAGS, segments and control registers."""

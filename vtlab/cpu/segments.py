@@ -14,13 +14,17 @@ from dataclasses import dataclass
 import unicorn
 from unicorn import x86_const as X
 
-from ..arch.msrs import Cr0, Efer
+from ..arch.msrs import Cr0, Cr4, Efer, Rflags
 from .layout import Layout, Selector
 from .registers import _REGS
 
 #: Limit of vtlab's TSS (104 bytes: the 32-bit layout, which also holds RSP0 at offset 4).
 TSS_LIMIT = 0x67
 _TSS_LIMIT = TSS_LIMIT
+
+_CR0_PE, _CR0_PG, _CR0_WP = int(Cr0.PE), int(Cr0.PG), int(Cr0.WP)
+_CR4_PAE, _CR4_PSE = int(Cr4.PAE), int(Cr4.PSE)
+_EFER_LMA, _EFER_NXE = int(Efer.LMA), int(Efer.NXE)
 
 _TABLES = {"gdtr": X.UC_X86_REG_GDTR, "idtr": X.UC_X86_REG_IDTR}
 _SYSTEM_SEGMENTS = {"ldtr": X.UC_X86_REG_LDTR, "tr": X.UC_X86_REG_TR}
@@ -138,6 +142,10 @@ class SegmentUnit:
         if not self.reg("cr0") & Cr0.PE:
             ar = 0x9B if name == "cs" else 0x93
             return Segment(selector, selector << 4, 0xFFFF, ar)
+        if self.reg("eflags") & Rflags.VM:
+            # Virtual-8086 mode: base = selector << 4, limit FFFFH, a present ring-3
+            # read/write accessed data segment (SDM 27.3.1.2 checks exactly these).
+            return Segment(selector, selector << 4, 0xFFFF, 0xF3)
         if selector & ~3 == 0:
             return Segment(selector, 0, 0, 1 << 16)  # null selector: unusable
         gdt_base = self.uc.reg_read(X.UC_X86_REG_GDTR)[1]
@@ -162,6 +170,11 @@ class SegmentUnit:
         name = name.lower()
         reg = _REGS[name]
         cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        if cr0 & Cr0.PE and self.uc.reg_read(X.UC_X86_REG_EFLAGS) & Rflags.VM:
+            # Virtual-8086 mode: no descriptor is read; the CPU makes base = selector << 4,
+            # limit FFFFH, DPL 3 (SDM Vol. 3A "8086 Emulation"; SDM 27.3.2.2).
+            self.uc.reg_write(reg, selector & 0xFFFF)
+            return
         if cr0 & Cr0.PG and cr0 & Cr0.PE and selector & ~3 and not self._descriptor_reachable(selector):
             # QEMU reads the descriptor through the guest's page tables; a walk that faults
             # here, outside emulation, would crash the emulator process (Unicorn has no
@@ -192,63 +205,107 @@ class SegmentUnit:
     def _linear_in_memory(self, linear: int) -> bool:
         """Translate ``linear`` through the guest's paging structures (SDM Vol. 3A 4.3,
         4.4, 4.5) and say whether the walk ends in guest memory without a fault."""
-        cr3, cr4, efer = self.reg("cr3"), self.reg("cr4"), self.reg("efer")
+        physical, _ = self.translate_linear(linear)
+        return physical is not None and physical < self.memory_size
+
+    def translate_linear(self, linear: int, write: bool = False, user: bool = False,
+                         paging: tuple[int, int, int, int] | None = None) -> tuple[int | None, int]:
+        """Translate ``linear`` as the CPU would for a data access: ``(physical, 0)``, or
+        ``(None, error code)`` of the #PF the access raises (SDM Vol. 3A 4.7: bit 0 P -
+        0 for a not-present translation, 1 for a protection or reserved-bit violation -
+        bit 1 W/R, bit 2 U/S, bit 3 RSVD).
+
+        ``user``: a user-mode access (CPL 3, not an implicit supervisor access such as
+        reading the IDT or pushing on a ring-0 stack).  Supervisor writes to read-only
+        pages fault only with CR0.WP = 1 (SDM Vol. 3A 4.6).  Paging structures beyond
+        guest memory count as a reserved-bit violation.  With paging off the linear
+        address is the physical one.  ``paging``: CR0, CR3, CR4 and EFER, if the caller
+        has them already.
+        """
+        if paging is None:
+            paging = self.reg("cr0"), self.reg("cr3"), self.reg("cr4"), self.reg("efer")
+        cr0, cr3, cr4, efer = paging
+        if not cr0 & _CR0_PG or not cr0 & _CR0_PE:
+            return linear & 0xFFFF_FFFF, 0
+        access = (2 if write else 0) | (4 if user else 0)
         size = self.memory_size
-        nx_reserved = not efer & Efer.NXE
+        nx_reserved = not efer & _EFER_NXE
         high = 0xFFF0_0000_0000_0000 & ~(1 << 63)   # bits 62:52 (ignored) are fine
+        absent, reserved = access, access | 0x9
+        rights = 6     # R/W and U/S, ANDed over the levels
+
+        def done(physical: int) -> tuple[int | None, int]:
+            if user and not rights & 4:
+                return None, access | 1
+            if write and not rights & 2 and (user or cr0 & _CR0_WP):
+                return None, access | 1
+            return physical, 0
+
         try:
-            if efer & Efer.LMA:  # 4-level paging
+            if efer & _EFER_LMA:  # 4-level paging
                 table = cr3 & 0x000F_FFFF_FFFF_F000
                 for shift in (39, 30, 21, 12):
                     if table + 0x1000 > size:
-                        return False
+                        return None, reserved
                     entry = self.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
-                    if (not entry & 1 or (entry >> 63 and nx_reserved)
-                            or entry & 0x000F_FF80_0000_0000 or (shift == 39 and entry & 0x80)):
-                        return False  # absent, or reserved bits (51:39 beyond MAXPHYADDR)
+                    if not entry & 1:
+                        return None, absent
+                    if ((entry >> 63 and nx_reserved) or entry & 0x000F_FF80_0000_0000
+                            or (shift == 39 and entry & 0x80)):
+                        return None, reserved  # reserved bits (51:39 beyond MAXPHYADDR)
+                    rights &= entry & 6
                     if shift in (30, 21) and entry & 0x80:  # a 1-GByte / 2-MByte page
                         if entry & ((1 << shift) - 1) & ~0x1FFF:
-                            return False
+                            return None, reserved
                         page = entry & 0x000F_FFFF_FFFF_F000 & ~((1 << shift) - 1)
-                        return page + (linear & ((1 << shift) - 1)) < size
+                        return done(page + (linear & ((1 << shift) - 1)))
                     table = entry & 0x000F_FFFF_FFFF_F000
-                return table + (linear & 0xFFF) < size
-            if cr4 & 0x20:  # PAE paging
+                return done(table + (linear & 0xFFF))
+            if cr4 & _CR4_PAE:  # PAE paging
                 if (cr3 & 0xFFFF_FFE0) + 32 > size:
-                    return False
+                    return None, reserved
                 pdpte = self.read_u64((cr3 & 0xFFFF_FFE0) + ((linear >> 30) & 3) * 8)
-                if not pdpte & 1 or pdpte & 0x1E6 or pdpte & high:
-                    return False
+                if not pdpte & 1:
+                    return None, absent
+                if pdpte & 0x1E6 or pdpte & high:
+                    return None, reserved
                 table = pdpte & 0x000F_FFFF_FFFF_F000
                 for shift in (21, 12):
                     if table + 0x1000 > size:
-                        return False
+                        return None, reserved
                     entry = self.read_u64(table + ((linear >> shift) & 0x1FF) * 8)
-                    if not entry & 1 or (entry >> 63 and nx_reserved) or entry & high:
-                        return False
+                    if not entry & 1:
+                        return None, absent
+                    if (entry >> 63 and nx_reserved) or entry & high:
+                        return None, reserved
+                    rights &= entry & 6
                     if shift == 21 and entry & 0x80:
                         if entry & 0x1F_E000:
-                            return False
-                        return (entry & 0xFFFF_FFE0_0000) + (linear & 0x1F_FFFF) < size
+                            return None, reserved
+                        return done((entry & 0xFFFF_FFE0_0000) + (linear & 0x1F_FFFF))
                     table = entry & 0x000F_FFFF_FFFF_F000
-                return table + (linear & 0xFFF) < size
+                return done(table + (linear & 0xFFF))
             # 32-bit paging
             if (cr3 & 0xFFFF_F000) + 0x1000 > size:
-                return False
+                return None, reserved
             pde = self.read_u32((cr3 & 0xFFFF_F000) + ((linear >> 22) & 0x3FF) * 4)
             if not pde & 1:
-                return False
-            if pde & 0x80 and cr4 & 0x10:  # a 4-MByte page (CR4.PSE)
+                return None, absent
+            rights &= pde & 6
+            if pde & 0x80 and cr4 & _CR4_PSE:  # a 4-MByte page
                 if pde & 0x3F_E000:
-                    return False
-                return (pde & 0xFFC0_0000) + (linear & 0x3F_FFFF) < size
+                    return None, reserved
+                return done((pde & 0xFFC0_0000) + (linear & 0x3F_FFFF))
             table = pde & 0xFFFF_F000
             if table + 0x1000 > size:
-                return False
+                return None, reserved
             pte = self.read_u32(table + ((linear >> 12) & 0x3FF) * 4)
-            return bool(pte & 1) and (pte & 0xFFFF_F000) + (linear & 0xFFF) < size
+            if not pte & 1:
+                return None, absent
+            rights &= pte & 6
+            return done((pte & 0xFFFF_F000) + (linear & 0xFFF))
         except unicorn.UcError:
-            return False
+            return None, reserved
 
     def segment_dpl(self, selector: int) -> int:
         """DPL of the GDT descriptor ``selector`` names."""
@@ -273,9 +330,20 @@ class SegmentUnit:
         ])
         self.write(Layout.GDT, gdt)
         self.gdt_limit = len(gdt) - 1
-        # TSS: ESP0/SS0 (32-bit layout) and RSP0 (64-bit layout, offset 4) both point to
-        # the kernel stack, so either kind of CPU finds it on a privilege change.
-        self.write(tss, bytes(0x68))
-        self.write(tss + 4, struct.pack("<Q", Layout.KERNEL_STACK))
-        self.write(tss + 8, struct.pack("<I", Selector.KERNEL_DATA))
+        self.write_tss(long_mode=False)
         self.write(Layout.IDT, bytes(256 * 16))
+
+    def write_tss(self, long_mode: bool) -> None:
+        """Write vtlab's TSS with the kernel stack for a privilege change to ring 0.
+
+        The two layouts overlap, so the TSS is written for the mode the guest starts
+        in: a 32-bit TSS has ESP0 at offset 4 and SS0 at offset 8 (SDM Vol. 3A 8.2.1,
+        Figure 8-2); a 64-bit TSS has the 8-byte RSP0 at offset 4 - its upper half where
+        SS0 would be - and IST1-7 from offset 24H, all 0 here (8.7, Figure 8-11).
+        """
+        tss = Layout.TSS
+        self.write(tss, bytes(0x68))
+        if long_mode:
+            self.write(tss + 4, struct.pack("<Q", Layout.KERNEL_STACK))
+        else:
+            self.write(tss + 4, struct.pack("<IH", Layout.KERNEL_STACK, Selector.KERNEL_DATA))

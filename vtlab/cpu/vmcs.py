@@ -1,12 +1,40 @@
 """The Virtual Machine Control Structure (SDM Vol. 3C, chapter 25).
 
 A VMCS lives in a 4-KByte region of physical memory.  Only two things in that region
-have an architectural format (SDM 25.2): bits 30:0 of the first dword are the **VMCS
-revision identifier** (bit 31 marks a shadow VMCS) and the second dword is the **VMX-
-abort indicator**.  Everything else is the processor's business, which is why software
-must use VMREAD and VMWRITE and address each field by its 32-bit *encoding*
-(Appendix B) rather than by an offset.  vtlab keeps the field data in this object,
-keyed by encoding, exactly to make that point.
+have an architectural format (SDM 25.2, Table 25-1): bits 30:0 of the first 4 bytes are
+the **VMCS revision identifier** (bit 31 is the shadow-VMCS indicator) and the next 4
+bytes are the **VMX-abort indicator**.  "The remainder of the VMCS region is used for
+VMCS data ... The format of these data is implementation-specific", which is why
+software must use VMREAD and VMWRITE and address each field by its 32-bit *encoding*
+(Appendix B) rather than by an offset.
+
+vtlab's implementation-specific format
+--------------------------------------
+vtlab's processor keeps the VMCS data of a VMCS in its region, in this layout (its own
+choice, as any processor's is; :data:`REGION_LAYOUT` is the table):
+
+========================== ===========================================================
+byte offset                contents
+========================== ===========================================================
+0x000 (4 bytes)            revision identifier (bits 30:0), shadow-VMCS indicator (31)
+0x004 (4 bytes)            VMX-abort indicator
+0x008 (4 bytes)            launch state: 0 = clear, 1 = launched (SDM 25.1, 25.11.3)
+0x00C (4 bytes)            reserved (0)
+0x010 + 8 * i (8 bytes)    field number ``i`` of :class:`VmcsField`, in the order of
+                           Appendix B, little-endian, the value zero-extended to 64
+                           bits (16-bit, 32-bit, 64-bit and natural-width alike)
+========================== ===========================================================
+
+As a processor may (SDM 25.11.1), vtlab's keeps the data of each *active* VMCS on the
+chip - the :class:`Vmcs` object, a cache that VMREAD and VMWRITE work on at dictionary
+speed - and writes it to the region only when VMCLEAR makes the VMCS inactive; VMPTRLD
+of an inactive VMCS fills the cache from the region.  So after VMCLEAR the region holds
+the whole VMCS and a copy of it, made current with VMPTRLD, is the same VMCS.  Software
+"should never access or modify the VMCS data of an active VMCS using ordinary memory
+operations" (SDM 25.11.1): vtlab ignores such writes - the VMCS keeps its cached data
+until VMCLEAR, which overwrites the data area with it - and only a VMPTRLD after
+VMCLEAR reads the region again.  (The revision identifier is an exception: VMPTRLD
+always checks the one in memory, as its pseudo-code says, SDM 31.3.)
 
 The *launch state* (clear / launched, SDM 25.1) decides whether VMLAUNCH or VMRESUME
 is the right instruction; VMCLEAR sets it back to clear.
@@ -14,6 +42,7 @@ is the right instruction; VMCLEAR sets it back to clear.
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Iterator
 
 from ..arch.vmcs_fields import (AccessType, FieldEncoding, VmcsField, VmcsArea,
@@ -21,7 +50,8 @@ from ..arch.vmcs_fields import (AccessType, FieldEncoding, VmcsField, VmcsArea,
 from ..arch.errors import VmInstructionError
 from ..errors import VmcsError
 
-#: "Invalid" value of a VMCS pointer and of the VMCS link pointer (SDM 25.4.2, 26.1).
+#: "Invalid" value of a VMCS pointer and of the VMCS link pointer (SDM 25.4.2, 27.3.1.5;
+#: VMPTRST stores it when there is no current VMCS, 31.3).
 INVALID_POINTER = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -34,9 +64,26 @@ class LaunchState(str, enum.Enum):
 
 def _field_name(encoding: int) -> str:
     try:
-        return VmcsField(encoding & ~1).name + ("_HIGH" if encoding & 1 else "")
+        return VmcsField(encoding).name   # (a *_HIGH member for a high access encoding)
     except ValueError:
         return f"{encoding:#06x}"
+
+
+# ----------------------------------------------------- the region in memory
+#: Size of a VMCS region (IA32_VMX_BASIC[44:32] reports 4096, SDM A.1).
+REGION_SIZE = 0x1000
+#: Byte offset of the launch state in vtlab's layout (0 = clear, 1 = launched).
+LAUNCH_STATE_OFFSET = 8
+#: Byte offset of the first field's 8-byte slot in vtlab's layout.
+DATA_OFFSET = 0x10
+#: vtlab's layout of the VMCS data: field -> byte offset of its 8-byte slot in the region.
+REGION_LAYOUT: dict[VmcsField, int] = {f: DATA_OFFSET + 8 * i for i, f in enumerate(VmcsField)}
+
+_FIELD_ORDER = tuple(int(f) for f in REGION_LAYOUT)
+#: launch state, reserved dword, then one quadword per field: what VMCLEAR writes.
+_IMAGE = struct.Struct(f"<II{len(_FIELD_ORDER)}Q")
+_HEADER = struct.Struct("<II")
+assert LAUNCH_STATE_OFFSET + _IMAGE.size <= REGION_SIZE
 
 
 def lookup(encoding: int | str | VmcsField) -> FieldEncoding:
@@ -85,12 +132,15 @@ def _lookup(encoding: int | str | VmcsField) -> FieldEncoding:
 
 
 class Vmcs:
-    """One VMCS region: revision identifier, abort indicator, launch state and fields.
+    """One VMCS as the processor holds it: revision identifier, abort indicator, launch
+    state and fields - the on-chip copy of the region at :attr:`address`.
 
-    This is the region in memory and nothing more (SDM 25.2): what a processor keeps
-    *about* the VMCS it is running - which guest-state fields it has not saved yet, which
-    fields software wrote since the last VM entry - is the processor's own business and
-    lives with the vCPU (:class:`vtlab.cpu.vmcs_view.CurrentVmcs`).
+    While the VMCS is active it is the only up-to-date copy; VMCLEAR writes it to the
+    region (:meth:`image`) and VMPTRLD of an inactive VMCS refills it from there
+    (:meth:`load_image`), see the module doc.  What a processor keeps *about* the VMCS it
+    is running - which guest-state fields it has not saved yet, which fields software
+    wrote since the last VM entry - lives with the vCPU
+    (:class:`vtlab.cpu.vmcs_view.CurrentVmcs`).
 
     Learners normally reach fields through VMREAD/VMWRITE (:class:`vtlab.cpu.vmx.VmxCpu`),
     or through the current VMCS (``cpu.current_vmcs[VmcsField.GUEST_RIP]``) as KVM uses its
@@ -103,6 +153,29 @@ class Vmcs:
         self.abort_indicator = 0
         self.launch_state = LaunchState.CLEAR
         self._data: dict[int, int] = {}
+
+    # ------------------------------------------------ the region in memory
+    def image(self) -> bytes:
+        """The bytes VMCLEAR writes at offset :data:`LAUNCH_STATE_OFFSET` of the region:
+        launch state, a reserved dword and every field's slot (vtlab's layout, see the
+        module doc).  The revision identifier and the abort indicator are not written:
+        software writes the first, and the processor the second only on a VMX abort."""
+        get = self._data.get
+        mask = 0xFFFF_FFFF_FFFF_FFFF
+        return _IMAGE.pack(int(self.launch_state is LaunchState.LAUNCHED), 0,
+                           *[get(f, 0) & mask for f in _FIELD_ORDER])
+
+    def load_image(self, region: bytes) -> None:
+        """Fill this VMCS from the whole ``region`` (REGION_SIZE bytes, as VMPTRLD of an
+        inactive VMCS reads it): revision identifier, abort indicator, launch state and
+        every field.  A launch-state value other than 0 or 1 reads as clear."""
+        revision, self.abort_indicator = _HEADER.unpack_from(region, 0)
+        self.revision_id = revision & 0x7FFF_FFFF
+        launch, _, *values = _IMAGE.unpack_from(region, LAUNCH_STATE_OFFSET)
+        self.launch_state = LaunchState.LAUNCHED if launch == 1 else LaunchState.CLEAR
+        data = self._data   # (the same dict: the VM-exit path may hold it)
+        data.clear()
+        data.update((f, v) for f, v in zip(_FIELD_ORDER, values) if v)
 
     # ----------------------------------------------------------------- access
     def read(self, encoding: int | str | VmcsField) -> int:
@@ -176,7 +249,8 @@ class Vmcs:
         return fields_dataframe(self.fields(), nonzero)
 
     def clear(self) -> None:
-        """What VMCLEAR does to the region (SDM 31.3): launch state := clear."""
+        """The launch-state part of VMCLEAR (SDM 31.3): launch state := clear.  (VMCLEAR
+        itself, :meth:`vtlab.cpu.vmx.VmxCpu.vmclear`, also writes the data to the region.)"""
         self.launch_state = LaunchState.CLEAR
 
     def __repr__(self) -> str:

@@ -1,8 +1,11 @@
-"""The current VMCS as the processor sees it: the region plus what the vCPU keeps about it.
+"""The current VMCS as the processor sees it: its copy of the VMCS plus what the vCPU keeps about it.
 
-A processor may keep VMCS data on the chip while a VMCS is current (SDM Vol. 3C 25.11.1:
+A processor may keep the data of an active VMCS on the chip (SDM Vol. 3C 25.11.1:
 software must not touch the region in memory directly, only with VMREAD/VMWRITE).
-vtlab's processor does the same two things a real one gets for free from that cache:
+vtlab's processor does: the :class:`vtlab.cpu.vmcs.Vmcs` object is that on-chip copy,
+written to the region in memory by VMCLEAR and read from it by VMPTRLD (see
+:mod:`vtlab.cpu.vmcs` for the layout).  On top of it, it does the two things a real
+processor gets for free from such a cache:
 
 * after a VM exit it saves the guest state *lazily* - the first VMREAD of a guest-state
   field completes the save (:class:`vtlab.cpu.guest_state.GuestStateCache`);
@@ -11,8 +14,8 @@ vtlab's processor does the same two things a real one gets for free from that ca
 
 :class:`CurrentVmcs` is that view.  It behaves like :class:`vtlab.cpu.vmcs.Vmcs` (read,
 write, ``[]``, fields, to_dataframe, launch state) and is what ``cpu.current_vmcs`` and
-``vm.vmcs`` return; the region object itself holds nothing but fields, revision
-identifier and launch state.
+``vm.vmcs`` return; the :class:`Vmcs` object itself holds nothing but fields, revision
+identifier, abort indicator and launch state - what the region holds after VMCLEAR.
 """
 from __future__ import annotations
 
@@ -134,7 +137,9 @@ class CurrentVmcs:
         return fields_dataframe(self.fields(), nonzero)
 
     def clear(self) -> None:
-        """What VMCLEAR does: the launch state becomes clear (and the CPU's copy is flushed)."""
+        """The launch state becomes clear, with a pending lazy guest-state save completed
+        first.  (This is not the instruction: ``cpu.vmclear(address)`` also writes the VMCS
+        to its region, makes it inactive and, if current, not current.)"""
         self._state.complete(self.region)
         self.region.clear()
 

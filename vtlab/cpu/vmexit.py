@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from ..arch.exceptions import IntrInfo
 from ..arch.exit_reasons import EXIT_REASON_INFO, ExitReason
-from ..arch.qualifications import (CrAccessQualification, DrAccessQualification, EptViolationQualification, IoQualification)
+from ..arch.qualifications import (CrAccessQualification, DrAccessQualification, EptViolationQualification,
+                                   IoQualification, TaskSwitchQualification)
 from ..arch.vmcs_fields import VmcsField as F
 
 from .nonroot_consts import _EXIT_INFO_FIELDS, _VALID
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .vmcs import Vmcs
 
 _ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
-(_REASON, _QUALIFICATION, _LENGTH, _INTR_INFO, _INTR_CODE, _IDT_INFO, _INSN_INFO, _LINEAR,
+(_REASON, _QUALIFICATION, _LENGTH, _INTR_INFO, _INTR_CODE, _IDT_INFO, _IDT_CODE, _INSN_INFO, _LINEAR,
  _PHYSICAL) = _EXIT_INFO_FIELDS
 _ENTRY_FAILURE = 1 << 31   # bit 31 of the exit reason: VM-entry failure (SDM 25.9.1)
 
@@ -52,6 +53,11 @@ class VmExit:
     #: The guest's RAX, RBX, RCX, RDX, RSP, RFLAGS and CPL at the exit, when the processor
     #: read them anyway (instruction exits): what a VMM's exit stub saves first thing.
     registers: tuple | None = None
+    #: IDT-vectoring information (SDM 28.2.4): the event whose delivery through the IDT
+    #: the exit interrupted (valid bit 31, vector, type, bit 11 error code valid), 0 if none.
+    idt_vectoring_info: int = 0
+    #: ... and its error code (IDT-vectoring error code), when bit 11 of that field is 1.
+    idt_vectoring_error_code: int | None = None
 
     @property
     def reason_number(self) -> int:
@@ -69,6 +75,8 @@ class VmExit:
     def decoded(self) -> dict[str, object]:
         """The qualification (and interruption information) split into named fields."""
         decoder = _DECODERS.get(self.reason)
+        if self.idt_vectoring_info:
+            return _with_vectoring(decoder)(self)
         if decoder is not None:
             return decoder(self)
         q = self.qualification
@@ -98,6 +106,18 @@ def _interruption(e: VmExit) -> dict[str, object]:
     return d
 
 
+def _with_vectoring(decoder):
+    """Add the IDT-vectoring information (SDM 28.2.4) of an exit during event delivery."""
+    def decode(e: VmExit) -> dict[str, object]:
+        d = decoder(e) if decoder is not None else ({"qualification": e.qualification} if e.qualification else {})
+        if e.idt_vectoring_info & _VALID:
+            v = IntrInfo.decode(e.idt_vectoring_info)
+            d["idt_vectoring"] = f"{v.type.name} vector {v.vector}" + (
+                f" error code {e.idt_vectoring_error_code:#x}" if e.idt_vectoring_error_code is not None else "")
+        return d
+    return decode
+
+
 #: How :meth:`VmExit.decoded` splits each reason's qualification (SDM 28.2.1 tables).
 _DECODERS = {
     ExitReason.IO_INSTRUCTION: lambda e: IoQualification.decode(e.qualification).as_dict(),
@@ -106,6 +126,7 @@ _DECODERS = {
     ExitReason.EPT_VIOLATION: _ept_violation,
     ExitReason.EXCEPTION_NMI: _interruption,
     ExitReason.EXTERNAL_INTERRUPT: _interruption,
+    ExitReason.TASK_SWITCH: lambda e: TaskSwitchQualification.decode(e.qualification).as_dict(),
     ExitReason.INVLPG: lambda e: {"linear_address": e.qualification},
     ExitReason.INVALID_STATE: lambda e: {"entry_failure": True, "qualification": e.qualification,
                                          "why": e.note},
@@ -113,16 +134,17 @@ _DECODERS = {
 
 
 def record_exit_information(vmcs: "Vmcs", exit_: VmExit) -> None:
-    """SDM 28.2: write the exit-information fields (all nine, so nothing stale survives)
+    """SDM 28.2: write the exit-information fields (all ten, so nothing stale survives)
     and clear the valid bit of the VM-entry interruption-information field, so that an
-    injected event is not injected twice (SDM 28.2, introduction)."""
+    injected event is not injected twice (SDM 28.2, introduction).  The IDT-vectoring
+    fields hold the event being delivered when the exit happened, 0 otherwise (28.2.4)."""
     data = vmcs._data   # the processor's own writes: no software checks (Vmcs.put)
     (data[_REASON], data[_QUALIFICATION], data[_LENGTH], data[_INTR_INFO], data[_INTR_CODE],
-     data[_IDT_INFO], data[_INSN_INFO], data[_LINEAR], data[_PHYSICAL]) = (
+     data[_IDT_INFO], data[_IDT_CODE], data[_INSN_INFO], data[_LINEAR], data[_PHYSICAL]) = (
         exit_.reason | _ENTRY_FAILURE if exit_.entry_failure else int(exit_.reason),
         exit_.qualification, exit_.instruction_length, exit_.intr_info,
-        exit_.intr_error_code or 0, 0, exit_.instruction_info,
-        exit_.guest_linear_address or 0, exit_.guest_physical_address or 0)
+        exit_.intr_error_code or 0, exit_.idt_vectoring_info, exit_.idt_vectoring_error_code or 0,
+        exit_.instruction_info, exit_.guest_linear_address or 0, exit_.guest_physical_address or 0)
     info = data.get(_ENTRY_INTR_INFO, 0)
     if info & _VALID:
         data[_ENTRY_INTR_INFO] = info & ~_VALID

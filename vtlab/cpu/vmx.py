@@ -5,6 +5,9 @@ says a processor holds for VMX (SDM Vol. 3C ch. 24 and 31):
 
 * whether it is outside VMX operation, in VMX root or in VMX non-root operation;
 * the VMXON pointer and the *current-VMCS pointer*;
+* the data of its *active* VMCSs, on the chip: VMCLEAR writes a VMCS to its region in
+  host memory and VMPTRLD reads it back (:mod:`vtlab.cpu.vmcs`, "vtlab's
+  implementation-specific format");
 * the capability MSRs and IA32_FEATURE_CONTROL, CR0/CR4 and CPL of the host.
 
 Every VMX instruction ends in one of the SDM's outcomes (SDM 31.2):
@@ -24,6 +27,7 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Callable
 
+from ..arch.cpuid import CPUID_1_ECX_VMX
 from ..arch.errors import VmInstructionError
 from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
@@ -36,7 +40,7 @@ from .outcome import Status, VmxOperation, VmxOutcome
 from .nonroot import ExitMonitor
 from ..errors import VmcsError, VmxFailure
 from .hostmem import HostMemory
-from .vmcs import INVALID_POINTER, LaunchState, Vmcs, lookup
+from .vmcs import INVALID_POINTER, LAUNCH_STATE_OFFSET, REGION_SIZE, LaunchState, Vmcs, lookup
 from .vmcs_view import DETACHED, CurrentVmcs
 from .vcpu import VcpuServices
 
@@ -69,7 +73,13 @@ class VmxCpu(VcpuServices):
         self.msrs: dict[int, int] = {Msr.IA32_FEATURE_CONTROL: int(feature_control)}
         self.vmxon_pointer: int | None = None
         self.current_vmcs_pointer = INVALID_POINTER
+        #: The processor's copy of each VMCS it has met, by region address (the cache of
+        #: SDM 25.11.1).  Up to date for the addresses in :attr:`active`; the region in
+        #: :attr:`memory` is, after VMCLEAR.
         self.regions: dict[int, Vmcs] = {}
+        #: Addresses of the active VMCSs (SDM 25.1): made active by VMPTRLD, inactive by
+        #: VMCLEAR.  Their data live in :attr:`regions`; their regions in memory are stale.
+        self.active: set[int] = set()
         #: The most recent VMX instruction outcomes (the console widget draws these).
         self.history: "collections.deque[VmxOutcome]" = collections.deque(maxlen=1000)
         self.guest = guest
@@ -96,28 +106,39 @@ class VmxCpu(VcpuServices):
         return self.view(self.current_vmcs_pointer)
 
     def view(self, address: int) -> CurrentVmcs | None:
-        """The processor's view of the VMCS region at ``address`` (None if there is none)."""
+        """The processor's view of the VMCS at ``address`` (None if this processor never
+        met a VMCS there: no VMCLEAR or VMPTRLD of it).
+
+        For an active VMCS that is the processor's copy (what VMREAD sees once it is
+        current).  For an inactive one it is the region as memory holds it now, decoded
+        afresh on every call; writes through such a view do not reach memory (VMWRITE
+        needs the VMCS current), and the next VMPTRLD reads the region again.
+        """
         found = self._views.get(address)
         if found is None:
             region = self.regions.get(address)
             if region is None:
                 return None
-            if self.monitor is not None:
-                state = self.monitor.state
-                found = CurrentVmcs(region, state, state.written_set(region))
-            else:
-                found = CurrentVmcs(region, DETACHED, set())
-            self._views[address] = found
+            if address not in self.active:
+                region.load_image(self.memory.read(address, REGION_SIZE))
+                return self._make_view(region)
+            found = self._views[address] = self._make_view(region)
         return found
 
-    def _vmcs_at(self, address: int) -> Vmcs:
-        """The VMCS object of the region at ``address``, with the revision its memory holds now."""
-        revision_id = self.memory.read_u32(address) & 0x7FFF_FFFF
-        vmcs = self.regions.get(address)
-        if vmcs is None:
-            vmcs = self.regions[address] = Vmcs(address, revision_id)
-        vmcs.revision_id = revision_id
-        return vmcs
+    def _make_view(self, region: Vmcs) -> CurrentVmcs:
+        if self.monitor is not None:
+            state = self.monitor.state
+            return CurrentVmcs(region, state, state.written_set(region))
+        return CurrentVmcs(region, DETACHED, set())
+
+    def _forget(self, region: Vmcs) -> None:
+        """Drop what the processor knows *about* ``region`` beyond its data - a lazy
+        guest-state save still to do (done first), the fields written since the last
+        entry checks, the checks' verdicts - before its data moves to or from memory."""
+        if self.monitor is not None:
+            self.monitor.state.forget(region)
+        self.entry_checker.forget(region)
+        self._views.pop(region.address, None)
 
     def _wrong_revision(self, address: int) -> int | None:
         """The first dword of the region at ``address`` if VMXON/VMPTRLD must refuse it: bits
@@ -168,7 +189,7 @@ class VmxCpu(VcpuServices):
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         """CPUID as the host sees it; leaf 1 ECX bit 5 reports VMX (SDM 24.6)."""
         if leaf == 1:
-            return (0x000906EA, 0, 1 << 5 if self.vmx_supported else 0, 0)
+            return (0x000906EA, 0, CPUID_1_ECX_VMX if self.vmx_supported else 0, 0)
         return (0, 0, 0, 0)
 
     def rdmsr(self, msr: int) -> int:
@@ -289,18 +310,29 @@ class VmxCpu(VcpuServices):
         return None
 
     def vmclear(self, address: int) -> VmxOutcome:
-        """VMCLEAR (SDM 31.3): flush the VMCS at ``address`` to memory and set its launch state to clear."""
+        """VMCLEAR (SDM 31.3): "ensure that data for VMCS referenced by the operand is in
+        memory", set its launch state to clear and make it inactive (and not current).
+
+        An active VMCS (current or not) is written to its region from the processor's
+        copy, in vtlab's layout (:mod:`vtlab.cpu.vmcs`); for an inactive one the data are
+        in memory already, and only the launch state in the region is set to clear.
+        """
         insn = "VMCLEAR"
         bad = self._check_vmcs_pointer(insn, address, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
                                        VmInstructionError.VMCLEAR_VMXON_POINTER)
         if bad is not None:
             return bad
-        region = self._vmcs_at(address)
-        if self.monitor is not None:
-            self.monitor.state.forget(region)  # VMCLEAR writes the VMCS data back to memory
-        self._views.pop(address, None)
+        region = self.regions.get(address)
+        if region is None:
+            region = self.regions[address] = Vmcs(address, self.memory.read_u32(address) & 0x7FFF_FFFF)
+        self._forget(region)   # (completes a pending lazy guest-state save first)
         region.clear()
-        msg = "launch state is now clear"
+        if address in self.active:
+            self.memory.write(address + LAUNCH_STATE_OFFSET, region.image())
+            self.active.discard(address)
+        else:
+            self.memory.write_u32(address + LAUNCH_STATE_OFFSET, 0)
+        msg = "launch state is now clear; the VMCS data are in its region in memory"
         if address == self.current_vmcs_pointer:
             self.current_vmcs_pointer = INVALID_POINTER
             msg += "; it was the current VMCS, so the current-VMCS pointer is now invalid"
@@ -318,7 +350,18 @@ class VmxCpu(VcpuServices):
             return self._fail(insn, VmInstructionError.VMPTRLD_INCORRECT_VMCS_REVISION_ID,
                               f"the region's revision identifier is {rev:#x}, the CPU's is "
                               f"{self.caps.revision_id:#x} (IA32_VMX_BASIC[30:0])")
-        self._vmcs_at(address)
+        region = self.regions.get(address)
+        if region is None:
+            region = self.regions[address] = Vmcs(address, 0)
+        if address not in self.active:
+            # An inactive VMCS: its data are in its region, the processor reads them in.
+            self._forget(region)
+            region.load_image(self.memory.read(address, REGION_SIZE))
+            self.active.add(address)
+        else:
+            # Active already: the processor's copy is the VMCS (writes to the region since
+            # the VMPTRLD that made it active are ignored, SDM 25.11.1).
+            region.revision_id = self.memory.read_u32(address) & 0x7FFF_FFFF
         self.current_vmcs_pointer = address
         return self._succeed(insn, f"current VMCS is now {address:#x}")
 
@@ -364,6 +407,23 @@ class VmxCpu(VcpuServices):
         except VmcsError as exc:
             return self._fail(insn, VmInstructionError(exc.error), str(exc))
         return self._succeed(insn)
+
+    def require_field(self, encoding: int | str | F, insn: str = "VMREAD") -> None:
+        """The checks VMREAD and VMWRITE make before they touch a field, in their order
+        (SDM 31.3), raising instead of returning an outcome - for VMMs written in Python
+        (``vm.vmread``/``vm.vmwrite``):
+
+        * :class:`VmxFailure` (#UD, or VMfailInvalid) outside VMX root operation or with
+          no current VMCS;
+        * :class:`VmcsError` with VM-instruction error 12 ("VMREAD/VMWRITE from/to
+          unsupported VMCS component") for an encoding of no field, or of a field the
+          capability MSRs do not offer (:meth:`_missing_field`, the check VMREAD uses).
+        """
+        self._current_or_raise(insn)
+        missing = self._missing_field(encoding)
+        if missing is not None:
+            raise VmcsError(f"{insn} fails with VMfailValid: {missing}",
+                            VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
 
     def _missing_field(self, encoding: int | str | F) -> str | None:
         """VMREAD/VMWRITE of a field this processor does not have (its feature is not

@@ -15,8 +15,8 @@ This module does the same, in miniature:
   blocks (discovered from the entry point by following direct branches, as a real
   translator discovers them), copies every innocuous instruction **byte for byte**
   into the TC, and rewrites every supported sensitive instruction into a
-  ``CALL rel32`` to an emulation stub.  Stubs are real machine code, assembled with
-  Keystone, that read and write the :data:`VCPU` block.  Because instruction lengths
+  ``CALL rel32`` to an emulation stub.  Stubs are real machine code, assembled by
+  vtlab's assembler, that read and write the :data:`VCPU` block.  Because instruction lengths
   change, every direct branch is re-emitted as a ``rel32`` branch to the *translated*
   target (JMP/Jcc/CALL), and fall-through edges get an explicit JMP when the
   successor block is not laid out next.
@@ -60,6 +60,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..arch.msrs import RFLAGS_IOPL_SHIFT, Rflags
 from ..cpu import asm
 from ..errors import BudgetExceeded, VtlabError  # noqa: F401  (VtlabError: re-exported)
 from ..cpu.guest import Guest, Layout, Mode, Selector
@@ -79,7 +80,7 @@ GUEST_ADDRESS = 0x2_0000
 
 
 # ------------------------------------------------------------------------ running
-_ARITH_FLAGS = 0x8D5 | 0x400   # CF PF AF ZF SF OF, DF
+_ARITH_FLAGS = int(Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF | Rflags.DF)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _state(g: Guest, vcpu: int | None, out_log: list) -> dict:
     flags = g.reg("eflags")
     s["flags"] = flags & _ARITH_FLAGS
     if vcpu is None:
-        s["IF"], s["IOPL"] = flags >> 9 & 1, flags >> 12 & 3
+        s["IF"], s["IOPL"] = 1 if flags & Rflags.IF else 0, (flags & Rflags.IOPL) >> RFLAGS_IOPL_SHIFT
         s["GDTR"] = g.descriptor_table("gdtr")   # (base, limit)
         s["IDTR"] = g.descriptor_table("idtr")
         for cr in ("cr0", "cr3", "cr4"):
@@ -214,7 +215,7 @@ def run_translated(source: str | bytes, mode: str | Mode = "protected",
     for r, val in regs.items():
         g.set_reg(r, val)
     g.set_reg("esp", Layout.USER_STACK)
-    g.set_reg("eflags", 0x202)
+    g.set_reg("eflags", int(Rflags.FIXED | Rflags.IF))
     vcpu_init = {
         "gdtr": g.descriptor_table("gdtr"), "idtr": g.descriptor_table("idtr"),  # (base, limit)
         "cr0": g.reg("cr0"), "cr3": g.reg("cr3"), "cr4": g.reg("cr4"),

@@ -160,7 +160,7 @@ def _site_stub(insn: asm.Instruction, v: int) -> str:
             return _store_selector(insn, dst, v + (VCPU.CS if srcop == "cs" else VCPU.SS))
     if m == "push" and ops in ("cs", "ss"):
         src = v + (VCPU.CS if ops == "cs" else VCPU.SS)
-        if insn.bytes[0] == 0x66:                     # 16-bit push (Keystone's encoding)
+        if insn.bytes[0] == 0x66:                     # 16-bit push (the assembler's encoding)
             return (f"lea esp, [esp - 2]\npush eax\nmov eax, dword ptr [esp + 6]\n"
                     f"mov dword ptr [esp + 4], eax\nmov ax, word ptr [{src:#x}]\n"
                     f"mov word ptr [esp + 8], ax\npop eax\nret")

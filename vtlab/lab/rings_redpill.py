@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
+from ..arch.exceptions import Vector
+from ..arch.msrs import RFLAGS_IOPL_SHIFT, Rflags
 from ..cpu.guest import Guest, Mode
 from .rings_worlds import (DEPRIVILEGED, NATIVE, PROBE_ADDRESS, SETUP_ADDRESS, VMM_GDT,
                            VMM_GDT_LIMIT, World, _install_tables, _setup_source, assemble)
@@ -33,11 +35,11 @@ _RED_PILL = f"""
     jb idt_ok
     or ebx, 1                    ; clue 1: the IDT is not where a kernel puts it
 idt_ok:
-    test dword ptr [0x708], 0x200
+    test dword ptr [0x708], {Rflags.IF:#x}
     jz if_ok
     or ebx, 2                    ; clue 2: IF is still 1 right after my CLI
 if_ok:
-    test dword ptr [0x708], 0x3000
+    test dword ptr [0x708], {Rflags.IOPL:#x}
     jz iopl_ok
     or ebx, 4                    ; clue 3: IOPL is not the 0 my kernel set
 iopl_ok:
@@ -60,7 +62,7 @@ def _red_pill_run(world: World, mode: Mode) -> dict:
     # one #GP went to the host hook (never delivered), QEMU still remembers it as the
     # exception "being delivered", so the next #GP is reported as #DF (vector 8, the
     # SDM Vol. 3A 6.15 Table 6-5 rule).  Both vectors mean "trapped" here.
-    while result.exception is not None and result.exception.vector in (13, 8):
+    while result.exception is not None and result.exception.vector in (Vector.GP, Vector.DF):
         exc = result.exception
         insn = g.instruction_at(exc.rip)
         traps.append(insn.text)
@@ -83,14 +85,14 @@ def _red_pill_run(world: World, mode: Mode) -> dict:
     if clues & 2:
         reasons.append("PUSHF: IF = 1 right after CLI, so the CLI did not reach the CPU")
     if clues & 4:
-        reasons.append(f"PUSHF: IOPL = {eflags >> 12 & 3}, not the 0 the kernel set")
+        reasons.append(f"PUSHF: IOPL = {(eflags & Rflags.IOPL) >> RFLAGS_IOPL_SHIFT}, not the 0 the kernel set")
     return {
         "cpl": world.cpl,
         "idt_base": base,
         "idt_limit": limit,
         "eflags": eflags,
-        "if_after_cli": eflags >> 9 & 1,
-        "iopl": eflags >> 12 & 3,
+        "if_after_cli": 1 if eflags & Rflags.IF else 0,
+        "iopl": (eflags & Rflags.IOPL) >> RFLAGS_IOPL_SHIFT,
         "virtual_if": virtual_if if world.cpl else None,
         "traps": traps if world.cpl else [],
         "clues": reasons,

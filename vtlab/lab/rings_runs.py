@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass
 
 from ..cpu import asm
+from ..arch.exceptions import Vector
+from ..arch.msrs import Rflags
 from ..errors import BudgetExceeded
 from ..cpu.guest import Guest, GuestException, Layout, Mode
 from .rings_worlds import (PROBE_ADDRESS, SETUP_ADDRESS, World, _code_selectors, _gprs,
@@ -24,11 +26,11 @@ from .rings_worlds import (PROBE_ADDRESS, SETUP_ADDRESS, World, _code_selectors,
 _DATA_PAGE = (0x0, 0x1000)
 _STACK_WINDOW = 0x100
 
-_FLAG_NAMES = {0: "CF", 2: "PF", 4: "AF", 6: "ZF", 7: "SF", 8: "TF", 9: "IF", 10: "DF",
-               11: "OF", 14: "NT", 16: "RF", 17: "VM", 18: "AC", 19: "VIF", 20: "VIP", 21: "ID"}
-_IOPL = 3 << 12  # EFLAGS.IOPL, bits 13:12
+#: Bit number -> name of every one-bit EFLAGS flag (bit 1, always 1, is not a flag).
+_FLAG_NAMES = {m.value.bit_length() - 1: m.name for m in Rflags if m is not Rflags.FIXED}
+_IOPL = int(Rflags.IOPL)  # EFLAGS.IOPL, bits 13:12
 # RF is set/cleared by fault delivery machinery, bit 1 is always 1: neither is a result.
-_FLAG_MASK = 0x3F_FFFF & ~(1 << 16) & ~0x2
+_FLAG_MASK = 0x3F_FFFF & ~int(Rflags.RF | Rflags.FIXED)   # bits 21:0 but those two
 
 
 # ------------------------------------------------------------------------ one run
@@ -73,7 +75,7 @@ def _run(text: str, world: World, mode: Mode, delay: int = 0) -> _Run:
     # The run ends at the final HLT: at CPL 0 it stops the CPU; at CPL 3 (or after the
     # probe returned to CPL 3) HLT itself raises #GP, which ends the run just the same.
     reached_end = result.reason == "hlt" or (
-        exc is not None and exc.vector == 13 and exc.rip == final_hlt and exc.cpl == 3)
+        exc is not None and exc.vector == Vector.GP and exc.rip == final_hlt and exc.cpl == 3)
     if not reached_end:
         return _Run(_outcome(exc) if exc else result.reason, exc, {}, probed,
                     exc.instruction if exc else "")
@@ -124,7 +126,7 @@ def _pseudo_operand(insn: asm.Instruction | None) -> tuple[str, int] | None:
     m = re.search(r"\[(0x[0-9a-f]+|\d+)\]", insn.op_str)
     if m:
         return insn.mnemonic.upper(), int(m.group(1), 0)
-    # Keystone encodes [abs] as RIP-relative in 64-bit code: [rip +/- disp]
+    # The assembler encodes [abs] as RIP-relative in 64-bit code: [rip +/- disp]
     m = re.search(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]", insn.op_str)
     if m:
         disp = int(m.group(2), 0) * (1 if m.group(1) == "+" else -1)

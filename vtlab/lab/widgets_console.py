@@ -5,6 +5,7 @@ import html
 
 import ipywidgets as W
 
+from ..arch.msrs import Cr4
 from ..arch.vmcs_fields import VmcsField as F
 from ..errors import VtlabError
 from ..vmm.machine import VirtualMachine
@@ -51,7 +52,7 @@ class VmxConsole(_Base):
         self.vm = VirtualMachine(self.GUEST, mode="real")
         cpu = self.vm.cpu
         cpu.vmxoff()
-        cpu.cr4 &= ~(1 << 13)
+        cpu.cr4 &= ~int(Cr4.VMXE)
         cpu.history.clear()
         self.empty_vmcs = cpu.alloc_region(cpu.caps.revision_id)
         self.bad_revision = cpu.alloc_region(0xBAD)
@@ -91,7 +92,7 @@ class VmxConsole(_Base):
                 self.reset()
                 return "reset"
             if name == "CR4.VMXE=1":
-                cpu.write_cr4(cpu.cr4 | (1 << 13))
+                cpu.write_cr4(cpu.cr4 | int(Cr4.VMXE))
                 text = "MOV CR4: CR4.VMXE = 1 (VMX enabled; VMXON is now allowed)"
             elif name == "VMXON":
                 text = str(cpu.vmxon(addr))

@@ -17,8 +17,9 @@ from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
 from ..arch.exceptions import InterruptionType, IntrInfo, Vector
 from ..arch.exit_reasons import ExitReason
-from ..arch.msrs import Cr0, Msr, Rflags
-from ..arch.qualifications import GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification
+from ..arch.msrs import Cr0, Cr4, Msr, Rflags
+from ..arch.qualifications import (GPR_ORDER, CrAccessQualification, CrAccessType, IoDirection, IoQualification,
+                                   TaskSwitchQualification, TaskSwitchSource)
 from ..arch.vmcs_fields import VmcsField as F
 from ..cpu.exits import VmExit
 from ..cpu.guest import Mode
@@ -209,7 +210,7 @@ def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
     dr, from_dr, gpr = exit.qualification & 7, bool(exit.qualification >> 4 & 1), (exit.qualification >> 8) & 0xF
     if exit.cpl > 0:
         return vm.inject_exception(Vector.GP, 0)
-    if dr in (4, 5) and vm.guest.reg("cr4") & (1 << 3):   # CR4.DE
+    if dr in (4, 5) and vm.guest.reg("cr4") & Cr4.DE:
         return vm.inject_exception(Vector.UD)
     reg = _gpr_name(vm, gpr)
     if from_dr:
@@ -223,7 +224,7 @@ def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
 def handle_hlt(vm: "VirtualMachine", exit: VmExit) -> bool:
     """HLT: the vCPU would sleep until an interrupt; with nothing to wake it, stop here."""
     vm.skip_instruction()
-    if vm.timer_period and vm.vmread(F.GUEST_RFLAGS) & (1 << 9):
+    if vm.timer_period and vm.vmread(F.GUEST_RFLAGS) & Rflags.IF:
         return True  # IF = 1: the timer's next interrupt wakes the guest
     vm.stop(VmState.HALTED, f"the guest executed HLT at {exit.guest_rip:#x}")
     return False
@@ -342,6 +343,24 @@ def handle_descriptor_table(vm: "VirtualMachine", exit: VmExit) -> bool:
     return True
 
 
+def handle_task_switch(vm: "VirtualMachine", exit: VmExit) -> bool:
+    """Task switch (reason 9): decode the qualification (SDM Table 28-2) and stop the VM.
+
+    Hardware task switching is not emulated here: like KVM's ``handle_task_switch`` a
+    VMM would have to save the old task's state in its TSS, load the new one from the TSS
+    the qualification names (SDM Vol. 3A 8.3) and update the busy bits and the
+    previous-task link - a legacy-mode feature no 64-bit OS uses.  So the VM stops,
+    saying which switch the guest asked for."""
+    q = TaskSwitchQualification.decode(exit.qualification)
+    how = {TaskSwitchSource.CALL: "CALL to", TaskSwitchSource.IRET: "IRET (RFLAGS.NT = 1) back to",
+           TaskSwitchSource.JMP: "JMP to",
+           TaskSwitchSource.TASK_GATE: "an event delivered through an IDT task gate to"}[q.source]
+    vm.stop(VmState.STOPPED, f"the guest switched tasks ({how} TSS selector {q.selector:#x}, at "
+            f"{exit.guest_rip:#x}); vtlab's VMM does not emulate hardware task switching "
+            "(KVM does, in its instruction emulator)")
+    return False
+
+
 def handle_monitor_trap(vm: "VirtualMachine", exit: VmExit) -> bool:
     """Monitor trap flag: one instruction done; nothing to do but resume."""
     return True
@@ -372,6 +391,7 @@ HANDLERS: dict[ExitReason, Handler] = {
     ExitReason.MSR_WRITE: handle_msr_write,
     ExitReason.MWAIT_INSTRUCTION: handle_nop,
     ExitReason.MONITOR_TRAP_FLAG: handle_monitor_trap,
+    ExitReason.TASK_SWITCH: handle_task_switch,
     ExitReason.MONITOR_INSTRUCTION: handle_nop,
     ExitReason.PAUSE_INSTRUCTION: handle_nop,
     ExitReason.GDTR_IDTR: handle_descriptor_table,

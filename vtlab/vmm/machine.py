@@ -145,7 +145,7 @@ class VirtualMachine:
         return self.guest.load(program, address)
 
     def _bring_up(self, entry: int | None) -> None:
-        """What a VMM does before the first VMLAUNCH (SDM 24.7, 24.11.5)."""
+        """What a VMM does before the first VMLAUNCH (SDM 24.7, 25.11.5)."""
         cpu, caps = self.cpu, self.cpu.caps
         cpu.write_cr4(cpu.cr4 | Cr4.VMXE)
         self.vmxon_address = cpu.alloc_region(caps.revision_id)
@@ -170,7 +170,7 @@ class VirtualMachine:
         self.vmwrite(F.VIRTUAL_PROCESSOR_ID, 1)
         self.vmwrite(F.VMCS_LINK_POINTER, INVALID_POINTER)
         self.vmwrite(F.EXCEPTION_BITMAP, 0)
-        # Host state: the VMM's own context, restored on every exit (SDM 24.5).
+        # Host state: the VMM's own context, restored on every exit (SDM 25.5).
         for f, value in ((F.HOST_CR0, cpu.cr0), (F.HOST_CR3, 0x1000), (F.HOST_CR4, cpu.cr4),
                          (F.HOST_CS_SELECTOR, 0x10), (F.HOST_SS_SELECTOR, 0x18), (F.HOST_DS_SELECTOR, 0),
                          (F.HOST_ES_SELECTOR, 0), (F.HOST_FS_SELECTOR, 0), (F.HOST_GS_SELECTOR, 0),
@@ -196,12 +196,23 @@ class VirtualMachine:
 
     # ----------------------------------------------------------- VMCS access
     def vmread(self, field: F | int | str) -> int:
-        """VMREAD from the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
-        return self.cpu.vmcs_read(field)
+        """VMREAD from the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail.
+
+        The checks are VMREAD's, in its order (SDM 31.3): no current VMCS raises
+        :class:`VmxFailure` (VMfailInvalid); an encoding of no field, or of a field the
+        capability MSRs do not offer (TPR threshold without "use TPR shadow", ...), raises
+        :class:`VmcsError` with ``error`` 12.
+        """
+        cpu = self.cpu
+        cpu.require_field(field, "VMREAD")    # VMfailInvalid, then error 12 (no such field here)
+        return cpu.vmcs_read(field)
 
     def vmwrite(self, field: F | int | str, value: int) -> None:
-        """VMWRITE to the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail."""
-        self.cpu.vmcs_write(field, value)
+        """VMWRITE to the current VMCS; raises :class:`VmxFailure` / :class:`VmcsError` on VMfail
+        (the checks of :meth:`vmread`, then error 13 for a read-only field)."""
+        cpu = self.cpu
+        cpu.require_field(field, "VMWRITE")   # VMfailInvalid, then error 12 (no such field here)
+        cpu.vmcs_write(field, value)          # error 13 for a read-only field
 
     @property
     def vmcs(self):
@@ -325,7 +336,7 @@ class VirtualMachine:
     def _state_summary(self) -> tuple:
         """Registers for the trace, kept raw; :func:`vtlab.trace.format_state` prints them."""
         rax, rbx, rcx, rdx, rsp, rflags, cr0, cs = self.guest.read_registers(_SUMMARY_REGISTERS)
-        return (rax, rbx, rcx, rdx, rsp, rflags, Guest.cpl_of(cr0, cs))
+        return (rax, rbx, rcx, rdx, rsp, rflags, Guest.cpl_of(cr0, cs, rflags))
 
     def _record(self, exit_: VmExit):
         """Put a fresh exit in the trace; it waits in :attr:`pending_exit` for its handler."""
@@ -385,8 +396,9 @@ class VirtualMachine:
         elif outcome.status is Status.ENTRY_FAILED:
             self.last_exit = outcome.exit
             self.trace.record_exit(outcome.exit, "(VM-entry failure)")
+            reason = outcome.exit.reason
             self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
-                      f"reason 33 (INVALID_STATE) | bit 31: {outcome.message}")
+                      f"reason {int(reason)} ({reason.name}) | bit 31: {outcome.message}")
         elif outcome.status in (Status.VMFAIL_VALID, Status.VMFAIL_INVALID, Status.FAULT):
             self.stop(VmState.ENTRY_FAILED, str(outcome))
         return outcome

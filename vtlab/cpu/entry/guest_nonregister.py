@@ -9,7 +9,8 @@ import functools
 from typing import TYPE_CHECKING
 
 from ...arch.controls import ProcBased2
-from ...arch.msrs import Cr0, Cr4
+from ...arch.exceptions import InterruptionType as T, Vector
+from ...arch.msrs import Cr0, Cr4, Rflags
 from ...arch.vmcs_fields import VmcsField as F
 from ..vmcs import INVALID_POINTER
 from .registry import SECONDARY_READS, Reader, both, ia32e_guest, rule, secondary_controls, set_bits, write
@@ -27,7 +28,7 @@ ACTIVITY_NAMES = {ACTIVE: "active", HLT: "HLT", SHUTDOWN: "shutdown", WAIT_FOR_S
 MISC_ACTIVITY_BIT = {HLT: 1 << 6, SHUTDOWN: 1 << 7, WAIT_FOR_SIPI: 1 << 8}
 #: Interruptibility-state bits (SDM 25.4.2, Table 25-3).
 BLOCKING_BY_STI, BLOCKING_BY_MOV_SS, BLOCKING_BY_SMI, BLOCKING_BY_NMI, ENCLAVE_INTERRUPTION = (1 << b for b in range(5))
-RFLAGS_TF, RFLAGS_IF = 1 << 8, 1 << 9
+RFLAGS_TF, RFLAGS_IF = int(Rflags.TF), int(Rflags.IF)   # plain ints: the rules re-run on VM entries
 DEBUGCTL_BTF = 1 << 1
 #: Pending debug exceptions (SDM 25.4.2, Table 25-4): B3-B0 (3:0), enabled breakpoint (12),
 #: BS (14), RTM (16).  Everything else is reserved.
@@ -85,9 +86,10 @@ def _allowed_in(activity: int, type_: int, vector: int) -> bool:
     if activity == ACTIVE:
         return True
     if activity == HLT:   # external interrupt, NMI, #DB, #MC, pending MTF VM exit
-        return type_ in (0, 2) or (type_ == 3 and vector in (1, 18)) or (type_ == 7 and vector == 0)
+        return (type_ in (T.EXTERNAL_INTERRUPT, T.NMI) or (type_ == T.HARDWARE_EXCEPTION and vector in (Vector.DB, Vector.MC))
+                or (type_ == T.OTHER_EVENT and vector == 0))
     if activity == SHUTDOWN:   # NMI and machine check
-        return type_ == 2 or (type_ == 3 and vector == 18)
+        return type_ == T.NMI or (type_ == T.HARDWARE_EXCEPTION and vector == Vector.MC)
     return False   # wait-for-SIPI: nothing
 
 

@@ -12,7 +12,8 @@ import functools
 from typing import TYPE_CHECKING
 
 from ...arch.controls import EntryControl
-from ...arch.msrs import Cr0, Cr4, Efer
+from ...arch.msrs import Cr0, Cr4, Efer, Rflags
+from ...arch.segments import AccessRights
 from ...arch.vmcs_fields import VmcsField as F
 from .registry import (EFER_RESERVED, IA32E_MODE, NON_CANONICAL, RFLAGS_VM, SECONDARY_READS, Reader, both,
                        canonical, clear_bits, ia32e_guest, pat_invalid_bytes, rule, set_bits,
@@ -178,6 +179,9 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
 
 
 # ---------------------------------------------------------- RFLAGS (27.3.1.4)
+_RFLAGS_FIXED, _RFLAGS_IF = int(Rflags.FIXED), int(Rflags.IF)   # plain ints: re-run on VM entries
+
+
 @guest("guest_rflags_reserved", "27.3.1.4", reads={F.GUEST_RFLAGS},
        breaks=set_bits(F.GUEST_RFLAGS, 1 << 3))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
@@ -188,11 +192,11 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     return []
 
 
-@guest("guest_rflags_bit1", "27.3.1.4", reads={F.GUEST_RFLAGS}, breaks=clear_bits(F.GUEST_RFLAGS, 1 << 1))
+@guest("guest_rflags_bit1", "27.3.1.4", reads={F.GUEST_RFLAGS}, breaks=clear_bits(F.GUEST_RFLAGS, _RFLAGS_FIXED))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     """RFLAGS bit 1 (reserved, always 1 on the processor) must be 1 in the RFLAGS field."""
     rflags = get(F.GUEST_RFLAGS)
-    if not rflags & 2:
+    if not rflags & _RFLAGS_FIXED:
         return [f"GUEST_RFLAGS bit 1 must be 1 (RFLAGS = {rflags:#x}); it is reserved and always set"]
     return []
 
@@ -215,7 +219,7 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     information field is 1 and the interruption type is external interrupt (0): the guest
     could not take that interrupt."""
     info = get(F.VM_ENTRY_INTR_INFO_FIELD)
-    if info >> 31 & 1 and (info >> 8) & 7 == 0 and not get(F.GUEST_RFLAGS) & (1 << 9):
+    if info >> 31 & 1 and (info >> 8) & 7 == 0 and not get(F.GUEST_RFLAGS) & _RFLAGS_IF:
         return ["injecting an external interrupt requires GUEST_RFLAGS.IF = 1"]
     return []
 
@@ -226,7 +230,7 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
 # of every RIP rule, see .registry): VM entry then skips them, and VM_ENTRY_CONTROLS and
 # CS, lazily saved guest state, need no save.
 _GUEST_RIP, _ENTRY_CONTROLS, _CS_AR = int(F.GUEST_RIP), int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_AR_BYTES)
-_CS_L = 1 << 13   # access rights bit 13: CS.L, 64-bit code segment
+_CS_L = int(AccessRights.L)   # access rights bit 13: CS.L, 64-bit code segment
 
 
 @guest("guest_rip_high_bits", "27.3.1.4", reads={F.GUEST_RIP, F.VM_ENTRY_CONTROLS, F.GUEST_CS_AR_BYTES},

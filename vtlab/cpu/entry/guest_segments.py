@@ -19,6 +19,8 @@ import functools
 from typing import TYPE_CHECKING, Callable
 
 from ...arch.controls import ProcBased2
+from ...arch.msrs import Cr0
+from ...arch.segments import AR_RESERVED, AccessRights
 from ...arch.vmcs_fields import VmcsField as F
 from .registry import (NON_CANONICAL, RFLAGS_VM, SECONDARY_READS, Reader, both, canonical, clear_bits,
                        ia32e_guest, rule, set_bits, unrestricted_guest, virtual_8086, write)
@@ -28,8 +30,10 @@ if TYPE_CHECKING:
 
 guest = functools.partial(rule, "guest-state")
 
-UNUSABLE = 1 << 16   #: access-rights bit 16: the register holds a null selector ("unusable")
-_S, _P, _L, _DB, _G = 1 << 4, 1 << 7, 1 << 13, 1 << 14, 1 << 15
+# Plain-int copies of the access-rights bits (vtlab.arch.segments): the rules re-run on VM entries.
+UNUSABLE = int(AccessRights.UNUSABLE)   #: access-rights bit 16: the register holds a null selector ("unusable")
+_S, _P, _L, _DB, _G = (int(b) for b in (AccessRights.S, AccessRights.P, AccessRights.L, AccessRights.DB,
+                                         AccessRights.G))
 
 
 def _type_to(field: F, typ: int) -> Callable:
@@ -71,7 +75,7 @@ def _add_segment_rules(seg: str) -> None:
                f"{' if the register is usable' if usable_only else ''}.")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         ar = checked(get)
-        if ar is not None and ar & 0xFFFE0F00:
+        if ar is not None and ar & AR_RESERVED:
             return prefix(f"{seg} access-rights reserved bits (11:8, 31:17) must be 0 (are {ar:#x})")
         return []
 
@@ -288,7 +292,7 @@ def _add_ss_privilege_rules(ar_reads: set, sel_f: F) -> None:
         if virtual_8086(get):
             return []
         dpl = (get(ss_ar) >> 5) & 3
-        if dpl and (get(cs_ar) & 0xF == 3 or not get(F.GUEST_CR0) & 1):
+        if dpl and (get(cs_ar) & 0xF == 3 or not get(F.GUEST_CR0) & Cr0.PE):
             return [f"GUEST_SS: SS DPL must be 0 when CS type is 3 or CR0.PE is 0; it is {dpl}"]
         return []
 

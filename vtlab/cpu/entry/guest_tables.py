@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Callable
 
+from ...arch.segments import AR_RESERVED, AccessRights
 from ...arch.vmcs_fields import VmcsField as F
 from .guest_segments import UNUSABLE, _type_to
 from .registry import NON_CANONICAL, Reader, both, canonical, clear_bits, ia32e_guest, rule, set_bits, write
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 guest = functools.partial(rule, "guest-state")
 
-_S, _P, _G = 1 << 4, 1 << 7, 1 << 15
+_S, _P, _G = int(AccessRights.S), int(AccessRights.P), int(AccessRights.G)   # plain ints: re-run on entries
 
 
 def _system_segment_rules(seg: str, usable: Callable | None, recipes: dict) -> None:
@@ -43,7 +44,7 @@ def _system_segment_rules(seg: str, usable: Callable | None, recipes: dict) -> N
     @guest(f"guest_{s}_access_rights_reserved", "27.3.1.2", reads={ar_f}, breaks=recipes["reserved"],
            doc=f"{when} reserved bits 11:8 and 31:17 of the {seg} access-rights field must be 0.")
     def _(get: Reader, cpu: "VmxCpu") -> list[str]:
-        if applies(get) and get(ar_f) & 0xFFFE0F00:
+        if applies(get) and get(ar_f) & AR_RESERVED:
             return [f"GUEST_{seg} access rights {get(ar_f):#x}: reserved bits 11:8 and 31:17 must be 0"]
         return []
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ...arch.controls import EntryControl, ProcBased, ProcBased2
+from ...arch.msrs import Efer, Rflags
 from ...arch.vmcs_fields import VmcsField as F
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ def get_rule(id: str) -> Rule:
 ACTIVATE_SECONDARY = int(ProcBased.ACTIVATE_SECONDARY_CONTROLS)
 UNRESTRICTED_GUEST = int(ProcBased2.UNRESTRICTED_GUEST)
 IA32E_MODE = int(EntryControl.IA32E_MODE)
-RFLAGS_VM = 1 << 17
+RFLAGS_VM = int(Rflags.VM)
 
 #: What reading the secondary controls involves: the primary controls say whether they
 #: exist at all ("activate secondary controls", SDM 25.6.2).
@@ -238,7 +239,7 @@ NON_CANONICAL = 0x0000_8000_0000_0000
 
 #: IA32_EFER bits that are reserved (SDM Vol. 3A 2.2.1, Vol. 4 Table 2-2): all but SCE (0),
 #: LME (8), LMA (10) and NXE (11).
-EFER_RESERVED = ~0xD01 & 0xFFFF_FFFF_FFFF_FFFF
+EFER_RESERVED = ~int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE) & 0xFFFF_FFFF_FFFF_FFFF
 
 #: The memory types an IA32_PAT entry may hold (SDM Vol. 3A 12.12.2): UC, WC, WT, WP, WB, UC-.
 PAT_MEMORY_TYPES = frozenset({0, 1, 4, 5, 6, 7})
