@@ -240,11 +240,10 @@ class RegisterAccess:
     def cpl(self) -> int:
         """Current privilege level (SDM Vol. 3A 5.5): 0 in real mode, 3 in virtual-8086 mode
         (RFLAGS.VM = 1; Vol. 3B, "8086 Emulation"), else the CS selector's RPL (= CS.DPL)."""
-        if not self._read_raw(X.UC_X86_REG_CR0) & _CR0_PE:
+        cr0 = self._read_raw(X.UC_X86_REG_CR0)
+        if not cr0 & _CR0_PE:
             return 0
-        if self._read_raw(X.UC_X86_REG_EFLAGS) & _RFLAGS_VM:
-            return 3
-        return self._read_raw(X.UC_X86_REG_CS) & 3
+        return self.cpl_of(cr0, self._read_raw(X.UC_X86_REG_CS), self._read_raw(X.UC_X86_REG_EFLAGS))
 
     @staticmethod
     def cpl_of(cr0: int, cs: int, rflags: int = 0) -> int:
