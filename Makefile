@@ -5,6 +5,8 @@
 #               browser or Binder venv; about a minute)
 #   make bench  run the benchmarks
 #   make wheels check that every runtime dependency has a wheel on the five platforms
+#   make notebooks  rewrite the learner versions notebooks/*.ipynb from the instructor
+#               sources course/source/ (docs/NOTEBOOKS.md)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -81,13 +83,30 @@ distclean: clean
 	rm -rf $(VENV)
 
 # --- Teaching with nbgrader (see "Teach with vtlab" in the README) -------------------
+#   make notebooks                   sync each source's .ipynb/.py pair (jupytext), make the
+#                                    student versions and copy them to notebooks/
 #   make assignments                 student versions -> course/release/<assignment>/
-#   make autograde SUBMISSIONS=dir   grade dir/<student>/<assignment>/<assignment>.ipynb,
-#                                    export all grades to course/grades.csv
+#   make autograde SUBMISSIONS=dir [JOBS=N]  grade dir/<student>/<assignment>/<assignment>.ipynb,
+#                                    each isolated (tools/autograde.py; AUTOGRADE_ARGS for
+#                                    more options), N at a time: course/grades.csv and
+#                                    course/attention.csv
 #   make validate-assignments        check the instructor solutions pass their tests
-# One assignment per nbgrader notebook in notebooks/, named after it; nbgrader_config.py
-# holds the settings; everything generated lands in course/ (git-ignored).
+# The instructor sources are committed in nbgrader's layout, course/source/<a>/<a>.ipynb,
+# each paired with <a>.py by jupytext; nbgrader_config.py holds the settings; everything
+# generated lands in course/ beside them (git-ignored); notebooks/ = the learner versions.
 COURSE_TOOL := $(PY) tools/nbgrader_course.py
+# One file per assignment folder course/source/<a>/: <a>.ipynb, or <a>.py when only the
+# script exists yet (a new assignment written as text: `make notebooks` makes its .ipynb).
+SOURCES     := $(foreach d,$(sort $(wildcard course/source/*/)),$(firstword \
+                 $(wildcard $(d)$(notdir $(d:/=)).ipynb) $(wildcard $(d)$(notdir $(d:/=)).py)))
+
+.PHONY: notebooks
+
+# jupytext --sync first, so that an edit made to either file of a pair is the one used.
+notebooks: venv
+	$(VENV)/bin/jupytext --sync $(SOURCES)
+	$(COURSE_TOOL) generate
+	$(COURSE_TOOL) learner
 
 .PHONY: assignments autograde validate-assignments clean-binder
 
@@ -96,10 +115,18 @@ assignments: venv
 
 autograde: venv
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make autograde SUBMISSIONS=dir   (dir/<student>/<assignment>/<assignment>.ipynb)" >&2; exit 2; }
-	$(COURSE_TOOL) autograde "$(SUBMISSIONS)"
+	$(PY) tools/autograde.py "$(SUBMISSIONS)" --jobs $(or $(JOBS),1) $(AUTOGRADE_ARGS)
 
 validate-assignments: venv
 	$(COURSE_TOOL) validate
+
+# The course site (MyST / Jupyter Book 2) from the learner notebooks, executed in
+# build/site/ (docs/site/build.py); its dependency lives in requirements-site.txt.
+# SITE_TEMPLATE=DIR: a book-theme folder, for machines that cannot download it.
+.PHONY: site
+site: venv
+	$(PY) -m pip install -q -r requirements-site.txt
+	SITE_TEMPLATE="$(SITE_TEMPLATE)" $(PY) docs/site/build.py
 
 # The Binder test's cached environment (tests/test_binder.py).
 clean-binder:

@@ -1,11 +1,13 @@
 """nbgrader configuration for the vtlab course (nbgrader 0.9).
 
-The instructor notebooks live flat in ``notebooks/``; ``tools/nbgrader_course.py``
-(``make assignments`` / ``make autograde``) lays them out for nbgrader under ``course/``,
-one assignment per notebook, named after the notebook::
+The instructor sources live in nbgrader's own layout under ``course/`` (committed), one
+assignment per notebook, each paired by jupytext with a percent-format script;
+``tools/nbgrader_course.py`` (``make notebooks`` / ``make assignments`` / ``make autograde``)
+runs the steps::
 
-    course/source/01_rings/01_rings.ipynb        instructor version (copied from notebooks/)
-    course/release/01_rings/01_rings.ipynb       student version: solutions and hidden tests removed
+    course/source/01_rings/01_rings.ipynb        instructor version (solutions, hidden tests)
+    course/source/01_rings/01_rings.py           the same notebook as a jupytext script
+    course/release/01_rings/01_rings.ipynb       learner version (copied to notebooks/)
     course/submitted/<student>/01_rings/...      collected submissions
     course/autograded/<student>/01_rings/...     executed and scored submissions
     course/gradebook.db                          the gradebook (SQLite)
@@ -33,3 +35,9 @@ c.Execute.interrupt_on_timeout = True
 # What replaces `### BEGIN SOLUTION ... ### END SOLUTION` in the student version.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Files of an assignment's source folder that never go into its release: the paired
+# jupytext script holds every solution and hidden test, so a plain
+# `nbgrader generate_assignment` must not copy it (tools/nbgrader_course.py applies the
+# same list, RELEASE_IGNORE).
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", "*.py", "jupytext.toml", ".jupytext*"]

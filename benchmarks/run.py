@@ -75,9 +75,13 @@ def plain_unicorn(code: bytes, insn_hook=None) -> unicorn.Uc:
     return uc
 
 
-def bench_exit_free(n: int = 3_000_000, python_counter: bool = False) -> dict:
+def bench_exit_free(n: int = 3_000_000, python_counter: bool = False, mode: str = "protected",
+                    ept: bool = True, ept_4k: bool = False) -> dict:
     """Exit-free MIPS of vtlab and of bare Unicorn; ``python_counter`` forces vtlab's
-    Python counting path (as on a host where the native counter cannot run)."""
+    Python counting path (as on a host where the native counter cannot run).  ``ept``:
+    the VM's EPT (an identity map with 2-MByte pages, walked by the processor model) on
+    or off; ``ept_4k``: the EPT split into 4-KByte pages with the code page aliased at a
+    second guest-physical address (non-identity mappings in Unicorn's map)."""
     src = LOOP.format(n=n)
     code = assemble(src, 0x1000, 32)
     insns = 4 * n + 2
@@ -95,7 +99,11 @@ def bench_exit_free(n: int = 3_000_000, python_counter: bool = False) -> dict:
         saved = os.environ.get(PYTHON_COUNTER_ENV)
         os.environ[PYTHON_COUNTER_ENV] = "1" if python_counter else "0"
         try:
-            vm = vtlab.VirtualMachine(src, mode="protected")
+            vm = vtlab.VirtualMachine(src, mode=mode, ept=ept)
+            if ept_4k:
+                vm.ept_tables.protect(0, vm.guest.memory_size, 7)        # 512 4-KByte PTEs
+                vm.ept_tables.map(0x10_0000, 0x1000, 0x1000)             # an alias of the code page
+                vm.invept()
         finally:
             if saved is None:
                 del os.environ[PYTHON_COUNTER_ENV]
@@ -183,6 +191,11 @@ def main() -> None:
     ef = bench_exit_free()
     print(f"exit-free throughput : vtlab {ef['vtlab_mips']:8.1f} MIPS | plain Unicorn {ef['plain_mips']:8.1f} MIPS"
           f" | ratio {ef['ratio']:.2f} (target >= 0.5)")
+    for label, kw in (("EPT off, paged guest", dict(mode="paged", ept=False)),
+                      ("EPT on, paged guest ", dict(mode="paged")),
+                      ("EPT 4K + alias      ", dict(ept_4k=True))):
+        e = bench_exit_free(**kw)
+        print(f"  ... {label}: vtlab {e['vtlab_mips']:8.1f} MIPS | ratio {e['ratio']:.2f} (target >= 0.5)")
     # A tenth of the loop: the Python path runs one callback per block (per iteration).
     py = bench_exit_free(n=300_000, python_counter=True)
     print(f"  ... Python counter : vtlab {py['vtlab_mips']:8.1f} MIPS | plain Unicorn {py['plain_mips']:8.1f} MIPS"

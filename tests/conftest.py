@@ -65,6 +65,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "nbgrader: nbgrader course pipeline (student versions, autograde, validate)")
     config.addinivalue_line("markers", "binder: a fresh venv built only from binder/requirements.txt runs the notebooks")
     config.addinivalue_line("markers", "needs_vm: runs a workload under vtlab.VirtualMachine")
+    config.addinivalue_line("markers", "site: builds the course site (make site)")
     config.addinivalue_line("markers", "slow: left out of `make check` (-m 'not slow'); set by tests/conftest.py")
 
 
@@ -83,6 +84,9 @@ SLOW_FILES: dict[str, str | None] = {
     "test_fuzz.py": None,           # random programs in worker processes
     "test_browser.py": None,        # JupyterLab + Chromium
     "test_binder.py": "binder",     # a venv built from binder/requirements.txt
+    "test_grading.py": "nbgrader",  # tools/autograde.py grading classes with real kernels
+    "test_teaching.py": "site",     # the course site build (the hub checks are instant)
+    "test_learner_versions.py": "nbgrader",  # its layout checks are fast; autograding is not
 }
 #: Single tests left out of `make check`, as "file::test" (any parametrization): each
 #: takes several seconds, stress-testing sizes rather than behaviour the other tests miss.

@@ -62,9 +62,6 @@ ALLOWED = {
     # The binary translator's VCPU block: byte offsets of the saved CR0, CR2, CR3, CR4.
     ("lab/bt_stubs.py", "CR0 = 0x20"),
     ("lab/bt_stubs.py", '"cr0": 0x20'),
-    # A capability-MSR value (IA32_VMX_CR4_FIXED1 of a recent core), written as the MSR
-    # reads: a model's number, not an architectural bit.
-    ("cpu/capabilities.py", "cr4_fixed1: int = 0x0037_67FF"),
 }
 
 #: The enums themselves: ``Cr4.PAE`` names the fix, not the register.
@@ -246,8 +243,8 @@ _CITATION = re.compile(
 
 
 def _source_texts():
-    """vtlab's sources and the notebook builders (the notebooks' text comes from them)."""
-    for path in [*sorted(VTLAB.rglob("*.py")), *sorted((ROOT / "tools" / "notebooks").glob("*.py"))]:
+    """vtlab's sources and the course notebooks (the jupytext twins of course/source/)."""
+    for path in [*sorted(VTLAB.rglob("*.py")), *sorted((ROOT / "course" / "source").glob("*/*.py"))]:
         yield path.relative_to(ROOT).as_posix(), path.read_text()
 
 

@@ -3,8 +3,11 @@
 - ``binder/requirements.txt`` pins the same versions as ``requirements.txt`` (fast, always).
 - A fresh virtual environment built ONLY from ``binder/requirements.txt`` (``pip install
   -r binder/requirements.txt`` from the repository root, as repo2docker does; its ``.``
-  line installs vtlab itself, non-editable) executes every notebook in ``notebooks/``
-  (plus the nbgrader fixture) in a kernel running that environment's python.
+  line installs vtlab itself, non-editable) executes every instructor source
+  ``course/source/<a>/<a>.ipynb`` (plus the nbgrader fixture) in a kernel running that
+  environment's python: the sources run every cell with the solutions in, so they use
+  the whole stack a learner's finished notebook uses (the learner versions in
+  ``notebooks/``, stubs and all, are run by tests/test_notebooks.py).
 
 The environment is cached outside the repository, in ``~/.cache/vtlab/binder-venv/``
 (``$VTLAB_CACHE_DIR`` / ``$XDG_CACHE_HOME`` move it; see tests/conftest.py), keyed by a
@@ -47,7 +50,7 @@ ARTIFACTS = ARTIFACTS_DIR / "binder"
 #: What pip needs to build vtlab (pyproject.toml names the readme and the license file).
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "vtlab", "binder")
 
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted(p for p in (REPO / "course" / "source").glob("*/*.ipynb") if p.parent.name == p.stem)
 FIXTURE = REPO / "tests" / "fixtures" / "nbgrader_sample.ipynb"
 RUN_NOTEBOOKS = NOTEBOOKS + [FIXTURE]
 
@@ -249,10 +252,10 @@ print("RESULT " + json.dumps(result))
 def test_binder_env_has_only_the_binder_packages(binder_python):
     """The env imports the course stack and vtlab from its own site-packages."""
     code = (
-        "import json, sys, vtlab, unicorn, capstone, ziglang, ipywidgets, matplotlib, pandas, nbgrader\n"
+        "import json, sys, vtlab, unicorn, capstone, ziglang, ipywidgets, matplotlib, pandas, nbgrader, jupytext\n"
         "from importlib.metadata import version\n"
         "print(json.dumps({'prefix': sys.prefix, 'vtlab': vtlab.__file__,"
-        " 'versions': {n: version(n) for n in ['unicorn', 'jupyterlab', 'ipywidgets', 'nbgrader']}}))"
+        " 'versions': {n: version(n) for n in ['unicorn', 'jupyterlab', 'ipywidgets', 'nbgrader', 'jupytext']}}))"
     )
     out = _run([str(binder_python), "-c", code], cwd=str(ENV), env=_clean_env(ENV)).stdout
     info = json.loads(out.strip().splitlines()[-1])

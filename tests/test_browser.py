@@ -3,20 +3,32 @@
 Starts a private JupyterLab on 127.0.0.1 (free port, random token, temporary config,
 runtime, IPython and workspace directories; the "news" pop-up disabled through
 ``labconfig/page_config.json``), makes sure the server answering is the one it started,
-copies a notebook with a vtlab dashboard into a temporary directory and opens it in
-headless Chromium (``/usr/bin/chromium`` - never ``playwright install``).  Then: Run ->
-Run All Cells, wait for the kernel to be idle, flip the dashboard's HLT-exiting
-checkbox, press its run button (``.vtlab-run``) and wait until the rendered exit total
-(``.vtlab-exit-total``) changes.  Screenshots go to browser.png in the test artifacts
-folder outside the repository (``~/.cache/vtlab/test-artifacts``, see tests/conftest.py);
-with ``VTLAB_UPDATE_SCREENSHOT=1`` also to docs/screenshot-dashboard.png for the README.
+and drives headless Chromium (``/usr/bin/chromium`` - never ``playwright install``).
 
-The notebook is ``notebooks/04_exits.ipynb`` when it exists and builds a Dashboard,
-otherwise ``tests/fixtures/browser_dashboard.ipynb``.
+Two tests:
+
+* ``test_widgets_in_jupyterlab`` writes a small notebook with the four interactive
+  widgets (Stepper, ControlsPanel, VmxConsole, Dashboard), runs it and presses their
+  buttons as a learner would, then checks what each shows after a VM exit: the
+  stepper's "VMCS fields changed" (VM_EXIT_REASON 0 -> 0xa = CPUID (10), SDM Vol. 3C
+  Appendix C), its disabled buttons once the guest halted; the panel's visible
+  "fixed to 0" reasons and its VMLAUNCH result; the console's log and SVG state
+  diagram; the dashboard's counts.  It measures, in the browser, how long a dashboard
+  toggle and a workload switch take from the click to the redrawn counts (printed and
+  saved to ``browser-latency.json``; see LATENCY_LIMIT_MS for what is asserted).
+* ``test_course_notebooks_in_jupyterlab`` opens every course notebook - the instructor
+  source ``course/source/<a>/<a>.ipynb`` where it exists (the learner versions in
+  ``notebooks/`` have blank exercises), else ``notebooks/<a>.ipynb`` - runs all cells,
+  checks that no cell raised, and saves a screenshot ``browser-<a>.png``.
+
+Screenshots and logs go to the test artifacts folder outside the repository
+(``~/.cache/vtlab/test-artifacts``, see tests/conftest.py); with
+``VTLAB_UPDATE_SCREENSHOT=1`` the dashboard picture also goes to
+docs/screenshot-dashboard.png for the README.
 
 Everything is bounded: each wait has a timeout, a watchdog kills the server, its
-kernels and the browser after HARD_TIMEOUT seconds, and the server's process group
-is always killed in ``finally``.
+kernels and the browser after the hard timeout, and the server's process group is
+always killed in ``finally``.
 """
 
 from __future__ import annotations
@@ -43,15 +55,16 @@ from conftest import ARTIFACTS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
-NOTEBOOK_04 = REPO / "notebooks" / "04_exits.ipynb"
-FIXTURE = REPO / "tests" / "fixtures" / "browser_dashboard.ipynb"
+COURSE = ("01_rings", "02_vmx_modes", "03_vmcs", "04_exits")
 ARTIFACTS = ARTIFACTS_DIR   # outside the repository (tests/conftest.py)
 SCREENSHOT = ARTIFACTS / "browser.png"
+LATENCY_JSON = ARTIFACTS / "browser-latency.json"
 FAILURE_SCREENSHOT = ARTIFACTS / "browser-failure.png"
 SERVER_LOG = ARTIFACTS / "browser-jupyter.log"
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot-dashboard.png"
 
-HARD_TIMEOUT = 300        # seconds for the whole test, whatever happens
+HARD_TIMEOUT = 300        # seconds for the widget test, whatever happens
+NOTEBOOK_TIMEOUT = 360    # seconds per course notebook (Run All Cells on two busy cores)
 SERVER_START_TIMEOUT = 90
 PAGE_TIMEOUT = 90         # JupyterLab loads, kernel starts
 RUN_ALL_TIMEOUT = 180     # every cell of the notebook executes
@@ -63,7 +76,16 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
-# The dashboard (vtlab.widgets.Dashboard, or the fixture's stand-in) and its parts.
+#: What a dashboard update (click -> counts redrawn, busy cleared) may take, in ms.  The
+#: README promises < 300 ms; a *cached* toggle is asserted against it, a first run of a
+#: setting (a real run of the workload plus a drawing) is measured and printed only,
+#: because two shared cores make it vary (see the report in browser-latency.json).
+LATENCY_LIMIT_MS = 300
+#: The pause between two clicks (a learner reads the result first): the dashboard uses
+#: such idle time to prefetch the likely next runs.
+LEARNER_PAUSE_MS = 1500
+
+# The dashboard (vtlab.widgets.Dashboard) and its parts.
 DASHBOARD = ".vtlab-dashboard"
 TOTAL = f"{DASHBOARD} .vtlab-exit-total"
 CONTROL = f"{DASHBOARD} .vtlab-dash-HLT_EXITING input[type='checkbox']"
@@ -90,15 +112,10 @@ def _requirements_or_skip():
         pytest.skip(message)
 
 
-def pick_notebook() -> Path:
-    """04_exits.ipynb once it exists and builds a Dashboard; the fixture until then."""
-    if NOTEBOOK_04.exists():
-        import nbformat
-
-        nb = nbformat.read(NOTEBOOK_04, as_version=4)
-        if any(c.cell_type == "code" and "Dashboard(" in c.source for c in nb.cells):
-            return NOTEBOOK_04
-    return FIXTURE
+def course_notebook(name: str) -> Path:
+    """The instructor source of a course notebook when it exists, else the learner version."""
+    source = REPO / "course" / "source" / name / f"{name}.ipynb"
+    return source if source.exists() else REPO / "notebooks" / f"{name}.ipynb"
 
 
 def _free_port() -> int:
@@ -302,17 +319,26 @@ def _run_all_cells(page, deadline: Deadline) -> None:
     page.keyboard.press("Enter")
 
 
-def _wait_all_executed(page, deadline: Deadline, cap: float) -> None:
-    """Kernel idle and no cell still waiting (``[*]``) or unexecuted (``[ ]``)."""
+#: A cell's error output (a traceback) as JupyterLab renders it.
+ERROR_OUTPUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']:has-text('Traceback')"
+
+
+def _wait_all_executed(page, deadline: Deadline, cap: float, stop_on_error: bool = False) -> None:
+    """Kernel idle and no cell still waiting (``[*]``) or unexecuted (``[ ]``) - or, with
+    ``stop_on_error``, kernel idle after a cell raised (Run All stops there)."""
     page.wait_for_function(
-        """() => {
+        """(stopOnError) => {
             const ind = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator')
                      || document.querySelector('.jp-Notebook-ExecutionIndicator');
             if (!ind || ind.getAttribute('data-status') !== 'idle') return false;
-            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+            if (stopOnError && [...document.querySelectorAll(
+                    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+                    .some(e => e.textContent.includes('Traceback'))) return true;
+            const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)') || document;
+            const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
             return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
         }""",
-        timeout=deadline.ms(cap), polling=250)
+        arg=stop_on_error, timeout=deadline.ms(cap), polling=250)
 
 
 def _tidy_for_screenshot(page, dashboard) -> None:
@@ -327,105 +353,343 @@ def _tidy_for_screenshot(page, dashboard) -> None:
         dashboard.scroll_into_view_if_needed()
 
 
-def test_dashboard_in_jupyterlab(artifacts_dir):
-    _requirements_or_skip()
-    from playwright.sync_api import sync_playwright
+# ------------------------------------------------------------------ a lab session
+class LabSession:
+    """A JupyterLab server and a headless Chromium, bounded by a watchdog.
 
-    notebook = pick_notebook()
-    deadline = Deadline(HARD_TIMEOUT)
-    before_children = _own_children()
+    ``open(name)`` opens ``<name>.ipynb`` from the server's root in a fresh page, runs
+    all cells and waits until every cell has executed; ``close_kernels()`` shuts down
+    the kernels of the notebooks opened so far (two cores: one kernel at a time).
+    """
+
+    def __init__(self, root: Path, base: Path, hard_timeout: float):
+        self.root, self.base = root, base
+        self.deadline = Deadline(hard_timeout)
+        self.server = JupyterLab(root, base, base / "jupyter.log")
+        self.timed_out = threading.Event()
+        self.before_children = _own_children()
+        self.timer = threading.Timer(hard_timeout + 30, self._watchdog)
+        self.timer.daemon = True
+        self.pw = self.browser = self.page = None
+
+    def _watchdog(self) -> None:  # last resort: never let CI hang on a wedged server or browser
+        self.timed_out.set()
+        self.server.stop()
+        _kill_pids(_own_children() - self.before_children)
+
+    def __enter__(self) -> "LabSession":
+        from playwright.sync_api import sync_playwright
+
+        self.timer.start()
+        try:
+            self.server.start(SERVER_START_TIMEOUT)
+            self.pw = sync_playwright().start()
+            self.browser = self.pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                                   args=CHROMIUM_ARGS, timeout=self.deadline.ms(60))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def open(self, name: str, run_timeout: float = RUN_ALL_TIMEOUT):
+        page = self.browser.new_page(viewport={"width": 1400, "height": 1050})
+        page.set_default_timeout(self.deadline.ms(60))
+        d = self.deadline
+        # A workspace of its own, reset: JupyterLab would otherwise reopen (and start
+        # kernels for) every notebook an earlier page had open.
+        workspace = re.sub(r"[^a-z0-9]+", "-", name.lower())
+        page.goto(f"{self.server.url}/lab/workspaces/{workspace}/tree/{name}.ipynb"
+                  f"?token={self.server.token}&reset",
+                  timeout=d.ms(PAGE_TIMEOUT), wait_until="domcontentloaded")
+        _expect(page, ".jp-NotebookPanel .jp-Cell", d.ms(PAGE_TIMEOUT), f"JupyterLab did not show {name}")
+        _expect(page, IDLE, d.ms(PAGE_TIMEOUT), f"the kernel of {name} did not start")
+        self.page = page
+        _run_all_cells(page, d)
+        _wait_all_executed(page, d, run_timeout, stop_on_error=True)
+        errors = page.locator(ERROR_OUTPUT)
+        assert errors.count() == 0, f"a cell of {name} raised:\n" + errors.first.inner_text()[-3000:]
+        return page
+
+    def close_kernels(self) -> None:
+        try:
+            for session in self.server.api("GET", "/api/sessions") or []:
+                self.server.api("DELETE", f"/api/sessions/{session['id']}")
+        except Exception:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.browser is not None:
+                self.browser.close()
+        except Exception:
+            pass
+        try:
+            if self.pw is not None:
+                self.pw.stop()
+        except Exception:
+            pass
+        self.timer.cancel()
+        self.server.stop()
+        _kill_pids(_own_children() - self.before_children)
+        try:
+            shutil.copyfile(self.server.log_path, SERVER_LOG)
+        except OSError:
+            pass
+
+    def fail(self, what: str, failure: BaseException | None) -> None:
+        why = "hard timeout hit; " if self.timed_out.is_set() else ""
+        pytest.fail(f"{why}{what} failed: {failure!r}\nscreenshot: {FAILURE_SCREENSHOT}\n"
+                    f"log: {SERVER_LOG}\n--- JupyterLab log (tail) ---\n{self.server.log_tail()}",
+                    pytrace=False)
+
+
+def _failure_screenshot(page) -> None:
+    if page is not None:
+        try:
+            page.screenshot(path=str(FAILURE_SCREENSHOT), timeout=10_000)
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------- the widget notebook
+#: The guest the stepper steps: CPUID (exit reason 10), OUT to port E9H (30), HLT (12).
+STEP_GUEST = r"mov eax, 0\ncpuid\nmov dx, 0xe9\nmov al, 0x41\nout dx, al\nhlt\n"
+WIDGET_CELLS = [
+    "from vtlab import VirtualMachine\n"
+    "from vtlab.arch.controls import ProcBased\n"
+    "from vtlab.widgets import ControlsPanel, Dashboard, Stepper, VmxConsole",
+    f'stepper = Stepper("{STEP_GUEST}")\nstepper',
+    'panel = ControlsPanel(VirtualMachine("cpuid\\nhlt\\n", mode="real"), classes=(ProcBased,))\npanel',
+    "console = VmxConsole()\nconsole",
+    'dashboard = Dashboard(workload="cpuid-loop")\ndashboard',
+]
+
+
+def _write_widget_notebook(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in WIDGET_CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def _text_of(page, selector: str) -> str:
+    return page.locator(selector).first.text_content(timeout=10_000) or ""
+
+
+def _wait_text(page, selector: str, needle: str, timeout_ms: float, what: str) -> str:
+    """Wait until ``selector``'s text contains ``needle``; return the text."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([sel, needle]) => { const e = document.querySelector(sel);"
+                               " return e && e.textContent.includes(needle); }",
+                               arg=[selector, needle], timeout=timeout_ms)
+    except PlaywrightTimeout:
+        raise AssertionError(f"{what}: {selector!r} never showed {needle!r}; it shows "
+                             f"{_text_of(page, selector)[:600]!r}") from None
+    return _text_of(page, selector)
+
+
+#: In the page: click a checkbox (or pick a dropdown option), then wait until the
+#: dashboard shows the new exit counts *and* a new plot *and* its busy line is
+#: empty again; resolve with the milliseconds that took (performance.now), -1 after 20 s.
+_MEASURE_JS = """([action, target, value]) => new Promise(resolve => {
+    const root = document.querySelector('.vtlab-dashboard');
+    const counts = root.querySelector('.vtlab-exit-counts');
+    const img = root.querySelector('.vtlab-dashboard-plot');
+    const busy = root.querySelector('.vtlab-dashboard-busy');
+    const oldCounts = counts.textContent, oldSrc = img.innerHTML;
+    let sawBusy = false;
+    const done = () => counts.textContent !== oldCounts && img.innerHTML !== oldSrc
+                       && busy.textContent.trim() === '';
+    const t0 = performance.now();
+    const obs = new MutationObserver(() => {
+        if (busy.textContent.includes('recomputing')) sawBusy = true;
+        if (done()) { obs.disconnect(); resolve({ms: performance.now() - t0, sawBusy}); }
+    });
+    obs.observe(root, {subtree: true, childList: true, characterData: true, attributes: true});
+    const el = root.querySelector(target);
+    if (action === 'click') el.click();
+    else {
+        el.selectedIndex = [...el.options].findIndex(o => o.textContent.trim() === value);
+        el.dispatchEvent(new Event('change', {bubbles: true}));
+    }
+    setTimeout(() => { obs.disconnect(); resolve({ms: -1, sawBusy, busy: busy.textContent,
+        countsChanged: counts.textContent !== oldCounts, plotChanged: img.innerHTML !== oldSrc,
+        counts: counts.textContent}); }, 20000);
+})"""
+
+
+def _measure(page, action: str, target: str, value: str = "") -> dict:
+    return page.evaluate(_MEASURE_JS, [action, target, value])
+
+
+def _check_stepper(page, d: Deadline) -> None:
+    root = ".vtlab-stepper"
+    page.locator(f"{root} button.vtlab-next-exit").first.click()
+    changed = _wait_text(page, f"{root} .vtlab-vmcs-changes", "VM_EXIT_REASON: 0x0 → 0xa = CPUID (10)",
+                         d.ms(UPDATE_TIMEOUT), "the stepper's first VM exit")
+    assert "VM_EXIT_INSTRUCTION_LEN: 0x0 → 0x2" in changed, changed
+    last = _text_of(page, f"{root} .vtlab-last-exit")
+    assert "CPUID (10)" in last and "handler not run yet" in last, last
+    regs = _text_of(page, f"{root} .vtlab-registers")
+    assert "GUEST_RIP" in regs and "HOST_RIP" in regs, regs
+    listing = _text_of(page, f"{root} .vtlab-disassembly")
+    assert "0f a2" in listing and "cpuid" in listing, listing
+    page.locator(f"{root} button.vtlab-run").first.click()
+    _wait_text(page, f"{root} .vtlab-stepper-status", "cannot go on", d.ms(UPDATE_TIMEOUT),
+               "the stepper after the guest halted")
+    for button in ("vtlab-step", "vtlab-next-exit", "vtlab-run"):
+        assert page.locator(f"{root} button.{button}").first.is_disabled(), button
+    assert "A" in _text_of(page, f"{root} .vtlab-guest-output")
+
+
+def _check_controls(page, d: Deadline) -> None:
+    root = ".vtlab-controls-panel"
+    reason = page.locator(f"{root} .vtlab-fixed-reason").first
+    assert reason.is_visible(), "the 'fixed to 0/1' reason is not visible text"
+    assert "fixed to" in (reason.text_content() or "")
+    tabs = page.locator(f"{root} .lm-TabBar-tab")
+    for i in range(tabs.count()):  # titles are not clipped: the label fits its tab
+        clipped = tabs.nth(i).evaluate("t => { const l = t.querySelector('.lm-TabBar-tabLabel') || t;"
+                                       " return l.scrollWidth > l.clientWidth + 1; }")
+        assert not clipped, f"tab title {tabs.nth(i).text_content()!r} is clipped"
+    page.locator(f"{root} button.vtlab-controls-vmlaunch").first.click()
+    _wait_text(page, f"{root} .vtlab-vmlaunch-result", "CPUID (10)", d.ms(UPDATE_TIMEOUT),
+               "the ControlsPanel's VMLAUNCH result")
+
+
+def _check_console(page, d: Deadline) -> None:
+    root = ".vtlab-vmx-console"
+
+    def press(cls: str, needle: str) -> None:
+        page.locator(f"{root} button.{cls}").first.click()
+        _wait_text(page, f"{root} .vtlab-console-log", needle, d.ms(UPDATE_TIMEOUT), f"console {cls}")
+
+    press("vtlab-cr4-vmxe1", "CR4.VMXE = 1")
+    press("vtlab-vmxon", "now in VMX root operation")
+    page.locator(f"{root} .vtlab-operand select").first.select_option(index=1)  # the configured VMCS
+    page.wait_for_timeout(300)
+    press("vtlab-vmptrld", "current VMCS is now")
+    press("vtlab-vmlaunch", "CPUID (10)")
+    svg = page.locator(f"{root} .vtlab-state-diagram svg").first
+    assert svg.is_visible()
+    current = page.locator(f"{root} .vtlab-state-current").first
+    assert "launched" in (current.get_attribute("class") or "")
+    assert "you are here" in (current.text_content() or "")
+    press("vtlab-vmresume", "CPUID (10)")
+    press("vtlab-vmresume", "HLT (12)")
+    press("vtlab-vmresume", "a VMRESUME executes HLT again")
+    log = _text_of(page, f"{root} .vtlab-console-log")
+    assert "ran past its program" not in log and "ADD [BX+SI]" not in log, log
+
+
+def _check_dashboard(page, d: Deadline) -> dict:
+    """Toggle HLT exiting (a new setting, then back: cached) and switch workloads, timing each."""
+    root = DASHBOARD
+    checkbox = ".vtlab-dash-HLT_EXITING input[type='checkbox']"
+    first, cached, switches, busy_seen = [], [], [], []
+
+    def toggle_twice() -> None:
+        before = _total(page)
+        for bucket in (first, cached):
+            page.wait_for_timeout(LEARNER_PAUSE_MS)
+            r = _measure(page, "click", checkbox)
+            assert r["ms"] >= 0, f"a dashboard toggle did not redraw the counts and plot within 20 s: {r}"
+            bucket.append(round(r["ms"], 1))
+            busy_seen.append(r["sawBusy"])
+        assert _total(page) == before, "toggling HLT exiting twice should give the first counts back"
+
+    toggle_twice()
+    for workload in ("io-vmm", "hlt-loop", "msr-loop", "cpuid-loop"):
+        page.wait_for_timeout(LEARNER_PAUSE_MS)
+        r = _measure(page, "change", ".vtlab-workload select", workload)
+        assert r["ms"] >= 0, f"switching the workload to {workload} did not redraw within 20 s: {r}"
+        switches.append(round(r["ms"], 1))
+        busy_seen.append(r["sawBusy"])
+        assert workload in _text_of(page, f"{root} .vtlab-workload-description")
+        if workload != "cpuid-loop":   # (cpuid-loop's settings are cached already)
+            toggle_twice()
+    svg = page.locator(f"{root} .vtlab-dashboard-plot svg").first
+    width = svg.evaluate("s => s.getBoundingClientRect().width")
+    assert width >= 700, f"the dashboard panel is drawn {width:.0f} px wide"
+    assert svg.locator(".vtlab-cycles-bar").count() >= 1
+    return {"toggle_new_setting_ms": first, "toggle_cached_ms": cached, "workload_switch_ms": switches,
+            "busy_line_seen": sum(busy_seen), "updates": len(busy_seen)}
+
+
+def test_widgets_in_jupyterlab(artifacts_dir):
+    _requirements_or_skip()
     base = Path(tempfile.mkdtemp(prefix="vtlab-browser-"))
     root = base / "notebooks"
     root.mkdir()
-    shutil.copy(notebook, root / notebook.name)
-    server = JupyterLab(root, base, base / "jupyter.log")
-    timed_out = threading.Event()
-
-    def watchdog():  # last resort: never let CI hang on a wedged server or browser
-        timed_out.set()
-        server.stop()
-        _kill_pids(_own_children() - before_children)
-
-    timer = threading.Timer(HARD_TIMEOUT + 30, watchdog)
-    timer.daemon = True
-    timer.start()
-    page = None
-    failure = None
+    _write_widget_notebook(root / "widgets.ipynb")
+    failure, page, latency = None, None, {}
+    session = LabSession(root, base, HARD_TIMEOUT)
     try:
-        server.start(SERVER_START_TIMEOUT)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-                                         timeout=deadline.ms(60))
+        with session:
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1050})
-                page.set_default_timeout(deadline.ms(60))
-                page.goto(f"{server.url}/lab/tree/{notebook.name}?token={server.token}",
-                          timeout=deadline.ms(PAGE_TIMEOUT), wait_until="domcontentloaded")
-                _expect(page, ".jp-NotebookPanel .jp-Cell", deadline.ms(PAGE_TIMEOUT),
-                        "JupyterLab did not show the notebook")
-                _expect(page, IDLE, deadline.ms(PAGE_TIMEOUT), "the kernel did not start")
-
-                _run_all_cells(page, deadline)
-                _expect(page, TOTAL, deadline.ms(RUN_ALL_TIMEOUT),
-                        "Run All Cells rendered no dashboard exit total (a cell failed, or the "
-                        "widget manager did not render the Dashboard)")
-                _wait_all_executed(page, deadline, RUN_ALL_TIMEOUT)
-                errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] "
-                                      ":text('Traceback')")
-                assert errors.count() == 0, "a cell raised:\n" + errors.first.inner_text()
-
+                page = session.open("widgets")
+                d = session.deadline
+                _check_stepper(page, d)
+                _check_controls(page, d)
+                _check_console(page, d)
+                latency = _check_dashboard(page, d)
+                print(f"\ndashboard latency in the browser (click -> counts redrawn): {latency}")
+                LATENCY_JSON.write_text(json.dumps(latency, indent=1))
                 dashboard = page.locator(DASHBOARD).first
-                dashboard.scroll_into_view_if_needed()
-                before = _total(page)
-                _expect(page, CONTROL, deadline.ms(10), "the dashboard has no HLT_EXITING checkbox "
-                        "(Dashboard(controls=...) must include ProcBased.HLT_EXITING)")
-                checkbox = page.locator(CONTROL).first
-                was_checked = checkbox.is_checked()
-                checkbox.click()
-                page.wait_for_function(  # the click reached the kernel's model and came back
-                    "([sel, old]) => { const c = document.querySelector(sel); return c && c.checked !== old; }",
-                    arg=[CONTROL, was_checked], timeout=deadline.ms(UPDATE_TIMEOUT))
-                page.locator(RUN_BUTTON).first.click()
-                page.wait_for_function(
-                    "([sel, old]) => { const e = document.querySelector(sel);"
-                    " return e && e.textContent.replace(/\\D/g, '') !== String(old); }",
-                    arg=[TOTAL, before], timeout=deadline.ms(UPDATE_TIMEOUT))
-                _wait_all_executed(page, deadline, UPDATE_TIMEOUT)
-                after = _total(page)
-                assert after != before, f"exit total stayed {before} after toggling HLT exiting and pressing run"
-                assert checkbox.is_checked() != was_checked
-
-                page.wait_for_timeout(500)  # let the plot re-render before the picture
                 _tidy_for_screenshot(page, dashboard)
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "browser-widgets.png"), full_page=True)
                 page.screenshot(path=str(SCREENSHOT))
                 if os.environ.get("VTLAB_UPDATE_SCREENSHOT"):  # a test run leaves the tree clean
                     DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)
             except Exception as exc:
                 failure = exc
-                if page is not None and not timed_out.is_set():
-                    try:
-                        page.screenshot(path=str(FAILURE_SCREENSHOT), timeout=10_000)
-                    except Exception:
-                        pass
-            finally:
-                try:
-                    browser.close()
-                except Exception:
-                    pass
+                if not session.timed_out.is_set():
+                    _failure_screenshot(page)
     finally:
-        timer.cancel()
-        server.stop()
-        _kill_pids(_own_children() - before_children)
-        log_tail = server.log_tail()
-        try:
-            shutil.copyfile(server.log_path, SERVER_LOG)
-        except OSError:
-            pass
         shutil.rmtree(base, ignore_errors=True)
-    if failure is not None or timed_out.is_set():
-        why = f"hard timeout of {HARD_TIMEOUT + 30} s hit; " if timed_out.is_set() else ""
-        pytest.fail(f"{why}browser test on {notebook.relative_to(REPO)} failed: {failure!r}\n"
-                    f"screenshot: {FAILURE_SCREENSHOT}\nlog: {SERVER_LOG}\n--- JupyterLab log (tail) ---\n{log_tail}",
-                    pytrace=False)
+    if failure is not None or session.timed_out.is_set():
+        session.fail("browser test of the widgets", failure)
+    # A cached toggle redraws from the cache: it must meet the README's promise.
+    assert max(latency["toggle_cached_ms"]) < LATENCY_LIMIT_MS, latency
+
+
+def test_course_notebooks_in_jupyterlab(artifacts_dir):
+    _requirements_or_skip()
+    base = Path(tempfile.mkdtemp(prefix="vtlab-browser-"))
+    root = base / "notebooks"
+    root.mkdir()
+    for name in COURSE:
+        shutil.copy(course_notebook(name), root / f"{name}.ipynb")
+    failure, page, done = None, None, []
+    session = LabSession(root, base, NOTEBOOK_TIMEOUT * len(COURSE))
+    try:
+        with session:
+            try:
+                for name in COURSE:
+                    page = session.open(name, run_timeout=NOTEBOOK_TIMEOUT)
+                    widgets = page.locator(".jp-OutputArea-output [class*='vtlab-']")
+                    source = course_notebook(name).read_text()
+                    if "widgets." in source or "Dashboard(" in source or "Stepper(" in source:
+                        assert widgets.count() > 0, f"{name}: no vtlab widget rendered"
+                    # The picture shows the notebook's first widget (else its first figure).
+                    first = widgets if widgets.count() else page.locator(".jp-OutputArea-output img")
+                    if first.count():
+                        _tidy_for_screenshot(page, first.first)
+                    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"))
+                    done.append(name)
+                    page.close()
+                    page = None
+                    session.close_kernels()
+            except Exception as exc:
+                failure = exc
+                if not session.timed_out.is_set():
+                    _failure_screenshot(session.page)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if failure is not None or session.timed_out.is_set():
+        session.fail(f"browser test of the course notebooks (done: {done})", failure)

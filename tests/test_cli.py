@@ -141,7 +141,7 @@ def test_control_io_exiting_off_and_qualified_names(hello_asm):
 
 
 def test_control_that_the_cpu_forbids_fails_entry(hello_asm):
-    proc = vtlab_cli("run", str(hello_asm), "--control", "USE_TSC_OFFSETTING=1")
+    proc = vtlab_cli("run", str(hello_asm), "--control", "TPR_SHADOW=1")
     assert proc.returncode != 0
     assert "error 7" in proc.stdout or "VM-instruction error 7" in proc.stdout
 

@@ -1,26 +1,25 @@
 """Key results of the course notebooks 02_vmx_modes and 03_vmcs.
 
-Each notebook is executed once (a copy with one extra cell appended that prints the
-notebook's key variables as JSON) through ``nbrun.run_notebook``; the tests then check
-what a learner would read off the tables, widgets and plots. nbgrader is checked too:
-the metadata follows docs/NOTEBOOKS.md, the instructor version validates (every
-solution passes its tests) and the student version (solutions replaced by
-``raise NotImplementedError()``) runs to the end without hanging and passes no test.
+Each instructor source ``course/source/<a>/<a>.ipynb`` is executed once (a copy with one
+extra cell appended that prints the notebook's key variables as JSON) through
+``nbrun.run_notebook``; the tests then check what a learner would read off the tables,
+widgets and plots. nbgrader is checked too: the metadata follows docs/NOTEBOOKS.md and
+the instructor version validates (every solution passes its tests). The learner versions
+in ``notebooks/`` (untouched: run to the end, pass no test) are executed by
+tests/test_notebooks.py.
 """
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from nbrun import check_student_version, code_outputs, run_with_probe
+from nbrun import code_outputs, run_with_probe
 
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = REPO / "notebooks"
-BUILDERS = REPO / "tools" / "notebooks"
+SOURCES = REPO / "course" / "source"
 MARK = "@@KEY-RESULTS@@"
 
 PROBES = {
@@ -67,14 +66,14 @@ print("@@KEY-RESULTS@@" + _json.dumps({
 }
 
 
-def _build(stem: str) -> nbformat.NotebookNode:
-    """The notebook as its builder script makes it (without writing any file)."""
-    return runpy.run_path(str(BUILDERS / f"{stem}.py"), run_name="builder")["build"]()
+def source(stem: str) -> Path:
+    """The instructor source of assignment *stem*."""
+    return SOURCES / stem / f"{stem}.ipynb"
 
 
 def _execute(stem: str, tmp_path_factory):
     """Run a copy of the notebook with the probe cell appended: (stem, notebook, key results)."""
-    done, results = run_with_probe(NOTEBOOKS / f"{stem}.ipynb", PROBES[stem], MARK,
+    done, results = run_with_probe(source(stem), PROBES[stem], MARK,
                                    tmp_path_factory.mktemp(stem))
     return stem, done, results
 
@@ -103,17 +102,8 @@ def test_runs_fast_and_shows_widget_table_and_plot(fixture, request):
 
 
 @pytest.mark.parametrize("stem", sorted(PROBES))
-def test_stored_notebook_is_what_the_builder_makes(stem):
-    stored = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
-    built = _build(stem)
-    assert [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in stored.cells] == \
-           [(c.cell_type, c.source, c.metadata.get("nbgrader")) for c in built.cells], \
-        f"notebooks/{stem}.ipynb is stale: run python tools/notebooks/{stem}.py"
-
-
-@pytest.mark.parametrize("stem", sorted(PROBES))
 def test_nbgrader_metadata(stem):
-    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    nb = nbformat.read(source(stem), as_version=4)
     prefix = "ex" + stem[:2] + "_"
     meta = [c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata]
     ids = [m["grade_id"] for m in meta]
@@ -147,15 +137,8 @@ def test_nbgrader_metadata(stem):
 def test_nbgrader_validates_instructor_version(stem):
     from nbgrader.validator import Validator
 
-    results = Validator().validate(str(NOTEBOOKS / f"{stem}.ipynb"))
+    results = Validator().validate(str(source(stem)))
     assert results == {}, json.dumps(results, indent=1)[:3000]
-
-
-@pytest.mark.parametrize("stem", sorted(PROBES))
-def test_student_version_ends_and_passes_nothing(stem, tmp_path):
-    """Solutions replaced by ``raise NotImplementedError()``: the notebook must run to the
-    end (no hang) and no test cell may pass."""
-    check_student_version(NOTEBOOKS / f"{stem}.ipynb", tmp_path)
 
 
 # ------------------------------------------------------------------------ 02_vmx_modes

@@ -349,7 +349,6 @@ def _root_cpu(caps: VmxCapabilities | None = None) -> VmxCpu:
     (0x401C, IA32_VMX_PROCBASED_CTLS, 32 + 21),    # TPR threshold: "use TPR shadow"
     (0x2012, IA32_VMX_PROCBASED_CTLS, 32 + 21),    # virtual-APIC address (full)
     (0x2013, IA32_VMX_PROCBASED_CTLS, 32 + 21),    # virtual-APIC address (high)
-    (0x482E, 0x481, 32 + 6),                       # VMX-preemption timer value
     (0x0002, 0x481, 32 + 7),                       # posted-interrupt notification vector
     (0x2016, 0x481, 32 + 7),                       # posted-interrupt descriptor address
     (0x0812, IA32_VMX_PROCBASED_CTLS2, 32 + 17),   # PML index: "enable PML"
@@ -372,6 +371,7 @@ def test_vmread_vmwrite_of_a_field_without_its_feature_fail_with_error_12(encodi
 
 @pytest.mark.parametrize("encoding, msr, bit", [
     (0x201A, IA32_VMX_PROCBASED_CTLS2, 32 + 1),    # EPT pointer: "enable EPT" is offered
+    (0x482E, 0x481, 32 + 6),                       # VMX-preemption timer value: pin bit 6 is offered
     (0x0000, IA32_VMX_PROCBASED_CTLS2, 32 + 5),    # VPID: "enable VPID" is offered
     (0x2004, IA32_VMX_PROCBASED_CTLS, 32 + 28),    # MSR-bitmap address: "use MSR bitmaps"
     (0x2010, None, None),                          # TSC offset: no condition in Appendix B

@@ -1,14 +1,14 @@
 """The course works with nbgrader 0.9: student versions, autograding, validation.
 
-Runs on every notebook in ``notebooks/`` that carries nbgrader metadata, plus the small
-fixture ``tests/fixtures/nbgrader_sample.ipynb`` (so the machinery is tested even before
-the course notebooks exist). For each notebook, in a course directory of its own under
+Runs on every instructor source ``course/source/<a>/<a>.ipynb``, plus the small fixture
+``tests/fixtures/nbgrader_sample.ipynb`` (so the machinery is tested on its own too). For each notebook, in a course directory of its own under
 a temp dir, through ``tools/nbgrader_course.py`` (the code behind ``make assignments``
 and ``make autograde``):
 
 - the student version carries no solution text and no hidden test;
 - three submissions are autograded: the instructor's solutions (full marks), the
-  untouched student version (zero, no crash, no timeout) and the student version with
+  untouched student version (for a course assignment the committed learner version
+  ``notebooks/<a>.ipynb``: zero, no crash, no timeout) and the student version with
   only the first answer filled in (partial marks); scores are read from the exported
   CSV and per cell from the gradebook;
 - ``nbgrader.validator.Validator`` passes on the instructor notebook (the
@@ -19,42 +19,36 @@ Select with ``pytest -m nbgrader``.
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
 import re
 import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-import nbgrader_course as course  # noqa: E402
-
-NOTEBOOKS_DIR = REPO / "notebooks"
-FIXTURE = REPO / "tests" / "fixtures" / "nbgrader_sample.ipynb"
-
-COURSE_NOTEBOOKS = (
-    [p for p in sorted(NOTEBOOKS_DIR.glob("*.ipynb")) if course.has_nbgrader_metadata(p)]
-    if NOTEBOOKS_DIR.is_dir()
-    else []
+from nbgrade import (  # noqa: F401  (shared with tests/test_learner_versions.py)
+    CASES,
+    CELL_TIMEOUT,
+    FIXTURE,
+    HIDDEN_DELIMS,
+    IDS,
+    REPO,
+    SOLUTION_DELIMS,
+    STUDENTS,
+    Graded,
+    cell_grades,
+    cell_text,
+    course,
+    graded_once,
+    is_grade,
+    is_solution,
+    nbg,
+    protected_text,
+    read_csv,
+    split_regions,
+    submission_from,
 )
-CASES = COURSE_NOTEBOOKS + [FIXTURE]
-IDS = [p.stem for p in CASES]
-
-# Per-cell timeout while autograding/validating in these tests. A course notebook runs
-# top to bottom in well under a minute, so a cell that takes this long is a hang.
-CELL_TIMEOUT = 60
-
-STUDENTS = ("full", "blank", "partial")
-
-SOLUTION_DELIMS = ("BEGIN SOLUTION", "END SOLUTION")
-HIDDEN_DELIMS = ("BEGIN HIDDEN TESTS", "END HIDDEN TESTS")
-STUB_LINES = {"# YOUR CODE HERE", "raise NotImplementedError()", "YOUR ANSWER HERE"}
 
 pytestmark = [
     pytest.mark.nbgrader,
@@ -63,172 +57,14 @@ pytestmark = [
 ]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def nbg(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {})
-
-
-def is_solution(cell) -> bool:
-    return bool(nbg(cell).get("solution"))
-
-
-def is_grade(cell) -> bool:
-    return bool(nbg(cell).get("grade"))
-
-
-def split_regions(source: str, begin: str, end: str) -> tuple[list[list[str]], list[str]]:
-    """(regions, outside lines) of *source*, delimited the way nbgrader does it
-    (a line containing *begin* opens a region, one containing *end* closes it)."""
-    regions, outside, current = [], [], None
-    for line in source.split("\n"):
-        if begin in line:
-            current = []
-        elif end in line and current is not None:
-            regions.append(current)
-            current = None
-        elif current is not None:
-            current.append(line)
-        else:
-            outside.append(line)
-    return regions, outside
-
-
-def protected_text(instructor) -> tuple[list[str], list[str]]:
-    """Lines (stripped) that are solution or hidden-test text and nothing else, and the
-    full text of each region. A line that also appears outside every region of the
-    instructor notebook (e.g. a ``return True`` the template already has) is not
-    protected: the student version legitimately contains it."""
-    inside, outside, blocks = [], set(), []
-    for cell in instructor.cells:
-        src = cell.source
-        sol_regions, rest = split_regions(src, *SOLUTION_DELIMS)
-        hidden_regions, rest = split_regions("\n".join(rest), *HIDDEN_DELIMS)
-        for region in sol_regions + hidden_regions:
-            inside.extend(region)
-            text = "\n".join(region).strip()
-            if text:
-                blocks.append(text)
-        outside.update(line.strip() for line in rest)
-    lines = sorted({l.strip() for l in inside} - outside - STUB_LINES - {""})
-    outside_text = "\n".join(sorted(outside))
-    blocks = [b for b in blocks if b not in outside_text]
-    return lines, blocks
-
-
-def cell_text(nb) -> str:
-    parts = []
-    for cell in nb.cells:
-        parts.append(cell.source)
-        for out in cell.get("outputs", []):
-            parts.append(json.dumps(out))
-    return "\n".join(parts)
-
-
-def submission_from(student, instructor, grade_ids=None):
-    """The student version with the instructor's source pasted into the answer cells
-    whose grade_id is in *grade_ids* (all answer cells if None)."""
-    by_id = {nbg(c)["grade_id"]: c for c in instructor.cells if is_solution(c)}
-    nb = copy.deepcopy(student)
-    for cell in nb.cells:
-        gid = nbg(cell).get("grade_id")
-        if is_solution(cell) and (grade_ids is None or gid in grade_ids):
-            cell.source = by_id[gid].source
-    return nb
-
-
-def read_csv(path: Path) -> dict[tuple[str, str], dict]:
-    with open(path, newline="") as f:
-        return {(row["assignment"], row["student_id"]): row for row in csv.DictReader(f)}
-
-
-def cell_grades(cfg, name: str, student: str) -> dict[str, tuple[float, float]]:
-    from nbgrader.api import Gradebook
-
-    cd = course._coursedir(cfg)
-    with Gradebook(cd.db_url, cd.course_id) as gb:
-        sub = gb.find_submission_notebook(name, name, student)
-        return {g.name: (g.score, g.max_score) for g in sub.grades}
-
-
-@dataclass
-class Graded:
-    name: str
-    path: Path
-    cfg: object
-    root: Path
-    instructor: nbformat.NotebookNode
-    student: nbformat.NotebookNode
-    release_path: Path
-    failures: list
-    csv_rows: dict
-    cells: dict = field(default_factory=dict)  # student -> grade_id -> (score, max)
-    first_answer: str = ""
-    first_test: str = ""
-
-    @property
-    def max_points(self) -> float:
-        return float(sum(nbg(c).get("points", 0) for c in self.instructor.cells if is_grade(c)))
-
-    def score(self, student: str) -> tuple[float, float]:
-        row = self.csv_rows[(self.name, student)]
-        return float(row["score"]), float(row["max_score"])
-
-    def autograded(self, student: str) -> nbformat.NotebookNode:
-        return nbformat.read(self.root / "autograded" / student / self.name / f"{self.name}.ipynb", as_version=4)
-
-
 # --------------------------------------------------------------------------- the pipeline
 
 
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
 def graded(request, tmp_path_factory) -> Graded:
-    """Generate the student version and autograde full / blank / partial submissions."""
-    path = request.param
-    name = path.stem
-    base = tmp_path_factory.mktemp(f"nbgrader-{name}")
-    cfg = course.load_config(base / "course", timeout=CELL_TIMEOUT)
-    release_path = course.generate(cfg, {name: path})[name]
-
-    instructor = nbformat.read(path, as_version=4)
-    student = nbformat.read(release_path, as_version=4)
-    answers = [c for c in instructor.cells if is_solution(c)]
-    assert answers, f"{path.name}: no answer cells (nbgrader metadata solution: true)"
-    first_answer = nbg(answers[0])["grade_id"]
-    first_index = next(i for i, c in enumerate(instructor.cells) if nbg(c).get("grade_id") == first_answer)
-    first_test = next((nbg(c)["grade_id"] for c in instructor.cells[first_index:] if is_grade(c)), "")
-
-    subs = base / "submissions"
-    submissions = {
-        "full": submission_from(student, instructor),
-        "blank": copy.deepcopy(student),
-        "partial": submission_from(student, instructor, {first_answer}),
-    }
-    for who, nb in submissions.items():
-        out = subs / who / name / f"{name}.ipynb"
-        out.parent.mkdir(parents=True)
-        nbformat.write(nb, out)
-
-    pairs = course.collect(cfg, subs)
-    failures = course.autograde(cfg, pairs, path.parent)
-    csv_path = course.export_csv(cfg, base / "course" / "grades.csv")
-    g = Graded(
-        name=name,
-        path=path,
-        cfg=cfg,
-        root=base / "course",
-        instructor=instructor,
-        student=student,
-        release_path=release_path,
-        failures=failures,
-        csv_rows=read_csv(csv_path),
-        first_answer=first_answer,
-        first_test=first_test,
-    )
-    if not failures:
-        g.cells = {who: cell_grades(cfg, name, who) for who in STUDENTS}
-    return g
+    """Generate the student version and autograde full / blank / partial submissions
+    (built once per session, tests/nbgrade.py)."""
+    return graded_once(request.param, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- notebook metadata
@@ -527,6 +363,17 @@ def test_command_line_generate_and_autograde(tmp_path, capsys):
     # a folder with no submissions is an error, not a silent success
     (tmp_path / "empty").mkdir()
     assert course.main(common + ["autograde", str(tmp_path / "empty")]) == 1
+    # `learner` copies the release byte for byte (make notebooks: notebooks/ = release)
+    learner_dir = tmp_path / "learner"
+    assert course.main(common + ["--learner", str(learner_dir), "learner", name]) == 0, capsys.readouterr()
+    assert (learner_dir / f"{name}.ipynb").read_bytes() == release.read_bytes()
+    assert [p.name for p in learner_dir.iterdir()] == [f"{name}.ipynb"]
+
+
+def test_learner_command_needs_a_release(tmp_path, capsys):
+    common = ["--course", str(tmp_path / "course"), "--notebooks", str(FIXTURE.parent)]
+    assert course.main(common + ["--learner", str(tmp_path / "out"), "learner"]) == 1
+    assert "run the generate command first" in capsys.readouterr().err
 
 
 def test_make_targets_call_the_course_tool():
@@ -535,4 +382,11 @@ def test_make_targets_call_the_course_tool():
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout
     assert "tools/nbgrader_course.py" in out and " generate" in out, out
-    assert re.search(r"nbgrader_course\.py autograde [\"']?some/dir", out), out
+    # make autograde runs the course tool's autograde or the isolated grader tools/autograde.py
+    assert re.search(r"(nbgrader_course\.py autograde|tools/autograde\.py) [\"']?some/dir", out), out
+    # make notebooks: sync each pair first, then generate from course/source, then copy
+    out = subprocess.run(["make", "-n", "notebooks"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    lines = [l for l in out.splitlines() if "jupytext" in l or "nbgrader_course.py" in l]
+    assert len(lines) == 3, out
+    assert "jupytext --sync" in lines[0] and "course/source/01_rings/01_rings.ipynb" in lines[0], lines
+    assert lines[1].endswith("nbgrader_course.py generate") and lines[2].endswith("nbgrader_course.py learner"), lines

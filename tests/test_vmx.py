@@ -47,7 +47,7 @@ FEATURE_CONTROL_VMXON_OUTSIDE_SMX = 1 << 2
 CR0_PE, CR0_NE, CR0_PG = 1 << 0, 1 << 5, 1 << 31
 CR4_VMXE = 1 << 13
 HLT_EXITING = 1 << 7                 # primary processor-based, bit 7
-USE_TSC_OFFSETTING = 1 << 3          # primary processor-based, bit 3
+USE_TPR_SHADOW = 1 << 21             # primary processor-based, bit 21
 ACTIVATE_SECONDARY_CONTROLS = 1 << 31
 ENABLE_EPT = 1 << 1                  # secondary processor-based, bit 1
 UNRESTRICTED_GUEST = 1 << 7          # secondary processor-based, bit 7
@@ -404,8 +404,8 @@ def test_reserved_control_bit_is_error_7():
 def test_control_the_capability_msrs_forbid_is_error_7():
     vm = fresh_vm()
     allowed1 = vm.cpu.rdmsr(IA32_VMX_TRUE_PROCBASED_CTLS) >> 32
-    assert not allowed1 & USE_TSC_OFFSETTING   # vtlab's CPU does not offer it
-    vm.vmwrite(CPU_BASED_VM_EXEC_CONTROL, vm.vmcs.get(CPU_BASED_VM_EXEC_CONTROL) | USE_TSC_OFFSETTING)
+    assert not allowed1 & USE_TPR_SHADOW   # vtlab's CPU does not offer it
+    vm.vmwrite(CPU_BASED_VM_EXEC_CONTROL, vm.vmcs.get(CPU_BASED_VM_EXEC_CONTROL) | USE_TPR_SHADOW)
     assert_vmfail_valid(vm.cpu, vm.cpu.vmlaunch(), 7)
 
 
@@ -587,10 +587,10 @@ def test_adjust_forces_the_fixed_bits():
     true_proc = vmx_cpu().rdmsr(IA32_VMX_TRUE_PROCBASED_CTLS)
     allowed0, allowed1 = true_proc & 0xFFFF_FFFF, true_proc >> 32
     assert int(caps.adjust(ProcBased, 0)) == allowed0
-    wanted = HLT_EXITING | 1 | USE_TSC_OFFSETTING  # bit 0 reserved, TSC offsetting absent
+    wanted = HLT_EXITING | 1 | USE_TPR_SHADOW  # bit 0 reserved, TPR shadow absent
     adjusted = int(caps.adjust(ProcBased, wanted))
     assert adjusted == (wanted | allowed0) & allowed1
-    assert adjusted & HLT_EXITING and not adjusted & 1 and not adjusted & USE_TSC_OFFSETTING
+    assert adjusted & HLT_EXITING and not adjusted & 1 and not adjusted & USE_TPR_SHADOW
     # the adjusted value passes the control checks
     vm = fresh_vm()
     vm.vmwrite(CPU_BASED_VM_EXEC_CONTROL, adjusted | ACTIVATE_SECONDARY_CONTROLS)

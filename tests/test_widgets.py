@@ -251,7 +251,7 @@ class TestStepper:
         assert s.vm.cpu.operation is VmxOperation.ROOT
         assert "VMX root operation" in _text(s.mode_html.value)
         text = _text(s.exit_html.value)
-        assert "CPUID (reason 10)" in text
+        assert "CPUID (10)" in text
         assert "handler not run yet" in text
         assert "instruction length 2" in text
         assert f"guest RIP {LOAD + 6:#x}" in text
@@ -260,17 +260,18 @@ class TestStepper:
         assert "VM_EXIT_REASON: 0x0 → 0xa" in changed
         assert "VM_EXIT_INSTRUCTION_LEN: 0x0 → 0x2" in changed
         assert "GUEST_RIP: 0x1000 → 0x1006" in changed
-        assert "#F0E442" in s.changed_html.value  # highlighted
+        assert "#F0E442" in s.changed_html.value  # highlighted ...
+        assert "\u0394 changed" in changed         # ... and marked with a symbol and a word
 
         # The next exit: OUT DX, AL to port E9H, with its qualification fields by name.
         s.exit_button.click()
         text = _text(s.exit_html.value)
-        assert "IO_INSTRUCTION (reason 30)" in text
+        assert "IO_INSTRUCTION (30)" in text
         assert "instruction length 1" in text
         for field in ("port: 0xe9", "size: 0x1", "direction: OUT", "string: False", "rep: False"):
             assert field in text, (field, text)
         changed = _text(s.changed_html.value)
-        assert "VM_EXIT_REASON: 0xa → 0x1e" in changed
+        assert "VM_EXIT_REASON: 0xa = CPUID (10) → 0x1e = IO_INSTRUCTION (30)" in changed
         assert "EXIT_QUALIFICATION: 0x0 → 0xe90000" in changed
         assert "(nothing yet)" in _text(s.output_html.value)  # the handler has not run
 
@@ -281,7 +282,7 @@ class TestStepper:
         assert "VM state: halted" in _text(s.mode_html.value)
         assert "VMX root operation" in _text(s.mode_html.value)
         text = _text(s.exit_html.value)
-        assert "HLT (reason 12)" in text and "handler not run yet" not in text
+        assert "HLT (12)" in text and "handler not run yet" not in text
         assert "the guest executed HLT" in text
         assert "A" in _text(s.output_html.value)
         assert "VM_EXIT_REASON: 0x0 → 0xc" in _text(s.changed_html.value)
@@ -474,7 +475,7 @@ class TestVmxConsole:
 
         log = _text(c.log.value)
         assert "#UD" in log and "VM-instruction error 4" in log
-        assert c.log.value.count("<li>") == len(c.entries) == 10
+        assert c.log.value.count("<li ") == len(c.entries) == 10
 
     def test_bad_operands(self):
         c = VmxConsole()

@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
-"""Lay the vtlab course out for nbgrader 0.9 and run the nbgrader steps.
+"""Run the nbgrader steps of the vtlab course (nbgrader 0.9).
 
-The instructor notebooks live flat in ``notebooks/``. nbgrader wants
-``<step>/<assignment>/<notebook>.ipynb``, so every notebook that carries nbgrader
-metadata becomes one assignment named after the notebook's stem::
+The instructor sources live in nbgrader's own layout, committed to the repository, one
+assignment per notebook, each paired by jupytext with a percent-format script::
 
-    notebooks/01_rings.ipynb  ->  course/source/01_rings/01_rings.ipynb
+    course/source/01_rings/01_rings.ipynb   instructor version (solutions, hidden tests)
+    course/source/01_rings/01_rings.py      the same notebook as text (jupytext pairing)
+    notebooks/01_rings.ipynb                learner version = course/release/01_rings/...
 
-Commands (run with the project's venv; ``make assignments`` / ``make autograde`` wrap them)::
+``notebooks/`` holds the learner versions, exactly what ``nbgrader generate_assignment``
+makes from the sources; ``make notebooks`` (``generate`` + ``learner``) rewrites them.
+A folder of flat notebooks (``--source DIR`` with ``DIR/<name>.ipynb``) works too: each
+notebook with nbgrader metadata becomes an assignment named after its stem.
+
+Commands (run with the project's venv; ``make notebooks`` / ``make assignments`` /
+``make autograde`` wrap them)::
 
     python tools/nbgrader_course.py generate [ASSIGNMENT ...]
-        copy the notebooks into course/source/ and generate the student versions into
-        course/release/<assignment>/ (solutions stripped, hidden tests removed)
+        generate the student versions from the sources into course/release/<assignment>/
+        (solutions stripped, hidden tests removed, outputs cleared); sources outside the
+        course root are first copied to <course>/source/
+    python tools/nbgrader_course.py learner [ASSIGNMENT ...]
+        copy course/release/<a>/<a>.ipynb to notebooks/<a>.ipynb (the learner versions
+        that `make lab`, Binder and the hub open); run `generate` first
     python tools/nbgrader_course.py autograde SUBMISSIONS [ASSIGNMENT ...]
         copy SUBMISSIONS/<student>/<assignment>/<assignment>.ipynb into
         course/submitted/, autograde them (always re-grading: --force) and export all
@@ -22,8 +33,9 @@ Commands (run with the project's venv; ``make assignments`` / ``make autograde``
     python tools/nbgrader_course.py export
         write course/grades.csv from the gradebook
 
-Options (before the command): ``--course DIR`` (default ``course/``), ``--notebooks DIR``
-(default ``notebooks/``), ``--timeout SECONDS`` per cell, ``--csv FILE``, ``-v``.
+Options (before the command): ``--course DIR`` (default ``course/``), ``--source DIR``
+(instructor sources, default ``course/source/``; ``--notebooks`` is an old name for it),
+``--learner DIR`` (default ``notebooks/``), ``--timeout SECONDS`` per cell, ``--csv FILE``, ``-v``.
 Settings come from ``nbgrader_config.py`` at the repository root; the options override it.
 Exit status: 0 on success, 1 when a step failed, 2 on bad usage.
 """
@@ -42,8 +54,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILE = REPO / "nbgrader_config.py"
-DEFAULT_NOTEBOOKS = REPO / "notebooks"
 DEFAULT_COURSE = REPO / "course"
+#: The committed instructor sources, in nbgrader's layout: source/<a>/<a>.ipynb.
+DEFAULT_SOURCE = DEFAULT_COURSE / "source"
+#: The learner versions: what `make lab`, Binder and the hub open.
+DEFAULT_LEARNER = REPO / "notebooks"
+#: Old name of DEFAULT_LEARNER, kept for scripts that imported it.
+DEFAULT_NOTEBOOKS = DEFAULT_LEARNER
+
+#: Never copied from a source assignment folder into the release (nbgrader copies every
+#: other file it finds there to the students): ``<a>.py`` is the jupytext twin of the
+#: instructor notebook, solutions and hidden tests included. The course ships its Python
+#: code in the vtlab package, so no assignment needs a .py file of its own.
+RELEASE_IGNORE = ("*.py", "jupytext.toml", ".jupytext*")
 
 # Files next to the notebooks that are not notebooks are copied into every assignment
 # (images, data); these are never copied.
@@ -77,16 +100,23 @@ def has_nbgrader_metadata(path: Path) -> bool:
 
 
 def find_assignments(notebooks_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Map assignment name (notebook stem) -> instructor notebook, for nbgrader notebooks.
+    """Map assignment name -> instructor notebook, for notebooks with nbgrader metadata.
 
-    With *names*, only those (each must be an nbgrader notebook in *notebooks_dir*).
+    *notebooks_dir* is either an nbgrader source folder (``<a>/<a>.ipynb``, as
+    ``course/source/``) or a flat folder of notebooks (``<a>.ipynb``); both kinds are
+    found. With *names*, only those (each must be an nbgrader notebook there).
     """
     notebooks_dir = Path(notebooks_dir)
-    found = {
-        p.stem: p
-        for p in sorted(notebooks_dir.glob("*.ipynb"))
-        if not p.name.startswith(".") and has_nbgrader_metadata(p)
-    }
+    candidates = sorted(notebooks_dir.glob("*/*.ipynb")) + sorted(notebooks_dir.glob("*.ipynb"))
+    found = {}
+    for p in candidates:
+        if p.name.startswith(".") or p.parent.name in IGNORED_NAMES:
+            continue
+        # in the nbgrader layout only <a>/<a>.ipynb is the assignment's notebook
+        if p.parent != notebooks_dir and p.parent.name != p.stem:
+            continue
+        if p.stem not in found and has_nbgrader_metadata(p):
+            found[p.stem] = p
     if not names:
         return found
     missing = [n for n in names if n not in found]
@@ -115,6 +145,13 @@ def load_config(course: Path | None = None, timeout: int | None = None):
         cfg.CourseDirectory.root = str(DEFAULT_COURSE)
     if timeout is not None:
         cfg.Execute.timeout = int(timeout)
+    from nbgrader.coursedir import CourseDirectory
+
+    # extend, not replace, nbgrader's own list (or the one nbgrader_config.py sets)
+    ignore = list(cfg.CourseDirectory.ignore) if "ignore" in cfg.CourseDirectory else list(
+        CourseDirectory.class_traits()["ignore"].default()
+    )
+    cfg.CourseDirectory.ignore = ignore + [p for p in RELEASE_IGNORE if p not in ignore]
     return cfg
 
 
@@ -168,14 +205,19 @@ def course_root(cfg) -> Path:
 
 
 def layout(cfg, assignments: dict[str, Path]) -> dict[str, Path]:
-    """Copy each instructor notebook to ``source/<a>/<a>.ipynb`` (plus shared files).
+    """Make sure each instructor notebook is at ``<course>/source/<a>/<a>.ipynb``.
 
+    A notebook already there (the committed sources under the default course root) is
+    used in place; any other is copied there, with the files beside it (images, data).
     Returns assignment -> path of the source notebook.
     """
     root = course_root(cfg)
     out = {}
     for name, nb_path in assignments.items():
         dest_dir = root / "source" / name
+        if Path(nb_path).resolve() == (dest_dir / f"{name}.ipynb").resolve():
+            out[name] = dest_dir / f"{name}.ipynb"
+            continue
         dest_dir.mkdir(parents=True, exist_ok=True)
         for extra in sorted(nb_path.parent.iterdir()):
             if extra.suffix == ".ipynb" or extra.name in IGNORED_NAMES or extra.name.startswith("."):
@@ -211,6 +253,27 @@ def generate(cfg, assignments: dict[str, Path]) -> dict[str, Path]:
         if not out[name].exists():
             raise CourseError(f"generate_assignment {name} produced no {out[name]}")
         LOG.info("release  %s", _rel(out[name]))
+    return out
+
+
+def learner(cfg, names: list[str], dest_dir: Path) -> dict[str, Path]:
+    """Copy ``<course>/release/<a>/<a>.ipynb`` to ``dest_dir/<a>.ipynb`` for each name.
+
+    The copies are byte for byte what ``nbgrader generate_assignment`` wrote, so the
+    learner versions in ``notebooks/`` are exactly the release (tests/test_learner_versions.py
+    checks it). Returns assignment -> learner notebook.
+    """
+    root = course_root(cfg)
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        release = root / "release" / name / f"{name}.ipynb"
+        if not release.exists():
+            raise CourseError(f"no student version {release}; run the generate command first")
+        out[name] = dest_dir / f"{name}.ipynb"
+        shutil.copyfile(release, out[name])
+        LOG.info("learner  %s -> %s", _rel(release), _rel(out[name]))
     return out
 
 
@@ -348,14 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Lay the vtlab course out for nbgrader and run the nbgrader steps.",
     )
     parser.add_argument("--course", type=Path, default=None, help="course root (default: course/ via nbgrader_config.py)")
-    parser.add_argument("--notebooks", type=Path, default=DEFAULT_NOTEBOOKS, help="instructor notebooks (default: notebooks/)")
+    parser.add_argument(
+        "--source", "--notebooks", dest="source", type=Path, default=DEFAULT_SOURCE,
+        help="instructor notebooks: <a>/<a>.ipynb or flat <a>.ipynb (default: course/source/)",
+    )
+    parser.add_argument("--learner", type=Path, default=DEFAULT_LEARNER, help="where `learner` writes (default: notebooks/)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per cell before it is interrupted")
     parser.add_argument("--csv", type=Path, default=None, help="grades CSV (default: <course>/grades.csv)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show nbgrader's own log")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd, text in [
         ("layout", "copy notebooks into <course>/source/<a>/<a>.ipynb"),
-        ("generate", "lay out and generate student versions into <course>/release/"),
+        ("generate", "generate student versions into <course>/release/"),
+        ("learner", "copy <course>/release/<a>/<a>.ipynb to the learner folder (notebooks/)"),
         ("validate", "check every instructor notebook's solutions pass its tests"),
     ]:
         p = sub.add_parser(cmd, help=text)
@@ -378,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.course, args.timeout)
     csv_path = args.csv or course_root(cfg) / "grades.csv"
     try:
-        if args.command in ("layout", "generate", "validate"):
-            assignments = find_assignments(args.notebooks, args.assignments)
+        if args.command in ("layout", "generate", "validate", "learner"):
+            assignments = find_assignments(args.source, args.assignments)
             if not assignments:
-                raise CourseError(f"no notebooks with nbgrader metadata in {args.notebooks}")
-            if args.command == "layout":
+                raise CourseError(f"no notebooks with nbgrader metadata in {args.source}")
+            if args.command == "learner":
+                written = learner(cfg, list(assignments), args.learner)
+                print(f"learner versions: {_rel(args.learner)}/ ({', '.join(written)})")
+            elif args.command == "layout":
                 layout(cfg, assignments)
             elif args.command == "generate":
                 release = generate(cfg, assignments)
@@ -396,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1 if bad else 0
         elif args.command == "autograde":
             pairs = collect(cfg, args.submissions, args.assignments)
-            failures = autograde(cfg, pairs, args.notebooks)
+            failures = autograde(cfg, pairs, args.source)
             export_csv(cfg, csv_path)
             print(f"autograded {len(pairs)} submission(s); grades: {_rel(csv_path)}")
             for f in failures:

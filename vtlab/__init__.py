@@ -20,17 +20,30 @@ from .cpu.guest import Guest, Layout, Mode, Selector
 from .cpu.vmcs import INVALID_POINTER, LaunchState, Vmcs
 from .cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
 from .vmm.devices import DebugPort, Device, DeviceBus, PostCodePort, Serial16550, UserspaceDevice
+from .vmm.pic import PicPair
+from .vmm.pit import Pit8254
+from .arch.interrupts import ActivityState, Interruptibility
 from .vmm import HANDLERS, Hypercall, Registers, RunSummary, VirtualMachine, VmState
 from .vmm.trace import Trace, TraceEvent
+from .vmm.ept_tables import EptTables
+from .vmm.shadow import ShadowPaging
+# AMD-V (SVM) beside VT-x: the APM's facts, the SVM processor, one VMM for both vendors
+from .arch.svm import APM_EDITION, Intercept, Intercept2, SvmExitCode, VmcbControl, VmcbSave
+from .cpu.svm import SvmCpu, SvmExit, Vmcb
+from .vmm.exit_record import Exit, ExitKind
+from .vmm.vendors import SvmVendorVm, VmxVendorVm
 
 __all__ = list(_arch_all) + [
     "Instruction", "assemble", "disassemble", "VmxCapabilities", "DebugPort", "Device", "DeviceBus",
-    "PostCodePort", "Serial16550", "UserspaceDevice", "Violation", "entry_violations",
+    "PostCodePort", "Serial16550", "UserspaceDevice", "PicPair", "Pit8254", "ActivityState",
+    "Interruptibility", "Violation", "entry_violations",
     "AssemblyError", "BudgetExceeded", "GuestFault", "HandlerError", "TripleFault", "VmcsError",
     "VmEntryFailure", "VtlabError", "VmxFailure", "ExitMonitor", "VmExit", "Guest", "Layout", "Mode",
     "Selector", "Trace", "TraceEvent", "INVALID_POINTER", "LaunchState", "Vmcs", "HANDLERS",
     "Hypercall", "Registers", "RunSummary", "VirtualMachine", "VmState", "Status", "VmxCpu",
-    "VmxOperation", "VmxOutcome",
+    "VmxOperation", "VmxOutcome", "EptTables", "ShadowPaging",
+    "APM_EDITION", "Intercept", "Intercept2", "SvmExitCode", "VmcbControl", "VmcbSave", "SvmCpu", "SvmExit",
+    "Vmcb", "Exit", "ExitKind", "SvmVendorVm", "VmxVendorVm",
 ]
 
 

@@ -44,6 +44,10 @@ __all__ = [
     "roundtrip_by_generation",
     "compare_settings",
     "technique_comparison",
+    "cycles_by_reason",
+    "cycles_by_reason_svg",
+    "category_grid",
+    "GridLevel",
 ]
 
 #: The Okabe-Ito colour-blind-safe palette (Okabe & Ito, "Color Universal Design", 2008).
@@ -383,3 +387,170 @@ def technique_comparison(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_P
     ax.legend(fontsize="small")
     ax.margins(y=0.15)
     return fig
+
+
+# ------------------------------------------------------ the dashboard's panel
+def cycles_by_reason(est: pd.DataFrame, ax: Axes) -> Axes:
+    """Draw, into ``ax``, the virtualization cycles of each exit reason of an estimate.
+
+    ``est`` is a :func:`vtlab.cost.estimate` table.  One stacked bar per reason
+    (hardware transition, hatched ``//``; VMM handling, hatched ``..``) with its exit
+    count and cycles written beside it, so the panel reads the same in greyscale.  A
+    run without exits gets a message on a 0-1 axis, never an empty plot with a
+    nonsense range.  Cheap on purpose (one axes, no legend box): the dashboard redraws
+    it on every toggle.
+    """
+    body = est.drop(index=["native", "total"], errors="ignore")
+    a = est.attrs
+    if not len(body) or not (a.get("virtualization_cycles") or 0) > 0:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_yticks([])
+        ax.set_xticks([0, 1], ["0", ""])
+        ax.set_xlabel("virtualization cycles")
+        ax.text(0.5, 0.5, "no VM exits under these controls:\nthe guest ran without leaving "
+                "non-root operation,\nso there is no virtualization cost to draw",
+                transform=ax.transAxes, ha="center", va="center")
+        return ax
+    order = body.iloc[::-1]
+    labels = order.index.tolist()
+    trans = order["transition_cycles"].to_numpy(dtype=float)
+    hand = order["handling_cycles"].to_numpy(dtype=float)
+    ax.barh(labels, trans, color=PART_COLORS["transition"], hatch=PART_HATCHES["transition"],
+            edgecolor="white", label=_PART_LABELS["transition"])
+    bars = ax.barh(labels, hand, left=trans, color=PART_COLORS["handling"], hatch=PART_HATCHES["handling"],
+                   edgecolor="white", label=_PART_LABELS["handling"])
+    ax.bar_label(bars, labels=[f"{int(n):,} exit{'' if int(n) == 1 else 's'}, {_CYCLES(t + h)} cycles" for n, t, h in
+                               zip(order["exits"], trans, hand)], padding=3, fontsize="small")
+    ax.set_xlim(0, float((trans + hand).max()) * 1.6)
+    ax.xaxis.set_major_formatter(_CYCLES)
+    ax.set_xlabel("virtualization cycles (transition + handling)")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return ax
+
+
+# ------------------------------------------------------------ category grids
+class GridLevel(tuple):
+    """One value of a :func:`category_grid`: ``(label, colour, hatch, mark)``.
+
+    ``mark`` is the text written in each cell of this level (``"1"``, ``"x"`` ...);
+    together with ``hatch`` it keeps the grid readable without colour (greyscale
+    printing, colour blindness).
+    """
+
+    def __new__(cls, label: str, colour: str, hatch: str = "", mark: str = ""):
+        return super().__new__(cls, (label, colour, hatch, mark))
+
+
+def category_grid(grid: Sequence[Sequence[int]], row_labels: Sequence[str], col_labels: Sequence[str],
+                  levels: Sequence[GridLevel | tuple[str, str, str, str]], ax: Axes | None = None,
+                  title: str = "", xlabel: str = "", ylabel: str = "", legend: bool = True) -> Figure:
+    """A heat map of categories that survives greyscale: colour, hatching and a mark per cell.
+
+    ``grid[r][c]`` is an index into ``levels``; each level is ``(label, colour, hatch,
+    mark)``.  Used for "which control bits are fixed" (03) and "which change altered
+    the result" (01) grids.
+    """
+    rows, cols = len(grid), len(grid[0]) if len(grid) else 0
+    fig, ax = _figure(ax, figsize=(max(6.0, 0.32 * cols + 3), max(2.5, 0.38 * rows + 1.6)))
+    from matplotlib.patches import Rectangle
+
+    for r, row in enumerate(grid):
+        for c, value in enumerate(row):
+            label, colour, hatch, mark = levels[int(value)]
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=colour, hatch=hatch,
+                                   edgecolor="#777777", linewidth=0.6))
+            if mark:
+                # black or white text, whichever contrasts more with the cell (WCAG luminance)
+                rgb = [int(colour.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)] if colour.startswith("#") else [1, 1, 1]
+                lum = sum(w * (x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4)
+                          for w, x in zip((0.2126, 0.7152, 0.0722), rgb))
+                ax.text(c, r, mark, ha="center", va="center", fontsize="x-small", fontweight="bold",
+                        color="black" if lum > 0.179 else "white")
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_xticks(range(cols), list(col_labels), rotation=45 if max(map(len, map(str, col_labels)), default=0) > 3 else 0,
+                  ha="right" if max(map(len, map(str, col_labels)), default=0) > 3 else "center")
+    ax.set_yticks(range(rows), list(row_labels))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(handles=[Patch(facecolor=colour, hatch=hatch, edgecolor="#777777",
+                                 label=f"{label} ({mark})" if mark else label)
+                           for label, colour, hatch, mark in levels],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(levels), frameon=False,
+                  fontsize="small")
+    return fig
+
+
+def cycles_by_reason_svg(est: pd.DataFrame, title: str = "", width: int = 760) -> str:
+    """The :func:`cycles_by_reason` panel as an inline SVG string (for the dashboard).
+
+    The same bars (transition hatched ``//``, handling dotted, exit count and cycles
+    written beside each bar), drawn by the browser: no raster image to render, encode
+    and send on every toggle, sharp at any zoom.  Text uses the page's colour
+    (``currentColor``: JupyterLab's theme); bars keep the Okabe-Ito colours.  A run
+    without exits gets a message on a 0-1 axis.
+    """
+    import html as _html
+
+    from matplotlib.ticker import MaxNLocator
+
+    body = est.drop(index=["native", "total"], errors="ignore")
+    a = est.attrs
+    empty = not len(body) or not (a.get("virtualization_cycles") or 0) > 0
+    rows = [] if empty else list(body.itertuples())
+    left, right, top, bar, gap = 150, 190, 46, 22, 12
+    plot_w = width - left - right
+    height = top + max(len(rows), 2) * (bar + gap) + 44
+    totals = [float(r.transition_cycles) + float(r.handling_cycles) for r in rows]
+    xmax = max(totals) if totals else 1.0
+    ticks = [t for t in MaxNLocator(5).tick_values(0, xmax) if 0 <= t <= xmax * 1.0001] if totals else [0, 1]
+    xmax = max(xmax, ticks[-1]) if ticks else xmax
+
+    def x(v: float) -> float:
+        return left + plot_w * v / xmax
+
+    esc = _html.escape
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='vtlab-cycles-svg' width='{width}' height='{height}' "
+           f"viewBox='0 0 {width} {height}' role='img' aria-label='{esc(title or 'virtualization cycles by exit reason')}' "
+           "style='max-width:100%;height:auto;font-family:sans-serif;font-size:12px;fill:currentColor'>",
+           "<defs>"
+           f"<pattern id='vtlab-hatch-t' width='6' height='6' patternUnits='userSpaceOnUse' patternTransform='rotate(45)'>"
+           f"<rect width='6' height='6' fill='{PART_COLORS['transition']}'/><line x1='0' y1='0' x2='0' y2='6' "
+           "stroke='white' stroke-width='1.5'/></pattern>"
+           f"<pattern id='vtlab-hatch-h' width='5' height='5' patternUnits='userSpaceOnUse'>"
+           f"<rect width='5' height='5' fill='{PART_COLORS['handling']}'/><circle cx='2.5' cy='2.5' r='0.9' "
+           "fill='white'/></pattern></defs>"]
+    if title:
+        out.append(f"<text x='{width / 2:.0f}' y='16' text-anchor='middle' style='font-size:13px'>{esc(title)}</text>")
+    base = top + max(len(rows), 2) * (bar + gap)
+    out.append(f"<line x1='{left}' y1='{top - 6}' x2='{left}' y2='{base}' stroke='currentColor'/>"
+               f"<line x1='{left}' y1='{base}' x2='{left + plot_w}' y2='{base}' stroke='currentColor'/>")
+    for t in ticks:
+        out.append(f"<line x1='{x(t):.1f}' y1='{base}' x2='{x(t):.1f}' y2='{base + 4}' stroke='currentColor'/>"
+                   f"<text x='{x(t):.1f}' y='{base + 16}' text-anchor='middle'>{esc(_CYCLES(t))}</text>")
+    out.append(f"<text x='{left + plot_w / 2:.0f}' y='{base + 34}' text-anchor='middle'>"
+               "virtualization cycles (transition + handling)</text>")
+    if empty:
+        out.append(f"<text x='{left + plot_w / 2:.0f}' y='{top + bar}' text-anchor='middle' class='vtlab-no-exits'>"
+                   "no VM exits under these controls: the guest ran without leaving</text>"
+                   f"<text x='{left + plot_w / 2:.0f}' y='{top + bar + 16}' text-anchor='middle'>"
+                   "non-root operation, so there is no virtualization cost to draw</text>")
+    for i, (r, total) in enumerate(zip(rows, totals)):
+        y = top + i * (bar + gap)
+        t, h = float(r.transition_cycles), float(r.handling_cycles)
+        n = int(r.exits)
+        out.append(f"<g class='vtlab-cycles-bar' data-reason='{esc(str(r.Index))}'>"
+                   f"<text x='{left - 6}' y='{y + bar * 0.7:.0f}' text-anchor='end'>{esc(str(r.Index))}</text>"
+                   f"<rect x='{left}' y='{y}' width='{x(t) - left:.1f}' height='{bar}' fill='url(#vtlab-hatch-t)'/>"
+                   f"<rect x='{x(t):.1f}' y='{y}' width='{x(t + h) - x(t):.1f}' height='{bar}' fill='url(#vtlab-hatch-h)'/>"
+                   f"<text x='{x(total) + 5:.1f}' y='{y + bar * 0.7:.0f}'>{n:,} exit{'' if n == 1 else 's'}, "
+                   f"{esc(_CYCLES(total))} cycles</text></g>")
+    for j, (pat, part) in enumerate((("vtlab-hatch-t", "transition"), ("vtlab-hatch-h", "handling"))):
+        lx, ly = left + j * 230, 24   # the legend: one line under the title, above the bars
+        out.append(f"<rect x='{lx}' y='{ly}' width='16' height='12' fill='url(#{pat})'/>"
+                   f"<text x='{lx + 22}' y='{ly + 10}' style='font-size:11px'>{esc(_PART_LABELS[part])}</text>")
+    out.append("</svg>")
+    return "".join(out)

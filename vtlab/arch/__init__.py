@@ -11,7 +11,10 @@ chapters 24-31 and Appendices A-C) and matches Linux's
 * :mod:`.msrs` - MSR numbers and CR0/CR4/EFER/RFLAGS/IA32_FEATURE_CONTROL bits
 * :mod:`.exceptions` - exception vectors and the interruption-information format
 * :mod:`.qualifications` - exit-qualification layouts
+* :mod:`.ept` - the EPTP and EPT entry formats, IA32_VMX_EPT_VPID_CAP, INVEPT/INVVPID types
 * :mod:`.segments` - the segment access-rights format (S, P, L, D/B, G, unusable, types)
+* :mod:`.interrupts` - interruptibility and activity states, interrupt-shadow opcodes, the
+  preemption-timer rate field, the PC's 8259A PIC and 8254 PIT ports and command words
 
 Section numbers cited anywhere in vtlab are those of the edition in :data:`SDM_EDITION`
 (Vol. 3C: 24 Introduction to VMX, 25 VMCS, 26 VMX non-root operation, 27 VM entries,
@@ -97,6 +100,8 @@ from .qualifications import (
     IoQualification,
     gpr_name,
 )
+from .ept import EptEntry, EptMemoryType, Eptp, EptVpidCap, InveptType, InvvpidType
+from .interrupts import ActivityState, Interruptibility
 from .segments import AR_DPL_SHIFT, AR_RESERVED, AccessRights, CodeDataType, SystemType
 from .vmcs_fields import (
     FIELD_DESCRIPTIONS,
@@ -179,6 +184,9 @@ __all__ = [
     "INTR_INFO_DELIVER_CODE",
     "INTR_INFO_NMI_UNBLOCKING",
     "INTR_INFO_VALID",
+    # interrupts
+    "Interruptibility",
+    "ActivityState",
     # segments
     "AccessRights",
     "CodeDataType",
@@ -195,4 +203,10 @@ __all__ = [
     "DrAccessDirection",
     "DrAccessQualification",
     "EptViolationQualification",
+    "EptEntry",
+    "EptMemoryType",
+    "Eptp",
+    "EptVpidCap",
+    "InveptType",
+    "InvvpidType",
 ]

@@ -23,9 +23,10 @@ from .vmcs import INVALID_POINTER, LaunchState, Vmcs
 from .vmcs_view import CurrentVmcs
 from .vmexit import VmExit
 from .vmx import VmxCpu
+from .svm import SvmCpu, SvmExit, SvmOutcome, SvmStatus, Vmcb  # AMD-V, the second vendor
 
 __all__ = ["CurrentVmcs", "DecodedInstruction", "EntryChecker", "Guest", "GuestException",
            "INVALID_POINTER", "InsnKind", "Instruction", "LaunchState", "Layout", "Mode",
            "Program", "Selector", "Status", "Violation", "Vmcs", "VmExit", "VmxCapabilities",
-           "VmxCpu", "VmxOperation", "VmxOutcome", "assemble", "disassemble", "entry_violations",
+           "VmxCpu", "VmxOperation", "VmxOutcome", "SvmCpu", "SvmExit", "SvmOutcome", "SvmStatus", "Vmcb", "assemble", "disassemble", "entry_violations",
            "msr_bitmap_position", "pack_descriptor"]

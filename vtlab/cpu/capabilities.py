@@ -27,10 +27,17 @@ F = TypeVar("F", PinBased, ProcBased, ProcBased2, ExitControl, EntryControl)
 VMCS_REVISION_ID = 0x4
 #: MAXPHYADDR: physical-address width reported by CPUID.80000008H:EAX[7:0].
 PHYSICAL_ADDRESS_WIDTH = 39
+#: IA32_VMX_MISC[4:0]: the VMX-preemption timer decrements each time TSC bit 5 changes,
+#: i.e. every 32 TSC ticks - every 32 guest instructions on vtlab's clock (SDM 26.5.1).
+PREEMPTION_TIMER_RATE = 5
 
 IMPLEMENTED: dict[type, int] = {
-    PinBased: PinBased.EXT_INTR_MASK | PinBased.NMI_EXITING,
-    ProcBased: (ProcBased.HLT_EXITING | ProcBased.INVLPG_EXITING | ProcBased.MWAIT_EXITING
+    # Event controls (SDM 26.2, 26.5.1, 26.6 ...; vtlab.cpu.event_controls): NMI exiting with
+    # virtual NMIs, the VMX-preemption timer, interrupt- and NMI-window exiting, TSC offsetting.
+    PinBased: (PinBased.EXT_INTR_MASK | PinBased.NMI_EXITING | PinBased.VIRTUAL_NMIS
+               | PinBased.VMX_PREEMPTION_TIMER),
+    ProcBased: (ProcBased.INTR_WINDOW_EXITING | ProcBased.USE_TSC_OFFSETTING
+                | ProcBased.NMI_WINDOW_EXITING | ProcBased.HLT_EXITING | ProcBased.INVLPG_EXITING | ProcBased.MWAIT_EXITING
                 | ProcBased.RDPMC_EXITING | ProcBased.RDTSC_EXITING | ProcBased.CR3_LOAD_EXITING
                 | ProcBased.CR3_STORE_EXITING | ProcBased.CR8_LOAD_EXITING
                 | ProcBased.CR8_STORE_EXITING | ProcBased.MOV_DR_EXITING
@@ -45,7 +52,7 @@ IMPLEMENTED: dict[type, int] = {
     ExitControl: (ExitControl.SAVE_DEBUG_CONTROLS | ExitControl.HOST_ADDR_SPACE_SIZE
                   | ExitControl.ACK_INTR_ON_EXIT | ExitControl.SAVE_IA32_PAT
                   | ExitControl.LOAD_IA32_PAT | ExitControl.SAVE_IA32_EFER
-                  | ExitControl.LOAD_IA32_EFER),
+                  | ExitControl.LOAD_IA32_EFER | ExitControl.SAVE_VMX_PREEMPTION_TIMER),
     EntryControl: (EntryControl.LOAD_DEBUG_CONTROLS | EntryControl.IA32E_MODE
                    | EntryControl.LOAD_IA32_PAT | EntryControl.LOAD_IA32_EFER),
 }
@@ -96,10 +103,12 @@ class VmxCapabilities:
     cr0_fixed0: int = Cr0.PE | Cr0.NE | Cr0.PG
     cr0_fixed1: int = 0xFFFF_FFFF
     cr4_fixed0: int = Cr4.VMXE
-    #: Bits CR4 may have set in VMX operation (SDM A.8): VME..OSXMMEXCPT (bits 10:0), VMXE,
-    #: SMXE (14: vtlab's processor reports SMX, CPUID.1:ECX[6]), FSGSBASE, PCIDE, OSXSAVE,
-    #: SMEP, SMAP - the value of a recent Intel core with SMX.
-    cr4_fixed1: int = 0x0037_67FF
+    #: Bits CR4 may have set in VMX operation (SDM A.8): VME..OSXMMEXCPT (bits 10:0), UMIP
+    #: (11: CPUID.7:ECX[2]), VMXE, SMXE (14: vtlab's processor reports SMX, CPUID.1:ECX[6]),
+    #: FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP - the value of a recent Intel core with SMX.
+    cr4_fixed1: int = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE
+                          | Cr4.PGE | Cr4.PCE | Cr4.OSFXSR | Cr4.OSXMMEXCPT | Cr4.UMIP | Cr4.VMXE
+                          | Cr4.SMXE | Cr4.FSGSBASE | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.SMAP)
     cr3_targets: int = 4
     #: IA32_VMX_BASIC[55]: the IA32_VMX_TRUE_*_CTLS MSRs exist (SDM A.1, A.3.1).
     true_ctls: bool = True
@@ -117,13 +126,23 @@ class VmxCapabilities:
 
     @property
     def misc(self) -> int:
-        """IA32_VMX_MISC (SDM A.6): LMA saved on exit, HLT activity state, 4 CR3 targets."""
-        return 5 | (1 << 5) | (1 << 6) | (self.cr3_targets << 16)
+        """IA32_VMX_MISC (SDM A.6): bits 4:0 = 5, the VMX-preemption timer counts down once
+        every 32 TSC ticks (:data:`PREEMPTION_TIMER_RATE`); bit 5 LMA saved on exit, bit 6
+        HLT activity state, 4 CR3 targets."""
+        return PREEMPTION_TIMER_RATE | (1 << 5) | (1 << 6) | (self.cr3_targets << 16)
+
+    #: Offer accessed and dirty flags for EPT (IA32_VMX_EPT_VPID_CAP[21], SDM 29.3.4)?  Off
+    #: by default (then EPTP bit 6 fails VM entry); ``VmxCapabilities(ept_accessed_dirty=True)``
+    #: makes a processor that has them.
+    ept_accessed_dirty: bool = False
 
     @property
     def ept_vpid_cap(self) -> int:
-        """IA32_VMX_EPT_VPID_CAP (SDM A.10): 4-level walks, WB, 2-MByte pages, INVEPT/INVVPID."""
-        return (1 << 6) | (1 << 14) | (1 << 16) | (1 << 20) | (1 << 25) | (1 << 26) | (1 << 32) | (1 << 41)
+        """IA32_VMX_EPT_VPID_CAP (SDM A.10): execute-only translations, 4-level walks, WB,
+        2-MByte and 1-GByte pages, INVEPT (single- and all-context), INVVPID (all four
+        types); bit 21 (EPT accessed and dirty flags) with :attr:`ept_accessed_dirty`."""
+        return (1 << 0 | 1 << 6 | 1 << 14 | 1 << 16 | 1 << 17 | 1 << 20 | 1 << 25 | 1 << 26 | 1 << 32
+                | 1 << 40 | 1 << 41 | 1 << 42 | 1 << 43 | int(self.ept_accessed_dirty) << 21)
 
     def allowed(self, cls: type, true: bool | None = None) -> AllowedSettings:
         """Allowed settings of one control class: by default the TRUE MSR if

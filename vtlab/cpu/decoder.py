@@ -124,6 +124,8 @@ class InsnKind(enum.IntEnum):
     FAR_JMP = enum.auto()
     FAR_CALL = enum.auto()
     IRET = enum.auto()
+    SYSENTER = enum.auto()
+    SYSEXIT = enum.auto()
 
 
 #: The I/O instructions (SDM Vol. 1 chapter 19): what the I/O-permission check and the
@@ -170,6 +172,7 @@ _KIND_BY_ID: dict[int, InsnKind] = {
         ("SLDT", InsnKind.SLDT), ("STR", InsnKind.STR),
         ("INT1", InsnKind.INT1), ("LJMP", InsnKind.FAR_JMP), ("LCALL", InsnKind.FAR_CALL),
         ("IRET", InsnKind.IRET), ("IRETD", InsnKind.IRET), ("IRETQ", InsnKind.IRET),
+        ("SYSENTER", InsnKind.SYSENTER), ("SYSEXIT", InsnKind.SYSEXIT),
     )
 }
 #: JMP/CALL: Capstone calls the far indirect forms FF /5 and FF /3 (m16:16/32/64) plain

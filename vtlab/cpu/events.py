@@ -18,6 +18,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from ..arch.controls import ExitControl, PinBased, ProcBased2
+from ..arch.interrupts import Interruptibility
 from ..arch.exceptions import (EXCEPTION_BITMAP_TYPES, SOFTWARE_EVENT_TYPES, IntrInfo, InterruptionType,
                                Vector, causes_double_fault, exception_class)
 from ..arch.exit_reasons import ExitReason
@@ -27,7 +28,9 @@ from ..arch.vmcs_fields import VmcsField as F
 from .guest import ERROR_CODE_VECTORS
 
 from .vmexit import VmExit
+from .ept_exits import ept_exit, fault_linear, guest_walk
 from .nonroot_consts import _VALID
+from .event_controls import EventControls
 
 _EFER_LMA = int(Efer.LMA)
 _CR0_PE = int(Cr0.PE)
@@ -95,8 +98,9 @@ def software_event_type(vector: int, length: int) -> InterruptionType:
     return _SOFTWARE_INTERRUPT
 
 
-class EventUnit:
-    """Event handling of the non-root monitor."""
+class EventUnit(EventControls):
+    """Event handling of the non-root monitor (with the event controls of
+    :class:`vtlab.cpu.event_controls.EventControls`)."""
 
     #: The address-range monitoring hardware (MONITOR/MWAIT, SDM Vol. 3A 9.10.4): armed by
     #: an executed MONITOR, cleared by every VM exit and VM entry (SDM 28.5.6, 27.3.3).
@@ -239,34 +243,46 @@ class EventUnit:
 
     def _ept_permissions(self):
         """The EPT permissions of a guest-physical page, for delivery's own accesses
-        (None while EPT is off): pages never restricted have all of them, memory beyond
-        the guest's RAM none (an EPT violation, as :meth:`_on_mem_fault` reports it)."""
+        (None while EPT is off): what the cached EPT mappings grant (vtlab.cpu.ept), 0 for
+        a page they do not map (an EPT violation, as :meth:`_on_mem_fault` reports it)."""
         if self.vmcs is None or not self.proc2 & ProcBased2.ENABLE_EPT:
             return None
-        pages, size = self.ept_pages, self.guest.memory_size
-        if pages is None:
-            return lambda page: 7 if page < size else 0
-        return lambda page: pages.get(page, 0)
+        return self.ept.touch
 
     def _on_mem_fault(self, uc, access, address, size, value, _user):
+        """Unicorn refused a guest-physical access (``address`` is guest-physical): with
+        EPT on, an EPT violation or misconfiguration - or only an EPT accessed/dirty flag
+        to set, after which the access is retried (SDM 29.3.3, 29.3.4)."""
         if self.vmcs is None or not self.proc2 & ProcBased2.ENABLE_EPT:
             return False
         kind = {unicorn.UC_MEM_READ_UNMAPPED: "r", unicorn.UC_MEM_WRITE_UNMAPPED: "w",
                 unicorn.UC_MEM_FETCH_UNMAPPED: "x", unicorn.UC_MEM_READ_PROT: "r",
                 unicorn.UC_MEM_WRITE_PROT: "w", unicorn.UC_MEM_FETCH_PROT: "x"}.get(access, "r")
-        perms = 0
-        if self.ept_pages is not None:
-            perms = self.ept_pages.get(address & ~0xFFF, 0)
-        q = EptViolationQualification(read=kind == "r", write=kind == "w", fetch=kind == "x",
-                                      readable=bool(perms & 1), writable=bool(perms & 2),
-                                      executable=bool(perms & 4), gla_valid=True, gla_translation=True)
-        insn = self.guest.instruction_at()
-        self.pending = VmExit(ExitReason.EPT_VIOLATION, q.encode(), 0, self.guest.rip,
-                              insn.text if insn else "", guest_linear_address=address,
-                              guest_physical_address=address,
-                              guest_instructions=self.guest.counter.total, cpl=self.guest.cpl)
+        outcome = self.ept.fault(kind, address)
+        if outcome == "retry":
+            return True
+        self.guest.counter.unretire_rest_of_block(self.guest.linear_rip())  # it did not retire
+        self.pending = ept_exit(self.ept, self.guest, outcome, kind, address,
+                                fault_linear(self.ept, self.guest, address))
         uc.emu_stop()
         return False
+
+    def _ept_fault_in_guest_walk(self, linear: int) -> "VmExit | str | None":
+        """A #PF that QEMU raised because a guest paging-structure entry lies at a
+        guest-physical address Unicorn's map lacks: on the processor that access is
+        translated through EPT first, so it is an EPT violation (qualification bit 8 = 0:
+        the access was to a paging-structure entry) or misconfiguration (SDM 29.3.3) -
+        or, with EPT A/D flags on, a page whose accessed flag was still 0: then the flag is
+        set, the page mapped, and "retry" returned (the guest never sees the #PF)."""
+        w, filled = guest_walk(self.ept, self.guest, linear, fill=True)
+        if filled:
+            return "retry"
+        if not w.during_guest_walk or w.failed is None:
+            return None
+        outcome = (("misconfig", w.failed.problem) if w.failed.fault == "misconfigured"
+                   else ("violation", w.failed.permissions))
+        return ept_exit(self.ept, self.guest, outcome, "r", w.failed.address, linear, translation=False,
+                        note=f"the guest's page walk for {linear:#x} reads {w.references[-1].purpose if w.references else 'a paging structure'} at guest-physical {w.failed.address:#x}")
 
     # ------------------------------------------------------------ operands
 
@@ -315,6 +331,13 @@ class EventUnit:
         (SDM 28.1) - and the value loaded into CR2 when the #PF is delivered instead.
         """
         g = self.guest
+        if (vector == Vector.PF and not software and fault_address is not None
+                and self.proc2 & ProcBased2.ENABLE_EPT and self.vmcs is not None):
+            found = self._ept_fault_in_guest_walk(fault_address)
+            if found is not None:   # not the guest's #PF: CR2 stays as it was
+                if self._cr2 is not None:
+                    g.uc.reg_write(X.UC_X86_REG_CR2, self._cr2)
+                return None if found == "retry" else found
         real = not g.reg("cr0") & _CR0_PE
         if software:
             length = (2 if vector not in (3, 4) else 1) if software is True else int(software)
@@ -435,32 +458,63 @@ class EventUnit:
         real = not g.reg("cr0") & _CR0_PE
         code = self.vmcs.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if d.deliver_error_code and not real else None
         length = self.vmcs.get(F.VM_ENTRY_INSTRUCTION_LEN) if d.type in SOFTWARE_EVENT_TYPES else 0
+        if d.type is InterruptionType.NMI:
+            # An injected NMI blocks NMIs until IRET - virtual-NMI blocking when "virtual
+            # NMIs" is 1 - already if its delivery causes a VM exit (27.6.1.2, 28.3.4).
+            self.nmi_blocked = True
         # An exit during delivery reports the entry's RIP and, for software events, the
         # VM-entry instruction length (27.6.1.2, 28.2.5).
         return self._deliver(Event(d.vector, d.type, code, g.rip, length))
 
     def _pending_interrupt_exit(self) -> VmExit | None:
-        """External interrupts / NMIs raised by devices: exit if the pin-based control says so."""
-        g = self.guest
+        """External interrupts / NMIs raised by devices: exit if the pin-based control says
+        so, else deliver them when the guest can take them (the NMI first)."""
         if self.pending_nmi:
-            self.pending_nmi = False
-            if self.pin & PinBased.NMI_EXITING:
-                return VmExit(ExitReason.EXCEPTION_NMI, 0, 0, g.rip, intr_info=IntrInfo(
-                    2, InterruptionType.NMI).encode(), guest_instructions=g.counter.total, cpl=self._guest_cpl())
-            self.halted = False
-            exit_ = self._deliver(Event(int(Vector.NMI), InterruptionType.NMI, None, g.rip))
+            exit_ = self._pending_nmi_exit()
             if exit_ is not None:
                 return exit_
         if self.pending_interrupts:
-            vector = self.pending_interrupts[0]
-            if self.pin & PinBased.EXT_INTR_MASK:
-                self.pending_interrupts.pop(0)
-                ack = self.vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.ACK_INTR_ON_EXIT
-                info = IntrInfo(vector, InterruptionType.EXTERNAL_INTERRUPT).encode() if ack else 0
-                return VmExit(ExitReason.EXTERNAL_INTERRUPT, 0, 0, g.rip, intr_info=info,
-                              guest_instructions=g.counter.total, cpl=self._guest_cpl())
-            if g.reg("eflags") & _RFLAGS_IF:  # IF = 1: the guest takes it itself
-                self.pending_interrupts.pop(0)
-                self.halted = False
-                return self._deliver(Event(vector, InterruptionType.EXTERNAL_INTERRUPT, None, g.rip))
+            return self._pending_external_exit()
+        return None
+
+    def _pending_nmi_exit(self) -> VmExit | None:
+        """A device's NMI: with "NMI exiting" a VM exit (reason 0, interruption type 2,
+        SDM 26.2) whatever the blocking; otherwise delivered through the guest's vector 2
+        unless blocked by NMI or MOV SS, and then NMIs are blocked until IRET."""
+        g = self.guest
+        if self.pin & PinBased.NMI_EXITING:
+            if self.sti_blocking() and self.shadow_bits & Interruptibility.BLOCKING_BY_MOV_SS:
+                return None   # blocked by MOV SS for one more instruction (SDM 26.3)
+            self.pending_nmi = False
+            return VmExit(ExitReason.EXCEPTION_NMI, 0, 0, g.rip, intr_info=IntrInfo(
+                2, InterruptionType.NMI).encode(), guest_instructions=g.counter.total, cpl=self._guest_cpl())
+        if not self.nmi_open():
+            return None   # it waits for the IRET of the NMI handler
+        self.pending_nmi = False
+        self.halted = False
+        self.nmi_blocked = True
+        self.end_shadow()
+        return self._deliver(Event(int(Vector.NMI), InterruptionType.NMI, None, g.rip))
+
+    def _pending_external_exit(self) -> VmExit | None:
+        """A device's external interrupt: with "external-interrupt exiting" a VM exit
+        (reason 1) whatever RFLAGS.IF says - not through an STI / MOV SS shadow - its vector in the VM-exit
+        interruption-information field if "acknowledge interrupt on exit" is 1 (26.2,
+        28.2.2); otherwise delivered to the guest when IF = 1 and nothing blocks it."""
+        g = self.guest
+        vector = self.pending_interrupts[0]
+        if self.pin & PinBased.EXT_INTR_MASK:
+            # RFLAGS.IF does not block it, but blocking by STI / MOV SS does (SDM 26.3).
+            if self.sti_blocking():
+                return None
+            self.pending_interrupts.pop(0)
+            ack = self.vmcs.get(F.VM_EXIT_CONTROLS) & ExitControl.ACK_INTR_ON_EXIT
+            info = IntrInfo(vector, InterruptionType.EXTERNAL_INTERRUPT).encode() if ack else 0
+            return VmExit(ExitReason.EXTERNAL_INTERRUPT, 0, 0, g.rip, intr_info=info,
+                          guest_instructions=g.counter.total, cpl=self._guest_cpl())
+        if self.interrupts_open():  # IF = 1 and no shadow: the guest takes it itself
+            self.pending_interrupts.pop(0)
+            self.halted = False
+            self.end_shadow()
+            return self._deliver(Event(vector, InterruptionType.EXTERNAL_INTERRUPT, None, g.rip))
         return None

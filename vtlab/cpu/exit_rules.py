@@ -576,6 +576,13 @@ def rule_task_switch(m: ExitMonitor, d: DecodedInstruction) -> Outcome:
     15:0 the new TSS's selector, bits 31:30 the source - 0 CALL, 1 IRET, 2 JMP.
     """
     g = m.guest
+    if d.kind is K.IRET:
+        if m.stop_before_opening(g.linear_rip(), iret=True):
+            return None   # a window may open after this IRET: the run loop steps it
+        if m.nmi_blocked:
+            # IRET ends blocking by NMI (virtual-NMI blocking with "virtual NMIs"), in every
+            # mode and even if it faults (SDM Vol. 3A 6.7.1; Vol. 3C 26.3, 28.3.4).
+            m.iret_executed()
     cr0, eflags = g.reg("cr0"), g.reg("eflags")
     if not cr0 & _CR0_PE or eflags & _RFLAGS_VM or g.reg("efer") & _EFER_LMA:
         return None

@@ -19,6 +19,8 @@ This module knows nothing about VMX; :mod:`vtlab.vmx` drives a Guest from the VM
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from typing import Protocol
 
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import unicorn
 from unicorn import x86_const as X
 
-from . import asm, decoder
+from . import asm, decoder, system_insns
 from ..arch.exceptions import Vector
 from ..arch.msrs import RFLAGS_IOPL_SHIFT, Cr0, Cr4, Efer, Msr, Rflags  # noqa: F401
 from unicorn.unicorn_py3 import unicorn as _ucmod
@@ -313,7 +315,13 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         self._init_register_access()
         self._init_memory()
-        self.uc.mem_map(0, memory_size)
+        # The guest's RAM is a buffer of vtlab's, mapped into Unicorn at guest-physical 0:
+        # with EPT on, vtlab maps guest-physical pages onto pages of it as the EPT says
+        # (vtlab.cpu.ept), and two guest-physical pages may then share one.
+        self.ram = mmap.mmap(-1, memory_size)
+        self._ram_view = ctypes.c_char.from_buffer(self.ram)
+        self.ram_pointer = ctypes.addressof(self._ram_view)
+        self.uc.mem_map_ptr(0, memory_size, unicorn.UC_PROT_ALL, self.ram_pointer)
         # No "until" address: when emulation stops Unicorn looks up the address before
         # ``until``, and with guest paging on and that address unmapped (as the customary
         # 0xFFFF_FFFF_FFFF_FFFF is) QEMU's page walk leaves it in CR2, as if the guest had
@@ -376,10 +384,14 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
                 hook = self._on_rdtsc  # the virtual TSC
             elif d.kind in decoder.IO_KINDS:
                 hook = self._on_io_check  # the I/O-permission check Unicorn skips
+            elif d.kind in system_insns.UMIP_KINDS:
+                hook = self._on_umip_check  # CR4.UMIP, which Unicorn does not apply
+            elif d.kind in system_insns.FAST_SYSTEM_CALL_KINDS:
+                hook = self._on_fast_system_call  # SYSENTER/SYSEXIT: a no-op in Unicorn
             else:
                 continue
             self._hlt_hooks.add(at)
-            self.uc.hook_add(unicorn.UC_HOOK_CODE, hook, begin=at, end=at)
+            self.uc.hook_add(unicorn.UC_HOOK_CODE, hook, d, begin=at, end=at)
         for listener in self.load_listeners:
             listener(prog)
         return prog
@@ -492,6 +504,44 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
             # non-root operation the exit monitor takes it through the exception bitmap -
             # it has priority over an I/O-instruction VM exit (SDM Vol. 3C 26.1.1).
             self.on_interrupt(Vector.GP)
+
+    def _raise_gp(self, reason: str) -> None:
+        """#GP(0) from a check vtlab makes for Unicorn: a bare run stops with ``reason``
+        beside the instruction; in VMX non-root operation the exit monitor takes it
+        through the exception bitmap like any other exception."""
+        if self.on_hlt_stops_itself:
+            self.on_interrupt(Vector.GP)
+            return
+        exc = self.make_exception(Vector.GP)
+        exc.instruction = f"{exc.instruction} [{reason}]".strip()
+        self._stop = ("exception", exc)
+        self.uc.emu_stop()
+
+    def _on_umip_check(self, uc, address, size, d):
+        """SGDT/SIDT/SLDT/SMSW/STR with CR4.UMIP = 1 at CPL > 0: #GP(0) (system_insns)."""
+        if self._stop is not None or not self.memory_holds(address, d.raw):
+            return
+        reason = system_insns.umip_fault(self)
+        if reason is not None:
+            self._raise_gp(reason)
+
+    def _on_fast_system_call(self, uc, address, size, d):
+        """SYSENTER/SYSEXIT as the SDM defines them; Unicorn skips them (system_insns)."""
+        if self._stop is not None or not self.memory_holds(address, d.raw):
+            return
+        enter = d.kind is decoder.InsnKind.SYSENTER
+        reason = system_insns.sysenter_fault(self) if enter else system_insns.sysexit_fault(self)
+        if reason is not None:
+            self._raise_gp(reason)
+            return
+        try:
+            system_insns.sysenter(self) if enter else system_insns.sysexit(self, d.raw)
+        except unicorn.UcError:
+            # The GDT has no descriptor Unicorn accepts at the selectors the SDM names.
+            self._raise_gp("the GDT has no flat code/data descriptors at IA32_SYSENTER_CS "
+                           "(+8, +16, +24 ...): vtlab loads them from the GDT")
+            return
+        self.counter.unretire_rest_of_block(address, retired_here=True)
 
     def _on_in(self, uc, port, size, _user):
         return self.io_read(port, size) & ((1 << (8 * size)) - 1)

@@ -73,10 +73,10 @@ class GuestMemory:
         """Allow or forbid reading, writing and executing guest-physical memory.
 
         ``address`` and ``size`` must be multiples of 4 KiB (whole pages).  This works
-        below the guest's own page tables, which cannot see or change it: it is how
-        vtlab models EPT permissions (SDM Vol. 3C 29.3).  A guest access it forbids
-        stops the emulated CPU; in VMX non-root operation vtlab turns that stop into an
-        EPT-violation VM exit, in a bare run into an exception.
+        below the guest's own page tables, which cannot see or change it.  (With EPT on,
+        :mod:`vtlab.cpu.ept` sets Unicorn's map and protections from the EPT paging
+        structures at VM entry, replacing what was set here.)  A guest access it forbids
+        stops the emulated CPU: in a bare run, an exception.
         """
         perms = ((unicorn.UC_PROT_READ if read else 0) | (unicorn.UC_PROT_WRITE if write else 0)
                  | (unicorn.UC_PROT_EXEC if execute else 0))

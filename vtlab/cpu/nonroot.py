@@ -45,6 +45,8 @@ from .decoder import DecodedInstruction, InsnKind
 from .exit_rules import EXIT_REASON_BY_KIND, EXIT_RULES, NON_EXITING_RULES
 from .guest_state import GuestStateCache
 from .events import EventUnit
+from .ept import EptUnit
+from .event_controls import shadow_site
 from .counter import _CTX_FIELDS
 _uc_emu_stop = _ucmod.uclib.uc_emu_stop
 #: What the exit rules and the exit record need of the CPU at a sensitive instruction,
@@ -59,6 +61,7 @@ _GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
 _ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
 _RFLAGS_VM = int(Rflags.VM)
 _CR0_PE = int(Cr0.PE)
+_ENABLE_EPT = int(ProcBased2.ENABLE_EPT)
 
 #: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
 _OUTSIDE_BLOCKS, _OUTSIDE_BYTES = _CTX_FIELDS.index("outside_blocks"), _CTX_FIELDS.index("outside_bytes")
@@ -99,7 +102,8 @@ class ExitMonitor(EventUnit):
         self._cr2: int | None = None  # CR2 before this run, for a #PF that exits
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
-        self.ept_pages: dict[int, int] | None = None  # page -> RWX permissions, None = no EPT view
+        #: The EPT: walks of the tables behind EPTP and their cached mappings (vtlab.cpu.ept)
+        self.ept = EptUnit(cpu.guest, cpu.memory, lambda: cpu.caps.ept_vpid_cap)
         #: The bounds of a run besides its budget (deadline, events) and why the last run
         #: had to stop (``stopped``): the guest's RunLimits, which the VMM sets and reads.
         self.limits = self.guest.limits
@@ -112,6 +116,10 @@ class ExitMonitor(EventUnit):
         # must stay referenced for as long as the engine may call it.  (Made before the
         # monitor attaches: attaching watches the programs the guest already holds.)
         self._code_hook_fn = _ucmod.HOOK_CODE_CFUNC(self._code_hook)
+        #: STI / MOV SS / POP SS / POPF by linear address: (interruptibility bit or 0, length,
+        #: bytes).  Their hook records the interrupt shadow (vtlab.cpu.event_controls).
+        self._shadow_sites: dict[int, tuple[int, int, bytes]] = {}
+        self._if_setters, self._iret_sites = set(), set()   # (see EventControls.window_watch)
         g.attach_monitor(self)
         g.uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_mem_fault)
 
@@ -151,19 +159,47 @@ class ExitMonitor(EventUnit):
             if reason is None and d.kind not in NON_EXITING_RULES:
                 continue
             self._watched[address] = (d, reason)
+            if d.kind is InsnKind.IRET:
+                self._iret_sites.add(address)
+                self._if_setters.add(address)
             if d.kind in _GUEST_HOOKED:
                 continue  # the guest's own hook for these calls _on_hlt / _on_rdtsc
-            handle = _ucmod.uc_hook_h()
-            status = _uc_hook_add(self.guest.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE,
-                                  self._code_hook_fn, None, ctypes.c_uint64(address),
-                                  ctypes.c_uint64(address))
-            if status != unicorn.UC_ERR_OK:
-                raise unicorn.UcError(status)
+            self._hook_at(address)
+        # STI, MOV SS and POP SS never exit, but the interrupt shadow they leave is part of
+        # the guest's interruptibility state (vtlab.cpu.event_controls): hook them too.
+        # POPF sets no shadow but may set IF: hooked too, so that a window waiting for IF
+        # is seen to open (EventControls.stop_before_opening).
+        for insn in prog.instructions:
+            site = shadow_site(insn.bytes, prog.bits)
+            if site is None or insn.address in self._shadow_sites or insn.address in self._watched:
+                continue
+            shadow, sets_if = site
+            self._shadow_sites[insn.address] = (shadow, insn.size, insn.bytes)
+            if sets_if:
+                self._if_setters.add(insn.address)
+            self._hook_at(insn.address)
+
+    def _hook_at(self, address: int) -> None:
+        """Place the code hook (:meth:`_code_hook`) on the instruction at ``address``."""
+        handle = _ucmod.uc_hook_h()
+        status = _uc_hook_add(self.guest.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_CODE,
+                              self._code_hook_fn, None, ctypes.c_uint64(address), ctypes.c_uint64(address))
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
 
     def _code_hook(self, _handle, address: int, size: int, _user) -> None:
         """UC_HOOK_CODE entry point (see __init__), with the binding's exception contract:
         an exception stops emulation and ``Uc.emu_start`` raises it once Unicorn returns."""
         try:
+            shadow = self._shadow_sites.get(address)
+            if shadow is not None:
+                bit, length, raw = shadow
+                if self.state.vmcs is not None and self.guest.memory_holds(address, raw):
+                    if address in self._if_setters and self.stop_before_opening(address):
+                        return   # (stepped next: the window may open after it)
+                    if bit:
+                        self.note_shadow(address, bit, length)
+                return
             self._on_sensitive(self.guest.uc, address, size, True)
         except BaseException as exc:
             uc = self.guest.uc
@@ -247,7 +283,12 @@ class ExitMonitor(EventUnit):
         if self.pending is not None or self.vmcs is None:
             return False
         watched = self._watched.get(address)
-        return watched is not None and self._on_sensitive(self.guest.uc, address, watched[0].length, None)
+        if watched is None:
+            return False
+        if self._on_sensitive(self.guest.uc, address, watched[0].length, None):
+            return True
+        # It does not exit: with "use TSC offsetting" it reads TSC + offset (SDM 26.3).
+        return self.rdtsc_offset(watched[0])
 
 
     def _load_controls(self) -> None:
@@ -302,6 +343,9 @@ class ExitMonitor(EventUnit):
         outside_blocks, outside_bytes = ctx[_OUTSIDE_BLOCKS], ctx[_OUTSIDE_BYTES]
         try:
             exit_ = None
+            if insn != "continue":   # VM entry: interruptibility state, preemption timer (27.7)
+                self.enter_event_state()
+            watch_events = self.events_watched()
             if self.vmcs.get(_ENTRY_INTR_INFO) & _VALID:  # VM-entry event injection (SDM 27.6)
                 exit_ = self._guarded(self._inject_event)
                 if exit_ is None:  # delivered through the guest's IVT/IDT
@@ -312,8 +356,10 @@ class ExitMonitor(EventUnit):
                     if why is not None:
                         return self._stop_run(insn, why)
             while exit_ is None:
-                if self.pending_nmi or self.pending_interrupts:
-                    exit_ = self._guarded(self._pending_interrupt_exit)
+                if watch_events or self.pending_nmi or self.pending_interrupts:
+                    # Exits at an instruction boundary, in the SDM's priority order:
+                    # timer, NMI window, NMI, interrupt window, external interrupt.
+                    exit_ = self._guarded(self.boundary_exit)
                     if exit_ is not None:
                         break
                 if self.halted:
@@ -338,15 +384,22 @@ class ExitMonitor(EventUnit):
                     return VmxOutcome(insn, Status.PAUSED, message=f"paused after {budget:,} guest "
                                       "instructions without a VM exit (budget)")
                 mtf = bool(self.proc & _MONITOR_TRAP_FLAG)
-                single = self._single = step or mtf
+                window = watch_events and self.window_watch()   # a shut window: step to its opening
+                single = self._single = step or mtf or window
+                mark = self.step_begins() if single else 0
+                run_for = remaining
+                if watch_events and self.timer_deadline is not None:   # stop where the timer expires
+                    run_for = max(1, min(remaining, self.timer_left()))
                 self.pending, self.event = None, None
                 rip_before = g.rip if single else None  # (only the step message shows it)
                 # QEMU overwrites CR2 when it raises #PF; a #PF that exits must leave it alone
                 # (SDM 28.1), so keep it - when a #PF can exit at all (SDM 26.2).
-                self._cr2 = g.reg("cr2") if self._pf_may_exit else None
+                # (With EPT on too: a #PF that is really an EPT fault on the guest's page walk
+                # exits instead, vtlab.cpu.ept.)
+                self._cr2 = g.reg("cr2") if self._pf_may_exit or self.proc2 & _ENABLE_EPT else None
                 sliced = False
                 try:
-                    sliced = g.emulate(1 if single else remaining, exact=single)
+                    sliced = g.emulate(1 if single else run_for, exact=single)
                 except unicorn.UcError as exc:
                     if self.pending is None and self.event is None:
                         g._stop = None
@@ -387,6 +440,7 @@ class ExitMonitor(EventUnit):
                     # Delivered through the guest's IVT/IDT: bound the events, and stop a
                     # guest whose handler is not there at all.
                     software = len(event) > 2 and event[2]
+                    self.end_shadow()   # an event ends blocking by STI / MOV SS (27.7.1)
                     why = self._delivered(bounds, limit, self._event_name(event[0], event[1]),
                                           None if software else event[0])
                     self.fault_note = ""
@@ -400,11 +454,14 @@ class ExitMonitor(EventUnit):
                     g.unretire_unstarted_block()
                     continue
                 if single:
+                    self.step_done(mark)   # the shadow covered that one instruction
                     if mtf:  # SDM 26.5.2: MTF exit after the instruction completes
                         exit_ = VmExit(ExitReason.MONITOR_TRAP_FLAG, 0, 0, g.rip, "",
                                        guest_instructions=g.counter.total, cpl=g.cpl)
                         break
-                    return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+                    if step:
+                        return VmxOutcome(insn, Status.PAUSED, message=f"stepped one instruction ({rip_before:#x})")
+                    continue   # stepping only to watch a window: go on
                 if sliced:
                     # The slice watchdog took control back (a KeyboardInterrupt would have
                     # been raised by now): check where the guest is and the wall clock.

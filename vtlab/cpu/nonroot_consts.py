@@ -37,9 +37,12 @@ _SINGLE_FIELD_SAVERS = {
     int(F.GUEST_CR4): lambda g: g.reg("cr4"),
 }
 _RIP_ONLY = frozenset({int(F.GUEST_RIP)})
-#: Guest-state fields saved lazily (all but RIP, which the exit path writes at once).
+#: Guest-state fields saved lazily (all but RIP, which the exit path writes at once, and
+#: the interruptibility state and preemption-timer value, saved at once by
+#: vtlab.cpu.event_controls: they are the processor's state, not the guest CPU's registers).
+_EAGER_FIELDS = (F.GUEST_RIP, F.GUEST_INTERRUPTIBILITY_INFO, F.VMX_PREEMPTION_TIMER_VALUE)
 _LAZY_FIELDS = frozenset(int(f) for f in F if f.name.startswith("GUEST_") and
-                         (int(f) >> 10) & 3 == 2 and f is not F.GUEST_RIP) | {int(F.VM_ENTRY_CONTROLS)}
+                         (int(f) >> 10) & 3 == 2 and f not in _EAGER_FIELDS) | {int(F.VM_ENTRY_CONTROLS)}
 
 # Plain-int copies of the control bits the per-entry path tests.  ``int & IntFlag``
 # dispatches to IntFlag.__rand__, written in Python (~0.5 us a time): too slow for a

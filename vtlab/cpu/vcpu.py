@@ -7,7 +7,7 @@
 * what a hypervisor may ask of the processor while the guest is out, beyond the VMX
   instructions: fast VMREAD/VMWRITE helpers that raise instead of returning an outcome
   (as KVM's ``vmcs_read64()``/``vmcs_write64()`` wrap the instructions), interrupts and
-  NMIs raised by virtual devices, EPT permissions of guest-physical pages, and capturing
+  NMIs raised by virtual devices, the EPT unit (walks, cached mappings), and capturing
   the CPU's current state as the initial guest state.
 
 Everything above the processor layer (:mod:`vtlab.vmm`) uses only these public methods.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..arch.controls import ProcBased
+from ..arch.controls import PinBased, ProcBased, ProcBased2
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
 from ..arch.vmcs_fields import VmcsField as F
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 _HOST_CR0, _HOST_CR4 = int(F.HOST_CR0), int(F.HOST_CR4)
 _GUEST_RIP, _ENTRY_INTR_INFO = int(F.GUEST_RIP), int(F.VM_ENTRY_INTR_INFO_FIELD)
 _MTF = int(ProcBased.MONITOR_TRAP_FLAG)
+_ENABLE_EPT = int(ProcBased2.ENABLE_EPT)
+_EPT_POINTER = int(F.EPT_POINTER)
+_TIMER = int(PinBased.VMX_PREEMPTION_TIMER)
+_WINDOWS = int(ProcBased.INTR_WINDOW_EXITING | ProcBased.NMI_WINDOW_EXITING)
 _ROOT, _NON_ROOT = VmxOperation.ROOT, VmxOperation.NON_ROOT
 
 
@@ -100,10 +104,12 @@ class VcpuServices:
         if rip == exit_.guest_rip or _GUEST_RIP not in unloaded:
             return None  # the exiting instruction would run natively instead of exiting
         monitor._load_controls()
-        if monitor.proc & _MTF:
-            return None
+        if monitor.proc & _MTF or monitor.pin & _TIMER or monitor.proc & _WINDOWS:
+            return None   # (the entry starts the timer / the window needs the run loop)
         if self._check_entry(vmcs):
             return None  # the ordinary VMRESUME reports the failure
+        if monitor.ept.needs_enter(bool(monitor.proc2 & _ENABLE_EPT), vmcs.get(_EPT_POINTER)):
+            return None  # (INVEPT or a new EPTP: the EPT mappings are remade outside the emulator)
         # GuestStateCache.load for the case at hand: the CPU holds the guest's state, so
         # the fields not saved yet need no load; RIP is the one field written.
         state.pending = False
@@ -111,7 +117,7 @@ class VcpuServices:
         unloaded.clear()
         self.operation = _NON_ROOT
         self._entry_insn = "VMRESUME"
-        if monitor._pf_may_exit:
+        if monitor._pf_may_exit or monitor.proc2 & _ENABLE_EPT:
             monitor._cr2 = self.guest.reg("cr2")
         return rip
 
@@ -133,8 +139,10 @@ class VcpuServices:
                 g.rip = rip = exit_.guest_rip
         # 28.2: exit reason, qualification, lengths, interruption information ...
         record_exit_information(vmcs, exit_)
-        # 28.3: guest state (RIP now, the rest when software first reads it).
+        # 28.3: guest state (RIP now, the rest when software first reads it); the
+        # interruptibility state and the preemption timer now (28.3.4).
         monitor.state.after_exit(vmcs, rip)
+        monitor.save_event_state(vmcs, exit_)
         if exit_.reason is ExitReason.TRIPLE_FAULT:
             monitor.halted = False
         # 28.5: host state - the VMM's CR0/CR4 come back from the host-state area.
@@ -215,25 +223,17 @@ class VcpuServices:
         return list(self.monitor.pending_interrupts) if self.monitor is not None else []
 
     # ------------------------------------------------------------------- EPT
-    def set_ept_permissions(self, gpa: int, size: int, perms: int = 7) -> None:
-        """Read (1) / write (2) / execute (4) permissions of guest-physical pages.
-
-        vtlab's EPT is the permission of each guest-physical page (identity mapped); an
-        access it does not allow is an EPT violation (SDM 29.3.3).  Pages never set keep
-        all permissions.
-        """
-        pages = self.monitor.ept_pages
-        if pages is None:
-            pages = self.monitor.ept_pages = {p: 7 for p in range(0, self.guest.memory_size, 0x1000)}
-        for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
-            pages[page] = perms & 7
-            self.guest.protect(page, 0x1000, read=bool(perms & 1), write=bool(perms & 2),
-                               execute=bool(perms & 4))
+    @property
+    def ept(self):
+        """The processor's EPT (:class:`vtlab.cpu.ept.EptUnit`): walks of the paging
+        structures behind an EPTP, the host-physical memory they live in and the cached
+        guest-physical mappings (SDM 29.3, 29.4)."""
+        return self.monitor.ept
 
     def ept_permissions(self, gpa: int) -> int:
-        """The EPT permissions (RWX bits) of the page holding ``gpa``."""
-        pages = self.monitor.ept_pages
-        return 7 if pages is None else pages.get(gpa & ~0xFFF, 7)
+        """The EPT permissions (RWX bits) the processor's cached mappings give ``gpa``
+        (what the guest gets now - until INVEPT, whatever the tables say since)."""
+        return self.monitor.ept.permissions(gpa)
 
     # ------------------------------------------------------------- set-up
     def capture_guest_state(self) -> None:

@@ -27,10 +27,11 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Callable
 
-from ..arch.cpuid import CPUID_1_ECX_VMX
+from ..arch.cpuid import CPUID_1_ECX_OSXSAVE, CPUID_1_ECX_VMX, HOST_CPUID
 from ..arch.errors import VmInstructionError
 from ..arch.exceptions import Vector
 from ..arch.msrs import Cr0, Cr4, Efer, FeatureControl, Msr
+from ..arch.controls import ProcBased2
 from ..arch.vmcs_fields import VmcsField as F
 from .capabilities import PHYSICAL_ADDRESS_WIDTH, VMX_CAPABILITY_MSRS, VmxCapabilities
 from .entry_checks import EntryChecker, Violation, entry_violations
@@ -43,6 +44,8 @@ from .hostmem import HostMemory
 from .vmcs import INVALID_POINTER, LAUNCH_STATE_OFFSET, REGION_SIZE, LaunchState, Vmcs, lookup
 from .vmcs_view import DETACHED, CurrentVmcs
 from .vcpu import VcpuServices
+from .entry.registry import secondary_controls
+from . import invalidate as _invalidate
 
 if TYPE_CHECKING:
     from .guest import Guest
@@ -187,10 +190,18 @@ class VmxCpu(VcpuServices):
 
     # ------------------------------------------------------ root-mode CPU
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-        """CPUID as the host sees it; leaf 1 ECX bit 5 reports VMX (SDM 24.6)."""
+        """CPUID as the host sees it: the same processor a guest's CPUID reports
+        (``vtlab.arch.cpuid.HOST_CPUID``), with leaf 1 ECX bit 5 reporting VMX (SDM 24.6)
+        only if this CPU has it, and bit 27 (OSXSAVE) following CR4.OSXSAVE (SDM Vol. 2A,
+        CPUID).  Leaves it does not list read as zeros."""
+        eax, ebx, ecx, edx = HOST_CPUID.get(leaf, (0, 0, 0, 0))
         if leaf == 1:
-            return (0x000906EA, 0, CPUID_1_ECX_VMX if self.vmx_supported else 0, 0)
-        return (0, 0, 0, 0)
+            ecx &= ~(CPUID_1_ECX_VMX | CPUID_1_ECX_OSXSAVE)
+            if self.vmx_supported:
+                ecx |= CPUID_1_ECX_VMX
+            if self.cr4 & Cr4.OSXSAVE:
+                ecx |= CPUID_1_ECX_OSXSAVE
+        return (eax, ebx, ecx, edx)
 
     def rdmsr(self, msr: int) -> int:
         """Read an MSR: IA32_FEATURE_CONTROL or a VMX capability MSR.
@@ -444,6 +455,19 @@ class VmxCpu(VcpuServices):
         return self._fail("VMCALL", VmInstructionError.VMCALL_IN_VMX_ROOT_OPERATION,
                           "VMCALL in VMX root operation (the dual-monitor treatment of SMM is not active)")
 
+    def invept(self, type_: int, eptp: int = 0) -> VmxOutcome:
+        """INVEPT (SDM 31.3): invalidate cached EPT mappings - type 1 (single-context) those
+        of the descriptor's EPTP, type 2 (all-context) all.  VMfail error 28 ("invalid
+        operand to INVEPT/INVVPID") for a type not offered or a bad EPTP
+        (:mod:`vtlab.cpu.invalidate`)."""
+        return _invalidate.invept(self, type_, eptp)
+
+    def invvpid(self, type_: int, vpid: int = 0, linear: int = 0) -> VmxOutcome:
+        """INVVPID (SDM 31.3): invalidate linear and combined mappings of a VPID - type 0
+        one address, 1 single-context, 2 all-context, 3 single-context retaining globals;
+        VMfail error 28 for a type not offered, VPID 0 or a non-canonical address."""
+        return _invalidate.invvpid(self, type_, vpid, linear)
+
     def vmlaunch(self, max_instructions: int = 10_000_000, *, step: bool = False) -> VmxOutcome:
         """VMLAUNCH (SDM 31.3): enter the guest of a *clear* VMCS; returns at the next VM exit.
 
@@ -502,6 +526,10 @@ class VmxCpu(VcpuServices):
             self.monitor.state.load(vmcs)
         except Exception as exc:  # a state Unicorn cannot represent (see GuestStateCache.load)
             return self._entry_failure(insn, vmcs, 0, f"[guest-state] {exc}", violations)
+        # The guest-physical mappings of this EPTP (cached per EP4TA until INVEPT; walked
+        # from the tables when none are cached), or the plain RAM with EPT off (SDM 29.4).
+        self.monitor.ept.enter(bool(secondary_controls(vmcs.get) & ProcBased2.ENABLE_EPT),
+                               vmcs.get(F.EPT_POINTER))
         if insn == "VMLAUNCH":
             vmcs.launch_state = LaunchState.LAUNCHED
         self.operation = VmxOperation.NON_ROOT

@@ -95,6 +95,7 @@ from .rings_worlds import (CONFORMING_CODE, DEPRIVILEGED, FACTORS, GDT_LIMIT,  #
 from .rings_runs import (_DATA_PAGE, _FLAG_MASK, _FLAG_NAMES, _IOPL, _STACK_WINDOW,  # noqa: F401
                          Difference, _Run, _compare, _describe, _flags_text,
                          _memory_differences, _outcome, _pseudo_operand, _run)
+from ..vmm.machine import parse_mode
 from .rings_redpill import (RED_PILL_THRESHOLD, RED_PILL_VMM_IDT, _RED_PILL,  # noqa: F401
                             _red_pill_run, red_pill)
 
@@ -110,6 +111,7 @@ __all__ = [
     "ROBIN_IRVINE_2000",
     "probe",
     "probe_all",
+    "disassembly_text",
     "default_instructions",
     "compare_with_robin_irvine",
     "red_pill",
@@ -144,11 +146,15 @@ class Probe:
     depends_on: tuple[str, ...] = ()
     robin_irvine: str | None = None
     differences: list[Difference] = field(default_factory=list)
+    #: What the assembler made of ``instruction``: one line per instruction (address,
+    #: bytes, Capstone's reading of them), so a typo cannot pass unseen.
+    disassembly: str = ""
 
     def as_dict(self) -> dict:
         """A flat dict (one DataFrame row): differences are folded into ``evidence``."""
         d = asdict(self)
         d.pop("differences")
+        d.pop("disassembly")
         d["depends_on"] = ", ".join(self.depends_on)
         return d
 
@@ -203,20 +209,28 @@ def probe(text: str, mode: str | Mode = "protected", name: str | None = None) ->
         probe("push 0x2\\npopfd")           # sensitive-unprivileged (IF silently kept)
         probe("add eax, ebx")              # innocuous
     """
-    mode = Mode(mode)
+    mode = parse_mode(mode)
     if mode is Mode.REAL:
         raise ValueError("rings need protected mode: in real mode everything runs at CPL 0")
     wide = mode is Mode.LONG
     try:
-        native = _run(text, NATIVE, mode)
+        code = assemble(text, PROBE_ADDRESS, mode.bits)
     except AssemblyError as exc:
         return Probe(text, "untestable", "assembly error", "assembly error", str(exc),
                      name or text, "")
+    listing = disassembly_text(code, PROBE_ADDRESS, mode.bits)
+    if not code:
+        # Only blank lines, comments or labels: the run would be the final HLT alone,
+        # which says nothing about any instruction (it is not "innocuous").
+        return Probe(text, "untestable", "nothing to run", "nothing to run",
+                     "nothing to run: the text holds no instruction (only blank lines, "
+                     "comments or labels); type one, e.g. `sgdt [0x600]`", name or "(empty)", "")
+    native = _run(text, NATIVE, mode)
     insn = native.instruction
     name = name or _default_name(text)
     mnemonic = insn.mnemonic if insn else ""
     ri = _robin_irvine_entry(insn)
-    common = dict(name=name, mnemonic=mnemonic, robin_irvine=ri)
+    common = dict(name=name, mnemonic=mnemonic, robin_irvine=ri, disassembly=listing)
     depriv = _run(text, DEPRIVILEGED, mode)
     if native.outcome != "ok":
         why = f"faults at CPL 0 too ({native.outcome}): nothing to compare"
@@ -261,6 +275,19 @@ def probe(text: str, mode: str | Mode = "protected", name: str | None = None) ->
         evidence += "; " + "; ".join(notes)
     return Probe(text, category, native.outcome, depriv.outcome, evidence,
                  depends_on=depends, differences=diffs, **common)
+
+
+def disassembly_text(code: bytes, address: int, bits: int) -> str:
+    """``code`` decoded back by Capstone, one ``address: bytes  instruction`` line each.
+
+    What the assembler actually produced, shown beside a probe so that the learner sees
+    the instruction that ran, not the one they meant to type.
+    """
+    lines = [str(i) for i in asm.disassemble(code, address, bits)]
+    decoded = sum(i.size for i in asm.disassemble(code, address, bits))
+    if decoded < len(code):  # (Capstone stops at bytes it cannot decode: say so)
+        lines.append(f"{address + decoded:#06x}: {code[decoded:].hex(' ')}  (bytes Capstone cannot decode)")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------- the default list

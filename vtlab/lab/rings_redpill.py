@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from ..arch.exceptions import Vector
 from ..arch.msrs import RFLAGS_IOPL_SHIFT, Rflags
+from ..vmm.machine import parse_mode
 from ..cpu.guest import Guest, Mode
 from .rings_worlds import (DEPRIVILEGED, NATIVE, PROBE_ADDRESS, SETUP_ADDRESS, VMM_GDT,
                            VMM_GDT_LIMIT, World, _install_tables, _setup_source, assemble)
@@ -116,7 +117,7 @@ def red_pill(mode: str | Mode = "protected") -> dict:
     ``clues`` it found, and its ``verdict``.  Under the VMM, ``traps`` lists the
     instructions that trapped to the VMM and ``virtual_if`` the VMM's copy of IF.
     """
-    mode = Mode(mode)
+    mode = parse_mode(mode)
     if mode not in (Mode.PROTECTED, Mode.PAGED):
         raise ValueError("the red pill is written in 32-bit code: use 'protected' or 'paged'")
     native = replace(NATIVE, idt_limit=0x7FF)

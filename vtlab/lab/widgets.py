@@ -9,8 +9,13 @@
 * :class:`Dashboard` - pick a workload and a CPU profile, toggle controls; exit counts,
   the cycle-cost breakdown and a summary table update live.
 * :class:`VmcsExplorer` - all fields by area, with VMREAD/VMWRITE and their real outcome.
-* :class:`VmxConsole` - press VMXON/VMCLEAR/VMPTRLD/VMLAUNCH/VMRESUME/VMXOFF in any
-  order and watch the state diagram and the SDM outcome.
+* :class:`VmxConsole` - press VMXON/VMCLEAR/VMPTRLD/VMPTRST/VMLAUNCH/VMRESUME/VMREAD/
+  VMWRITE/VMCALL/VMXOFF in any order and watch the state diagram and the SDM outcome.
+* :class:`ProbeBox` - type an instruction, see what was assembled and whether it is
+  privileged, sensitive-unprivileged or innocuous (:mod:`vtlab.lab.rings`).
+
+Colours: text follows JupyterLab's theme; states are badges with a symbol and a word on
+fixed colour pairs of contrast >= 4.5:1 (:data:`vtlab.lab.widgets_base.BADGES`).
 
 Each widget object has a ``.widget`` (the ipywidgets container) and displays itself in
 a notebook.  Every interactive element carries a stable CSS class (``vtlab-...``) so
@@ -29,3 +34,11 @@ from .widgets_controls import _CAP_MSR, _CLASS_TITLES, _CLASSES, ControlsPanel  
 from .widgets_dashboard import DASHBOARD_CONTROLS, Dashboard  # noqa: F401
 from .widgets_stepper import _WATCHED, Stepper, _fmt  # noqa: F401
 from .widgets_vmcs import VmcsExplorer  # noqa: F401
+
+
+def __getattr__(name: str):
+    # ProbeBox pulls in the ring lab (which builds guests at import): load it on first use.
+    if name in ("ProbeBox", "probe_card_html"):
+        from . import widgets_probe
+        return getattr(widgets_probe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ from ..arch.vmcs_fields import VmcsField as F
 from ..cpu.entry import GROUPS, MODES, Rule, get_rule, rules
 from ..cpu.vmx import Status
 from ..vmm.machine import VirtualMachine
-from .widgets_base import _Base, _css
+from .widgets_base import _Base, _css, badge
 
 #: How each group of checks reports a broken rule (SDM 27.2, 27.3 and 27.8).
 GROUP_REPORTS = {
@@ -256,7 +256,7 @@ class EntryRuleExplorer(_Base):
     @staticmethod
     def _rule_html(rule: Rule) -> str:
         doc = html.escape(" ".join(rule.doc.split()))
-        return (f"<div style='line-height:1.4'><b>{html.escape(rule.id)}</b> - SDM Vol. 3C "
+        return (f"<div style='line-height:1.4;white-space:normal;overflow-wrap:anywhere'><b>{html.escape(rule.id)}</b> - SDM Vol. 3C "
                 f"<b>{rule.section}</b>, {html.escape(GROUP_REPORTS[rule.group])}.<br>"
                 f"<i>{doc}</i><br><small>break recipe written for a {rule.mode}-mode guest; "
                 f"fields the check reads: {html.escape(', '.join(sorted(f.name for f in rule.reads)))}"
@@ -280,8 +280,8 @@ class EntryRuleExplorer(_Base):
 
     @staticmethod
     def _attempt_html(a: EntryAttempt) -> str:
-        colour = {"VMfailValid": "#0072B2", "VM-entry failure": "#D55E00"}.get(a.outcome, "#000000")
-        parts = [f"<div style='line-height:1.4'><b style='color:{colour}'>{html.escape(a.outcome)}</b>"
+        kind = {"VMfailValid": "error", "VM-entry failure": "error", "VM exit": "ok"}.get(a.outcome, "note")
+        parts = [f"<div style='line-height:1.4;white-space:normal;overflow-wrap:anywhere'>{badge(kind, a.outcome)}"
                  f" - {html.escape(a.describe())}"]
         if a.note and a.outcome != "not run":
             parts.append(f"<br><b>Note:</b> {html.escape(a.note)}")

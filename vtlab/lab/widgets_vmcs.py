@@ -8,7 +8,7 @@ import ipywidgets as W
 from ..arch.vmcs_fields import VmcsArea, VmcsField as F, decode_encoding
 from ..vmm.machine import VirtualMachine
 from ..cpu.vmx import VmxCpu
-from .widgets_base import _Base, _css
+from .widgets_base import _Base, _css, badge, error_html, parse_number
 
 
 class VmcsExplorer(_Base):
@@ -16,12 +16,15 @@ class VmcsExplorer(_Base):
 
     def __init__(self, cpu: VmxCpu | VirtualMachine):
         self.cpu = cpu.cpu if isinstance(cpu, VirtualMachine) else cpu
-        self.encoding = _css(W.Text(description="encoding", placeholder="0x681E or GUEST_RIP"), "vtlab-encoding")
-        self.value = _css(W.Text(description="value", placeholder="0x1000"), "vtlab-value")
+        wide = {"description_width": "initial"}   # (labels never clipped)
+        self.encoding = _css(W.Text(description="encoding", placeholder="0x681E or GUEST_RIP", style=wide,
+                                    layout=W.Layout(width="22em")), "vtlab-encoding")
+        self.value = _css(W.Text(description="value", placeholder="0x1000", style=wide,
+                                 layout=W.Layout(width="14em")), "vtlab-value")
         self.read_button = _css(W.Button(description="VMREAD"), "vtlab-vmread")
         self.write_button = _css(W.Button(description="VMWRITE"), "vtlab-vmwrite")
-        self.result = _css(W.HTML(), "vtlab-vmx-result")
-        self.decoded = _css(W.HTML(), "vtlab-encoding-decoded")
+        self.result = _css(W.HTML(layout=W.Layout(width="100%")), "vtlab-vmx-result")
+        self.decoded = _css(W.HTML(layout=W.Layout(width="100%")), "vtlab-encoding-decoded")
         self.nonzero = W.Checkbox(value=True, description="only non-zero fields", indent=False)
         self.tables = W.Accordion()
         self.read_button.on_click(lambda b: self.vmread())
@@ -61,16 +64,15 @@ class VmcsExplorer(_Base):
 
     def vmwrite(self) -> None:
         try:
-            value = int(self.value.value, 0)
-        except ValueError:
-            self.result.value = "<b style='color:#D55E00'>value must be a number (e.g. 0x1000)</b>"
+            value = parse_number(self.value.value, "VMWRITE value")
+        except ValueError as exc:
+            self.result.value = error_html(f"{exc}; the value must be a number (e.g. 0x1000)")
             return
         self._show(self.cpu.vmwrite(self._parse(), value))
 
     def _show(self, out) -> None:
-        colour = "#009E73" if out.ok else "#D55E00"
         flags = out.rflags
-        self.result.value = (f"<b style='color:{colour}'>{html.escape(str(out))}</b> "
+        self.result.value = (f"{badge('ok' if out.ok else 'error', str(out))} "
                              f"<small>(CF={flags['CF']} ZF={flags['ZF']})</small>")
         self.refresh()
 
@@ -89,8 +91,10 @@ class VmcsExplorer(_Base):
                 ro = " (read-only)" if enc.read_only else ""
                 rows.append(f"<tr><td>{f.name}</td><td><code>{int(f):#06x}</code></td>"
                             f"<td>{enc.width.name}</td><td><code>{value:#x}</code>{ro}</td></tr>")
-            children.append(W.HTML("<table><tr><th>field</th><th>encoding</th><th>width</th><th>value</th></tr>"
-                                   + "".join(rows) + "</table>"))
+            # (scrolls sideways rather than cutting a column off in a narrow notebook)
+            children.append(W.HTML("<div style='overflow-x:auto;max-width:100%'><table>"
+                                   "<tr><th>field</th><th>encoding</th><th>width</th><th>value</th></tr>"
+                                   + "".join(rows) + "</table></div>", layout=W.Layout(width="100%")))
             titles.append(f"{area.name.replace('_', ' ').lower()} ({len(rows)})")
         self.tables.children = children
         for i, t in enumerate(titles):

@@ -12,6 +12,8 @@ from .state import *  # noqa: F401,F403
 from .handlers import HANDLERS, HYPERCALLS, Handler, Hypercall
 from .machine import VirtualMachine
 from .state import Registers, RunSummary, VmState
+from .exit_record import Exit, ExitKind
+from .vendors import SvmVendorVm, VmxVendorVm
 
 __all__ = ["HANDLERS", "HYPERCALLS", "Handler", "Hypercall", "Registers", "RunSummary",
-           "VirtualMachine", "VmState"]
+           "VirtualMachine", "VmState", "Exit", "ExitKind", "SvmVendorVm", "VmxVendorVm"]

@@ -13,8 +13,9 @@ import enum
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, HOST_CPUID,
+from ..arch.cpuid import (CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_OSXSAVE, CPUID_1_ECX_VMX, HOST_CPUID,
                          HYPERVISOR_BASE_LEAF, vendor_signature)
+from ..arch.controls import ProcBased
 from ..arch.exceptions import InterruptionType, IntrInfo, Vector
 from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Msr, Rflags
@@ -25,6 +26,7 @@ from ..cpu.exits import VmExit
 from ..cpu.guest import Mode
 from ..cpu.memory import UnmappedMemoryError
 from .state import VmState
+from . import irq as _irq
 
 if TYPE_CHECKING:
     from .machine import VirtualMachine
@@ -60,6 +62,12 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
         eax, ebx, ecx, edx = HOST_CPUID.get(leaf, (0, 0, 0, 0))
         if leaf == 1:
             ecx = (ecx & ~CPUID_1_ECX_VMX) | CPUID_1_ECX_HYPERVISOR  # no nested VMX here
+            # OSXSAVE reports the CR4.OSXSAVE the guest sees (through the CR4 read shadow
+            # for the bits the VMM owns, SDM Vol. 3C 25.6.6), as KVM's CPUID does.
+            mask = vm.vmread(F.CR4_GUEST_HOST_MASK)
+            cr4 = (vm.guest.reg("cr4") & ~mask) | (vm.vmread(F.CR4_READ_SHADOW) & mask)
+            if cr4 & Cr4.OSXSAVE:
+                ecx |= CPUID_1_ECX_OSXSAVE
     # vm.regs.rax, .rbx, .rcx, .rdx = ... in one call into the CPU (CPUID is the most
     # frequent exit of all)
     vm.guest.write_registers(_CPUID_OUTPUTS, (eax, ebx, ecx, edx))
@@ -85,6 +93,8 @@ def handle_io(vm: "VirtualMachine", exit: VmExit) -> bool:
         vm.regs[_IO_VALUE_REG[q.size]] = vm.bus.read(q.port, q.size)
     else:
         vm.bus.write(q.port, q.size, vm.regs[_IO_VALUE_REG[q.size]])
+        if device is not None and vm.pic is not None and device in vm.pic.devices:
+            _irq.inject_pending_irq(vm)   # an EOI or a new mask may let a request through
     vm.skip_instruction()
     return True
 
@@ -224,8 +234,11 @@ def handle_dr_access(vm: "VirtualMachine", exit: VmExit) -> bool:
 def handle_hlt(vm: "VirtualMachine", exit: VmExit) -> bool:
     """HLT: the vCPU would sleep until an interrupt; with nothing to wake it, stop here."""
     vm.skip_instruction()
-    if vm.timer_period and vm.vmread(F.GUEST_RFLAGS) & Rflags.IF:
-        return True  # IF = 1: the timer's next interrupt wakes the guest
+    if vm.vmread(F.GUEST_RFLAGS) & Rflags.IF:
+        if vm.timer_period:
+            return True  # IF = 1: the timer's next interrupt wakes the guest
+        if _irq.sleep_until_timer(vm):
+            return True  # the vCPU slept until the PIT's IRQ 0, which wakes it
     vm.stop(VmState.HALTED, f"the guest executed HLT at {exit.guest_rip:#x}")
     return False
 
@@ -267,8 +280,53 @@ def handle_exception(vm: "VirtualMachine", exit: VmExit) -> bool:
 
 
 def handle_external_interrupt(vm: "VirtualMachine", exit: VmExit) -> bool:
-    """External interrupt: the host takes it (it was for the host); then resume the guest."""
+    """External interrupt: the host takes it (it was for the host); then resume the guest.
+
+    With "acknowledge interrupt on exit" the exit names the vector (VM-exit
+    interruption-information, SDM 28.2.2).  The host's timer tick also runs the virtual
+    PIT: its IRQ 0 goes to the virtual PIC, and the guest gets it now if it can take it,
+    else through the interrupt window (:func:`vtlab.vmm.irq.inject_pending_irq`)."""
     vm.host_interrupts += 1
+    info = IntrInfo.decode(exit.intr_info)
+    if not info.valid or info.vector == _irq.HOST_TIMER_VECTOR:
+        _irq.timer_tick(vm)
+    _irq.inject_pending_irq(vm)
+    return True
+
+
+def handle_interrupt_window(vm: "VirtualMachine", exit: VmExit) -> bool:
+    """Interrupt window (reason 7): the guest can take an interrupt now (RFLAGS.IF = 1, no
+    blocking by STI or MOV SS, SDM 26.2): close the window and inject what the PIC holds -
+    as KVM does on this exit - or leave it closed if nothing is pending any more."""
+    vm.set_control(ProcBased.INTR_WINDOW_EXITING, False)
+    _irq.inject_pending_irq(vm)
+    return True
+
+
+def handle_nmi_window(vm: "VirtualMachine", exit: VmExit) -> bool:
+    """NMI window (reason 8): virtual-NMI blocking ended; inject the NMI the VMM held back
+    (``vm.nmi_waiting``), or just close the window."""
+    vm.set_control(ProcBased.NMI_WINDOW_EXITING, False)
+    if vm.nmi_waiting:
+        vm.nmi_waiting = False
+        vm.vmwrite(F.VM_ENTRY_INTR_INFO_FIELD, IntrInfo(Vector.NMI, InterruptionType.NMI).encode())
+    return True
+
+
+def handle_preemption_timer(vm: "VirtualMachine", exit: VmExit) -> bool:
+    """VMX-preemption timer (reason 52): the guest's time slice is over.  A VMM would
+    schedule something else; this one counts the slice and re-arms the timer with
+    ``vm.preemption_slice`` (if set) for the next one."""
+    vm.preemption_exits += 1
+    if vm.preemption_slice is not None:
+        vm.vmwrite(F.VMX_PREEMPTION_TIMER_VALUE, vm.preemption_slice)
+    elif vm.vmread(F.VMX_PREEMPTION_TIMER_VALUE) == 0:
+        # The next entry would load 0 and exit again before any instruction (SDM 27.7.4):
+        # an endless storm of timer exits.  Say so instead.
+        vm.stop(VmState.STOPPED, "VMX-preemption timer exit with the timer-value field at 0: every "
+                "VM entry would exit again at once (SDM 27.7.4). Write VMX_PREEMPTION_TIMER_VALUE "
+                "(it counts down once per 32 guest instructions) or set vm.preemption_slice")
+        return False
     return True
 
 
@@ -370,6 +428,9 @@ def handle_monitor_trap(vm: "VirtualMachine", exit: VmExit) -> bool:
 HANDLERS: dict[ExitReason, Handler] = {
     ExitReason.EXCEPTION_NMI: handle_exception,
     ExitReason.EXTERNAL_INTERRUPT: handle_external_interrupt,
+    ExitReason.INTERRUPT_WINDOW: handle_interrupt_window,
+    ExitReason.NMI_WINDOW: handle_nmi_window,
+    ExitReason.PREEMPTION_TIMER: handle_preemption_timer,
     ExitReason.TRIPLE_FAULT: handle_triple_fault,
     ExitReason.CPUID: handle_cpuid,
     ExitReason.GETSEC: handle_ud,

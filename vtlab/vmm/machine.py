@@ -23,11 +23,17 @@ from pathlib import Path
 from typing import Iterable
 
 from ..arch.controls import EntryControl, ExitControl, PinBased, ProcBased, ProcBased2
+from ..arch.ept import InveptType
 from ..arch.exceptions import InterruptionType, IntrInfo
 from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Msr
 from ..arch.vmcs_fields import VmcsField as F
 from .devices import DeviceBus, standard_devices
+from ..arch.interrupts import Interruptibility
+from . import irq as _irq
+from .pic import PicPair
+from .pit import Pit8254
+from .ept_tables import EptTables, handle_ept_misconfig
 from ..errors import HandlerError, VtlabError
 from ..cpu.exits import VmExit, msr_bitmap_position
 from ..cpu.guest import Guest, Mode
@@ -79,6 +85,20 @@ HOST_RIP = 0xFFFF_FFFF_8100_0000
 HOST_RSP = 0xFFFF_C900_0000_8000
 
 
+def parse_mode(mode: Mode | str) -> Mode:
+    """``"real"``/``"protected"``/``"paged"``/``"long"`` -> :class:`Mode`; anything else is a
+    ValueError that lists the modes a vtlab guest can start in (not Python's bare
+    "'smm' is not a valid Mode")."""
+    try:
+        return Mode(mode.lower() if isinstance(mode, str) else mode)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in Mode)
+        extra = (" (system-management mode is not modelled: SMM and its dual-monitor "
+                 "treatment are outside vtlab)" if str(mode).lower() == "smm" else "")
+        raise ValueError(f"mode {mode!r} is not a mode a vtlab guest can start in{extra}; "
+                         f"use one of {names}") from None
+
+
 class VirtualMachine:
     """A guest program running in VMX non-root operation under vtlab's VMM.
 
@@ -89,14 +109,23 @@ class VirtualMachine:
 
     def __init__(self, program: str | bytes | Path | None = None, mode: Mode | str = "real",
                  load: int | None = None, entry: int | None = None, memory_size: int = 2 << 20,
-                 devices: DeviceBus | None = None):
-        self.mode = Mode(mode)
+                 devices: DeviceBus | None = None, ept: bool = True):
+        self.mode = parse_mode(mode)
+        #: Run the guest with EPT (and unrestricted guest) on - the default, as KVM does -
+        #: or off (``ept=False``: then real mode cannot be entered, SDM 27.3.1.1).
+        self.ept_enabled = bool(ept)
         self.guest = Guest(self.mode, memory_size)
         self.cpu = VmxCpu(self.guest)
         self.regs = Registers(self.guest)
         self.bus = devices or standard_devices()
         self.guest.connect_io(self.bus.read, self.bus.write)
+        #: The PC's interrupt controller and interval timer (vtlab.vmm.pic, vtlab.vmm.pit):
+        #: on the standard bus, None on a learner's bus without them.
+        self.pic: PicPair | None = None
+        self.pit: Pit8254 | None = None
+        _irq.attach_legacy_devices(self)
         self.handlers: dict[ExitReason, Handler] = dict(HANDLERS)
+        self.handlers.setdefault(ExitReason.EPT_MISCONFIG, handle_ept_misconfig)
         self.hypercalls = dict(HYPERCALLS)
         self.trace = Trace()
         self.console = bytearray()
@@ -107,6 +136,15 @@ class VirtualMachine:
         self.host_interrupts = 0
         self.timer_period = 0
         self.timer_vector = 0x20
+        #: An NMI the VMM holds back until the NMI window opens (handle_nmi_window), the
+        #: VMX-preemption timer value re-armed after each timer exit (None: not re-armed),
+        #: and the number of timer exits so far (handle_preemption_timer).
+        self.nmi_waiting = False
+        #: Re-inject the event an exit during event delivery interrupted, before the handler
+        #: runs (vtlab.vmm.irq.reinject_interrupted_event; False: the handler's job).
+        self.reinject_events = True
+        self.preemption_slice: int | None = None
+        self.preemption_exits = 0
         self.last_exit: VmExit | None = None
         self.last_outcome: VmxOutcome | None = None
         #: An exit that happened but whose handler has not run yet (see next_exit / step).
@@ -156,7 +194,10 @@ class VirtualMachine:
         self.io_bitmap_a, self.io_bitmap_b = cpu.memory.alloc(), cpu.memory.alloc()
         self.msr_bitmap = cpu.memory.alloc()
         cpu.memory.write(self.msr_bitmap, b"\xff" * 4096)   # every MSR access exits ...
-        self.ept_root = cpu.memory.alloc()
+        # The EPT: an identity map of the guest's RAM (2-MByte pages), as KVM builds one.
+        self.ept_tables = EptTables(cpu.memory)
+        self.ept_tables.identity(self.guest.memory_size)
+        self.ept_root = self.ept_tables.root
         pin, proc, proc2, exit_ctl, entry_ctl = DEFAULT_CONTROLS
         if self.mode is Mode.LONG:
             entry_ctl |= EntryControl.IA32E_MODE
@@ -166,7 +207,11 @@ class VirtualMachine:
         self.vmwrite(F.IO_BITMAP_A, self.io_bitmap_a)
         self.vmwrite(F.IO_BITMAP_B, self.io_bitmap_b)
         self.vmwrite(F.MSR_BITMAP, self.msr_bitmap)
-        self.vmwrite(F.EPT_POINTER, self.ept_root | (3 << 3) | 6)   # WB, 4-level walk
+        self.vmwrite(F.EPT_POINTER, self.ept_tables.eptp())   # WB, 4-level walk
+        if not self.ept_enabled:
+            # Without EPT there is no unrestricted guest either (SDM 27.2.1.1).
+            self.vmwrite(F.SECONDARY_VM_EXEC_CONTROL, self.vmread(F.SECONDARY_VM_EXEC_CONTROL)
+                         & ~(ProcBased2.ENABLE_EPT | ProcBased2.UNRESTRICTED_GUEST))
         self.vmwrite(F.VIRTUAL_PROCESSOR_ID, 1)
         self.vmwrite(F.VMCS_LINK_POINTER, INVALID_POINTER)
         self.vmwrite(F.EXCEPTION_BITMAP, 0)
@@ -247,12 +292,23 @@ class VirtualMachine:
             self.cpu.memory.set_bit(self.msr_bitmap + off + 2048, bit, write)
 
     def ept_map(self, gpa: int, size: int, perms: int = 7) -> None:
-        """Grant read(1)/write(2)/execute(4) on guest-physical pages (the EPT's view)."""
-        self.cpu.set_ept_permissions(gpa, size, perms)
+        """Grant read(1)/write(2)/execute(4) on guest-physical pages: the VMM rewrites the
+        EPT entries of those 4-KByte pages (splitting a 2-MByte page if need be) and
+        executes INVEPT, so that the processor drops what it had cached (SDM 29.4.3.4)."""
+        self.ept_tables.protect(gpa, size, perms)
+        self.invept()
 
     def ept_unmap(self, gpa: int, size: int) -> None:
         """Remove guest-physical pages from the EPT: the next access is an EPT violation."""
         self.ept_map(gpa, size, 0)
+
+    def invept(self, all_contexts: bool = False) -> None:
+        """INVEPT single-context for this VM's EPTP (or all-context): after a change to the
+        EPT paging structures the processor may still use the old translations until then."""
+        if all_contexts:
+            self.cpu.invept(InveptType.ALL_CONTEXT).check()
+        else:
+            self.cpu.invept(InveptType.SINGLE_CONTEXT, self.vmread(F.EPT_POINTER)).check()
 
     # ----------------------------------------------------------- handler API
     def handler(self, reason: ExitReason):
@@ -267,14 +323,24 @@ class VirtualMachine:
         return HANDLERS.get(exit.reason, _unhandled)(self, exit)
 
     def skip_instruction(self) -> None:
-        """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes)."""
+        """Advance GUEST_RIP past the exiting instruction (VM_EXIT_INSTRUCTION_LEN bytes).
+
+        The instruction was the one an STI or MOV SS shadow covered, if any: emulating it
+        ends the shadow, so blocking by STI / MOV SS (interruptibility bits 1:0) is cleared,
+        as KVM's ``skip_emulated_instruction`` does."""
         cpu = self.cpu
         if cpu.operation is _ROOT and cpu.current_vmcs_pointer == self.vmcs_address:
             vmcs = cpu.view(self.vmcs_address)   # VMREAD/VMWRITE without the instruction's checks
             vmcs.write(F.GUEST_RIP, vmcs.read(F.GUEST_RIP) + vmcs.read(F.VM_EXIT_INSTRUCTION_LEN),
                        truncate=True)
+            shadow = vmcs.region.get(_INTERRUPTIBILITY)   # (saved at the exit, never lazily)
+            if shadow & _SHADOW:
+                vmcs.write(F.GUEST_INTERRUPTIBILITY_INFO, shadow & ~_SHADOW)
             return
         cpu.vmcs_write(F.GUEST_RIP, cpu.vmcs_read(F.GUEST_RIP) + cpu.vmcs_read(F.VM_EXIT_INSTRUCTION_LEN))
+        shadow = cpu.vmcs_read(F.GUEST_INTERRUPTIBILITY_INFO)
+        if shadow & _SHADOW:
+            cpu.vmcs_write(F.GUEST_INTERRUPTIBILITY_INFO, shadow & ~_SHADOW)
 
     def inject_exception(self, vector: int, error_code: int | None = None,
                          kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION) -> bool:
@@ -363,20 +429,58 @@ class VirtualMachine:
         if self.state is VmState.READY:
             self.state = VmState.RUNNING
         try:
+            if exit_.idt_vectoring_info and self.reinject_events:
+                _irq.reinject_interrupted_event(self, exit_)   # the event it interrupted (SDM 28.2.4)
             result = handler(self, exit_)
         except Exception as exc:  # the learner's handler: stop cleanly, keep everything
             name = _handler_name(handler)
             self.stop(VmState.ERROR, f"exit handler {name} raised {type(exc).__name__}: {exc}")
             if event is not None:
                 event.note = self.message
-            raise HandlerError(
+            error = HandlerError(
                 f"VM exit #{event.seq if event else '?'} ({exit_.reason.name}, reason {int(exit_.reason)}) "
                 f"at guest RIP {exit_.guest_rip:#x} '{exit_.instruction}': handler {name} raised "
                 f"{type(exc).__name__}: {exc}. The VM is stopped; vm.trace, vm.vmcs and vm.regs "
-                "show where it was.") from exc
+                "show where it was.")
+            error.original = exc  # the learner's own exception, for whoever wants it whole
+            # A short traceback: the learner's handler frames (the caught traceback minus
+            # this frame) under the HandlerError, without the chained "During handling of
+            # the above exception" copy of the same frames plus vtlab's.  run/next_exit/
+            # step raise it again with just these frames, dropping the emulator's frames
+            # between them and the learner's call.
+            tb = exc.__traceback__
+            error.handler_traceback = tb.tb_next if tb is not None else None
+            raise error.with_traceback(error.handler_traceback) from None
         if event is not None and exit_.device is not None:
             event.device = exit_.device
         return result is not False and self.state is _RUNNING
+
+    def _advance_timed(self, budget: int) -> VmxOutcome:
+        """:meth:`_advance`, with the guest's 8254 counting on vtlab's clock: the guest is
+        stopped where its IRQ 0 falls due, and the host's timer interrupt arrives there (an
+        external-interrupt exit next, :func:`vtlab.vmm.irq.host_timer_fired`).  A tick due
+        while the VMM itself runs (after an exit) is taken in root operation - no exit - and
+        IRQ 0 injected or the interrupt window opened (vtlab.vmm.irq)."""
+        g = self.guest
+        end = g.counter.total + budget
+        while True:
+            due = self.pit.next_irq() if self.pit is not None else None
+            if due is None:
+                return self._advance(max(1, end - g.counter.total))
+            # (The PIT counts vtlab's clock, the TSC: instructions plus the time the vCPU
+            # slept in HLT, vtlab.vmm.irq.sleep_until_timer.)
+            now = g.read_tsc()
+            if now >= due and self.cpu.operation is _ROOT:
+                _irq.timer_tick(self)
+                _irq.inject_pending_irq(self)
+                continue
+            outcome = self._advance(max(1, min(end - g.counter.total, due - now)))
+            if (outcome.status is not Status.PAUSED or outcome.halted or g.read_tsc() < due
+                    or self.state is not VmState.RUNNING or g.limits.stopped is not None):
+                return outcome
+            _irq.host_timer_fired(self)   # the host's timer interrupt: exit 1 comes next
+            if g.counter.total >= end:
+                return outcome
 
     def _advance(self, budget: int, step: bool = False) -> VmxOutcome:
         """Enter the guest (VMLAUNCH/VMRESUME) or let a paused guest go on; record any exit."""
@@ -468,7 +572,7 @@ class VirtualMachine:
                 budget = max_instructions - used
                 if next_tick is not None:
                     budget = max(1, min(budget, next_tick - g.counter.total))
-                outcome = self._advance(budget)
+                outcome = self._advance_timed(budget)
                 if outcome.status is Status.VM_EXIT:
                     continue
                 if self.state is not VmState.RUNNING:
@@ -493,6 +597,8 @@ class VirtualMachine:
             self.stop(VmState.BUDGET, f"wall-clock cap reached: the run took more than max_seconds="
                       f"{max_seconds:g} s and was stopped inside Python code - an exit handler or "
                       "a device that loops (a REP INS/OUTS with a huge count?)")
+        except HandlerError as exc:  # the learner's frames only (see handle_pending_exit)
+            raise exc.with_traceback(getattr(exc, "handler_traceback", exc.__traceback__)) from None
         except VtlabError:
             raise
         except Exception as exc:
@@ -563,6 +669,8 @@ class VirtualMachine:
         # The wall clock, every 256 exits (leaving the emulator lets run() stop the VM).
         if not exits & 0xFF and deadline is not None and _monotonic() > deadline:
             return False
+        if self.pit is not None and self.pit.next_irq() is not None:
+            return False   # the PIT counts: run() must stop the guest where IRQ 0 falls due
         rip = self.cpu.vmresume_in_place(exit_)
         if rip is None:
             return False
@@ -585,7 +693,7 @@ class VirtualMachine:
         limits.deadline = None if max_seconds is None else _monotonic() + max_seconds
         token = _guest.watch_deadline(limits.deadline)
         try:
-            outcome = self._advance(max_instructions)
+            outcome = self._advance_timed(max_instructions)
         except KeyboardInterrupt:
             self._interrupted()
             raise
@@ -594,6 +702,8 @@ class VirtualMachine:
             self.stop(VmState.BUDGET, f"wall-clock cap reached: next_exit took more than max_seconds="
                       f"{max_seconds:g} s and was stopped inside Python code (a device that loops?)")
             return None
+        except HandlerError as exc:  # the learner's frames only (see handle_pending_exit)
+            raise exc.with_traceback(getattr(exc, "handler_traceback", exc.__traceback__)) from None
         except VtlabError:
             raise
         except Exception as exc:
@@ -631,6 +741,8 @@ class VirtualMachine:
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        except HandlerError as exc:  # the learner's frames only (see handle_pending_exit)
+            raise exc.with_traceback(getattr(exc, "handler_traceback", exc.__traceback__)) from None
         except VtlabError:
             raise
         except Exception as exc:
@@ -663,6 +775,9 @@ class VirtualMachine:
 
 _RUNNING = VmState.RUNNING
 _ROOT = VmxOperation.ROOT
+#: Blocking by STI and by MOV SS (interruptibility-state bits 0 and 1, SDM 25.4.2).
+_SHADOW = int(Interruptibility.BLOCKING_BY_STI | Interruptibility.BLOCKING_BY_MOV_SS)
+_INTERRUPTIBILITY = int(F.GUEST_INTERRUPTIBILITY_INFO)
 
 #: Registers of the trace's state summary (see _state_summary): CR0 and CS give the CPL.
 _SUMMARY_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsp", "rflags", "cr0", "cs")

@@ -35,7 +35,7 @@ def _reserved(cpu: "VmxCpu", cls: type, value: int, field: str) -> list[str]:
 
 
 @control("pin_based_controls_reserved", "27.2.1.1", reads={F.PIN_BASED_VM_EXEC_CONTROL}, processor=True,
-         breaks=set_bits(F.PIN_BASED_VM_EXEC_CONTROL, PinBased.VMX_PREEMPTION_TIMER))
+         breaks=set_bits(F.PIN_BASED_VM_EXEC_CONTROL, PinBased.POSTED_INTR))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     """Reserved bits in the pin-based VM-execution controls must be set properly: as
     IA32_VMX_TRUE_PINBASED_CTLS allows (bits 31:0 must-be-1, bits 63:32 may-be-1)."""
@@ -43,7 +43,7 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
 
 
 @control("primary_controls_reserved", "27.2.1.1", reads={F.CPU_BASED_VM_EXEC_CONTROL}, processor=True,
-         breaks=set_bits(F.CPU_BASED_VM_EXEC_CONTROL, ProcBased.USE_TSC_OFFSETTING))
+         breaks=set_bits(F.CPU_BASED_VM_EXEC_CONTROL, ProcBased.TPR_SHADOW))
 def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     """Reserved bits in the primary processor-based VM-execution controls must be set
     properly (IA32_VMX_TRUE_PROCBASED_CTLS)."""
@@ -120,6 +120,32 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
     pin = get(F.PIN_BASED_VM_EXEC_CONTROL)
     if not pin & PinBased.NMI_EXITING and pin & PinBased.VIRTUAL_NMIS:
         return ["\"virtual NMIs\" requires \"NMI exiting\""]
+    return []
+
+
+@control("nmi_window_requires_virtual_nmis", "27.2.1.1",
+         reads={F.PIN_BASED_VM_EXEC_CONTROL, F.CPU_BASED_VM_EXEC_CONTROL},
+         breaks=both(clear_bits(F.PIN_BASED_VM_EXEC_CONTROL, PinBased.VIRTUAL_NMIS),
+                     set_bits(F.CPU_BASED_VM_EXEC_CONTROL, ProcBased.NMI_WINDOW_EXITING)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "virtual NMIs" VM-execution control is 0, the "NMI-window exiting" control
+    must be 0: the NMI window is the end of virtual-NMI blocking."""
+    if (get(F.CPU_BASED_VM_EXEC_CONTROL) & ProcBased.NMI_WINDOW_EXITING
+            and not get(F.PIN_BASED_VM_EXEC_CONTROL) & PinBased.VIRTUAL_NMIS):
+        return ["\"NMI-window exiting\" requires \"virtual NMIs\""]
+    return []
+
+
+@control("save_preemption_timer_requires_timer", "27.2.1.2",
+         reads={F.PIN_BASED_VM_EXEC_CONTROL, F.VM_EXIT_CONTROLS},
+         breaks=both(clear_bits(F.PIN_BASED_VM_EXEC_CONTROL, PinBased.VMX_PREEMPTION_TIMER),
+                     set_bits(F.VM_EXIT_CONTROLS, ExitControl.SAVE_VMX_PREEMPTION_TIMER)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """If the "activate VMX-preemption timer" VM-execution control is 0, the "save
+    VMX-preemption-timer value" VM-exit control must also be 0."""
+    if (get(F.VM_EXIT_CONTROLS) & ExitControl.SAVE_VMX_PREEMPTION_TIMER
+            and not get(F.PIN_BASED_VM_EXEC_CONTROL) & PinBased.VMX_PREEMPTION_TIMER):
+        return ["\"save VMX-preemption-timer value\" requires \"activate VMX-preemption timer\""]
     return []
 
 
