@@ -24,6 +24,13 @@ CHROMIUM := /usr/bin/chromium
 
 venv: $(STAMP)
 
+# The site builder (requirements-site.txt) is installed for `make test` too, so that the
+# test that builds the course site runs in CI instead of skipping.
+SITE_STAMP := $(VENV)/.site-installed
+$(SITE_STAMP): requirements-site.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-site.txt
+	@touch $@
+
 # Re-runs whenever the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,7 +60,7 @@ browser:
 # The browser test gets a pytest process of its own: Playwright's greenlet-driven client
 # and Unicorn's C-to-Python hook callbacks are kept out of one interpreter (a run with
 # both once died in Unicorn right after the browser test).
-test: venv browser
+test: venv browser $(SITE_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_browser.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 

@@ -20,25 +20,40 @@ from vtlab import ProcBased, guests  # noqa: E402
 from vtlab.widgets import Dashboard  # noqa: E402
 
 
+def _clear(dash: Dashboard) -> None:
+    """Forget every cached run, estimate and drawn panel: the next update computes."""
+    dash._runs.clear()
+    dash._estimates.clear()
+    dash._panels.clear()
+
+
 def main() -> None:
     quiet = contextlib.redirect_stdout(io.StringIO())  # the plot Output widget prints here
     with quiet:
-        dash = Dashboard()
+        dash = Dashboard(prefetch=False)   # (no kernel idles here: measure the work itself)
     print("dashboard update after toggling HLT_EXITING (re-run + estimate + plot), target < 300 ms:")
+    print(f"  {'workload':<20} {'computed':>9}  {'cached':>7}")
     worst = 0.0
     for name in guests.names():
-        times = []
+        computed, cached = [], []
         with contextlib.redirect_stdout(io.StringIO()):
             dash.workload.value = name
+            flag = dash.toggles[ProcBased.HLT_EXITING]
             for _ in range(3):
+                _clear(dash)
                 t = time.perf_counter()
-                dash.toggles[ProcBased.HLT_EXITING].value = not dash.toggles[ProcBased.HLT_EXITING].value
-                times.append(time.perf_counter() - t)
-        ms = min(times) * 1000
+                flag.value = not flag.value            # nothing cached: run, estimate, draw
+                computed.append(time.perf_counter() - t)
+                flag.value = not flag.value            # back (computed as well)
+                t = time.perf_counter()
+                flag.value = not flag.value            # again: answered from the cache
+                cached.append(time.perf_counter() - t)
+                flag.value = not flag.value
+        ms = min(computed) * 1000
         worst = max(worst, ms)
         exits = sum(dash.exit_counts.values())
-        print(f"  {name:<20} {ms:7.1f} ms   ({exits} exits)")
-    print(f"  worst: {worst:.1f} ms {'(ok)' if worst < 300 else '(over target)'}")
+        print(f"  {name:<20} {ms:7.1f} ms {min(cached) * 1000:6.1f} ms   ({exits} exits)")
+    print(f"  worst computed: {worst:.1f} ms {'(ok)' if worst < 300 else '(over target)'}")
 
 
 if __name__ == "__main__":

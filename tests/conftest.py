@@ -80,6 +80,9 @@ SLOW_FILES: dict[str, str | None] = {
     "test_course_01.py": None,      # the course notebooks again, cell by cell, + nbgrader
     "test_course_02_03.py": None,
     "test_course_04.py": None,
+    "test_course_05.py": None,
+    "test_course_06.py": None,
+    "test_course_07.py": None,
     "test_nbgrader.py": None,       # generate / autograde / validate with real kernels
     "test_fuzz.py": None,           # random programs in worker processes
     "test_browser.py": None,        # JupyterLab + Chromium

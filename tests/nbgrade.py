@@ -58,6 +58,20 @@ def decode_io(qualification: int) -> dict:
     return {"port": r.port, "size": r.size, "direction": r.direction.name, "string": r.string,
             "rep": r.rep, "immediate": r.immediate}
 """),
+    "05_memory": ("ex05_decode", "ex05_decode_tests", """\
+from vtlab.arch.qualifications import EptViolationQualification
+
+
+def decode_violation(q: int) -> dict:
+    r = EptViolationQualification.decode(q)
+    return {"access": r.access, "allowed": r.permissions, "linear_valid": r.gla_valid,
+            "on_paging_structure": r.gla_valid and not r.gla_translation}
+"""),
+    "06_events": ("ex06_decode_answer", "ex06_decode_tests", """\
+def decode_intr_info(value):
+    r = IntrInfo.decode(value)
+    return {"valid": r.valid, "type": int(r.type), "vector": r.vector, "error_code": r.deliver_error_code}
+"""),
 }
 
 

@@ -55,7 +55,7 @@ from conftest import ARTIFACTS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
-COURSE = ("01_rings", "02_vmx_modes", "03_vmcs", "04_exits")
+COURSE = ("01_rings", "02_vmx_modes", "03_vmcs", "04_exits", "05_memory", "06_events", "07_amd_v")
 ARTIFACTS = ARTIFACTS_DIR   # outside the repository (tests/conftest.py)
 SCREENSHOT = ARTIFACTS / "browser.png"
 LATENCY_JSON = ARTIFACTS / "browser-latency.json"

@@ -331,3 +331,14 @@ def test_figure_helpers():
     assert "kvm-unit-tests" in str(fig)
     assert not math.isnan(TOY.cycles_per_exit("memory"))
     assert TOY.cycles_per_exit("fatal") == 0.0
+
+
+def test_slowdown_factor_and_format():
+    # 65,008.3 % overhead: the run takes 1 + 650.083 times the native time.
+    assert cost.slowdown_factor(65_008.3) == pytest.approx(651.083)
+    assert cost.slowdown_factor(0.0) == 1.0
+    assert cost.format_factor(65_008.3) == "x651"
+    assert cost.format_factor(30.0) == "x1.3"
+    assert cost.format_factor(float("nan")) == "-"
+    with pytest.raises(ValueError, match="negative"):
+        cost.slowdown_factor(-5.0)

@@ -41,6 +41,11 @@ print("@@KEY-RESULTS@@" + _json.dumps({
     "vmcall_root": [with_vmcs.status.value, int(with_vmcs.error), without_vmcs.status.value],
     "first_exit_fields": first_exit_fields.to_dict(),
     "boot_steps": {"mode": boot_steps["mode"].tolist(), "event": boot_steps["event"].tolist()},
+    "cpuid_views": {"host": host_ecx, "guest": ecx, "guest_osxsave": int(osxsave_vm.regs.ecx)},
+    "bring_up": [name for name, _status in bring_up],
+    "new_vmcs_state": [fresh_cpu.current_vmcs_pointer == new_vmcs, fresh_cpu.current_vmcs.launch_state.value],
+    "hypercall_counts": [summary.instructions, summary.exits],
+    "predictions": {k: list(v) for k, v in predictions.items()},
 }))
 """,
     "03_vmcs": """
@@ -61,6 +66,8 @@ print("@@KEY-RESULTS@@" + _json.dumps({
     "explorer_rules": len(entry_explorer.rules),
     "explored": [explored.outcome, explored.exit_reason, explored.qualification],
     "launch_story": launch_story.reset_index().astype(str).to_dict(orient="records"),
+    "link_pointer": link_table.astype(str).to_dict(orient="index"),
+    "vmm_bring_up": bring_up,
 }))
 """,
 }
@@ -221,6 +228,39 @@ def test_02_first_entry_and_exits(nb02):
 
 
 # ----------------------------------------------------------------------------- 03_vmcs
+def test_02_host_and_guest_cpuid_agree(nb02):
+    """Host and guest ask one processor: leaf 1 ECX differs in VMX (5) and hypervisor (31)
+    only, and OSXSAVE (27) follows the asker's CR4.OSXSAVE (SDM Vol. 2A, CPUID, Table 3-10)."""
+    v = nb02[2]["cpuid_views"]
+    assert v["host"] ^ v["guest"] == (1 << 5) | (1 << 31)
+    assert v["host"] >> 5 & 1 == 1 and v["guest"] >> 31 & 1 == 1
+    assert v["host"] >> 27 & 1 == 0 and v["guest_osxsave"] >> 27 & 1 == 1
+    assert v["guest_osxsave"] ^ v["guest"] == 1 << 27
+
+
+def test_02_vmclear_before_first_vmptrld(nb02):
+    """SDM Vol. 3C 25.11.3: a new VMCS is VMCLEARed before its first VMPTRLD."""
+    r = nb02[2]
+    assert r["bring_up"] == ["VMXON", "VMCLEAR", "VMPTRLD"]
+    assert r["new_vmcs_state"] == [True, "clear"]            # current, and ready for VMLAUNCH
+    text = "\n".join(c.source for c in nbformat.read(source("02_vmx_modes"), as_version=4).cells)
+    assert "25.11.3" in text and "VMCLEAR before its first VMPTRLD" in text
+
+
+def test_02_guest_instruction_count_excludes_exiting_instructions(nb02):
+    """An instruction that causes a VM exit is not a guest instruction (SDM Vol. 3C 28.1):
+    MOV, MOV, MOV complete; VMCALL and HLT exit."""
+    assert nb02[2]["hypercall_counts"] == [3, 2]
+
+
+def test_02_exercise_3_solution_is_the_sdms(nb02):
+    """Literal answers from SDM Vol. 3C 31.3 and Table 31-1 (not from vtlab)."""
+    assert nb02[2]["predictions"] == {"A": ["VMfailInvalid", None], "B": ["VMfailValid", 10],
+                                      "C": ["VMfailValid", 2], "D": ["VMfailValid", 11],
+                                      "E": ["VMfailInvalid", None], "F": ["VMfailValid", 4],
+                                      "G": ["VMfailValid", 5]}
+
+
 def test_03_areas_and_encodings(nb03):
     r = nb03[2]
     counts = r["area_counts"]
@@ -293,6 +333,37 @@ def test_03_registry_rules_of_every_group(nb03):
     assert rows["guest_pdptes_valid"]["guest mode"] == "paged"
     assert r["explorer_rules"] >= 193
     assert r["explored"] == ["VM-entry failure", 0x80000021, 0]
+
+
+def test_03_vmcs_link_pointer_rule(nb03):
+    """SDM Vol. 3C, 27.3.1.5: checked only if not FFFFFFFF_FFFFFFFFH; then bits 11:0 = 0, within
+    the physical-address width, revision identifier at the address, shadow-VMCS indicator =
+    "VMCS shadowing" (0 here); a failure has exit qualification 4 (27.8)."""
+    link = nb03[2]["link_pointer"]
+    assert link["FFFFFFFF_FFFFFFFFH (no linked VMCS)"]["rule broken"] == "-"
+    assert link["a region with the revision identifier"]["rule broken"] == "-"
+    assert link["0"]["rule broken"] == "vmcs_link_pointer_revision"
+    assert link["1_0000_0800H (bits 11:0 not 0)"]["rule broken"] == "vmcs_link_pointer_alignment"
+    assert link["1 << 40 (beyond the physical-address width)"]["rule broken"] == "vmcs_link_pointer_width"
+    assert link["the same, shadow-VMCS indicator 1"]["rule broken"] == "vmcs_link_pointer_shadow_indicator"
+    assert {v["qualification"] for v in link.values() if v["rule broken"] != "-"} == {"4"}
+
+
+def test_03_vmclear_before_first_use(nb03):
+    """SDM Vol. 3C, 25.11.3: VMCLEAR initializes a new VMCS region before its first VMPTRLD."""
+    steps = nb03[2]["vmm_bring_up"]
+    assert steps[:3] == ["VMXON", "VMCLEAR", "VMPTRLD"], steps
+
+
+def test_03_exercises_need_transfer():
+    """Issue #16: Ex 2 asks for the CR0/CR4 fixed-bit MSRs (the section shows the control MSRs),
+    Ex 4 for several vCPUs with a software launch-state record (section 6 shows one VMCS)."""
+    learner = nbformat.read(REPO / "notebooks" / "03_vmcs.ipynb", as_version=4)
+    code = "\n".join(c.source for c in learner.cells if c.cell_type == "code")
+    text = "\n".join(c.source for c in learner.cells)
+    assert "def legal_guest_cr(" in code and "def enter_vcpu(" in code and "def migrate_away(" in code
+    assert "launched.add" not in code and "must_be_1 &=" not in code
+    assert text.count("<summary>Hint") >= 6
 
 
 def test_03_launch_state(nb03):

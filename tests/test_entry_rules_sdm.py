@@ -763,6 +763,21 @@ def test_interruptibility_nmi_blocking_is_allowed():
     assert_enters(vm)
 
 
+def test_interruptibility_nmi_blocking_with_virtual_nmis_and_an_injected_nmi():
+    # SDM 27.3.1.5: bit 3 (blocking by NMI) must be 0 if the "virtual NMIs" control
+    # (pin-based bit 5; it needs "NMI exiting", bit 3) is 1 and the VM-entry
+    # interruption-information field injects an NMI (valid, type 2).
+    vm = vm_in("real")
+    vm.vmwrite(F.PIN_BASED_VM_EXEC_CONTROL, vm.vmread(F.PIN_BASED_VM_EXEC_CONTROL) | 1 << 3 | 1 << 5)
+    vm.vmwrite(F.GUEST_INTERRUPTIBILITY_INFO, 8)
+    vm.vmwrite(F.VM_ENTRY_INTR_INFO_FIELD, event(2, 2))
+    assert_entry_failure(vm, 0x80000021, 0, "guest_interruptibility_nmi_virtual_nmis")
+    vm = vm_in("real")                                      # without virtual NMIs: allowed
+    vm.vmwrite(F.GUEST_INTERRUPTIBILITY_INFO, 8)
+    vm.vmwrite(F.VM_ENTRY_INTR_INFO_FIELD, event(2, 2))
+    assert_checks_pass(vm)
+
+
 def test_interruptibility_enclave_interruption_needs_sgx():
     # SDM 27.3.1.5: bit 4 (enclave interruption) needs SGX support; vtlab has none.
     vm = vm_in("real")

@@ -38,7 +38,7 @@ from nbgrade import COURSE_SOURCES, LEARNER_DIR, SOURCE_DIR, WRAPPERS, course, g
 #: Every assignment in course/source/ (a new one is checked as soon as its .ipynb exists).
 NAMES = sorted(COURSE_SOURCES)
 #: The assignments the course must have.
-REQUIRED = ["01_rings", "02_vmx_modes", "03_vmcs", "04_exits"]
+REQUIRED = ["01_rings", "02_vmx_modes", "03_vmcs", "04_exits", "05_memory", "06_events", "07_amd_v"]
 MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS")
 JUPYTEXT = Path(sys.executable).parent / "jupytext"
 
@@ -166,6 +166,8 @@ def test_test_cells_use_only_their_own_names_and_the_answers(name):
     ("03_vmcs", "ex03_decode_tests", "decode_encoding"),
     ("03_vmcs", "ex03_allowed_tests", "adjust"),
     ("04_exits", "ex04_decode_tests", "IoQualification"),
+    ("05_memory", "ex05_decode_tests", "EptViolationQualification"),
+    ("06_events", "ex06_decode_tests", "IntrInfo"),
 ])
 def test_by_hand_exercises_refuse_the_vtlab_helper(name, test_id, forbidden):
     """The "by hand" exercises check the answer does not use the vtlab helper that does the

@@ -70,6 +70,8 @@ __all__ = [
     "by_generation",
     "overhead_curve",
     "profiles_table",
+    "slowdown_factor",
+    "format_factor",
 ]
 
 
@@ -462,3 +464,24 @@ def profiles_table() -> pd.DataFrame:
             rows.append({"profile": p.name, "year": p.year, "item": item, "low": f.low,
                          "high": f.high, "kind": f.kind, "source": f.source, "note": f.note})
     return pd.DataFrame(rows)
+
+
+def slowdown_factor(overhead_pct: float) -> float:
+    """Time under virtualization as a multiple of native time, from an overhead in %.
+
+    An overhead of 65,008.3 % means the run took 1 + 650.083 = 651.08 times as long
+    as natively: for costs this large a factor reads better than a percentage.
+    """
+    if math.isnan(overhead_pct):
+        return math.nan
+    if overhead_pct < 0:
+        raise ValueError(f"an overhead cannot be negative: {overhead_pct}%")
+    return 1.0 + overhead_pct / 100.0
+
+
+def format_factor(overhead_pct: float) -> str:
+    """``"x651"`` for an overhead of 65,008.3 %; one decimal below x10 (``"x1.3"``)."""
+    factor = slowdown_factor(overhead_pct)
+    if math.isnan(factor):
+        return "-"
+    return f"x{factor:,.0f}" if factor >= 10 else f"x{factor:,.1f}"

@@ -293,25 +293,59 @@ def roundtrip_by_generation(use: cost.Use = "mid", ax: Axes | None = None,
                             include_generic: bool = False) -> Figure:
     """The hardware cost of one VM exit + VM entry on every CPU profile, oldest first.
 
-    Bar height is the ``use`` value; the error bar spans the published (or
-    assumed) range; the colour says what kind of number it is (measured, vendor
-    chart, derived, estimate).
+    Solid bars are published figures (measured, or read off a vendor chart);
+    bar height is the ``use`` value and the error bar spans the published range.
+    Profiles without a published figure (the "derived" and "estimate" kinds:
+    every generation after Sandy Bridge, 2011) are drawn as hatched outlines,
+    so that a range vtlab assumes never looks like a measurement.  The shaded
+    band is the 500-2,000-cycle rule of thumb that introductions to VT-x quote:
+    it fits the 2006-2008 parts (Core 2 to Nehalem) and overstates every later
+    one, while Prescott's measured 2,409 lies above it.
     """
     gen = cost.by_generation(use=use, include_generic=include_generic)
-    fig, ax = _figure(ax, figsize=(9.0, 4.5))
+    fig, ax = _figure(ax, figsize=(9.0, 4.8))
     labels = [f"{name}\n{year}" for name, year in zip(gen.index, gen["year"])]
     heights = gen["roundtrip_cycles"].to_numpy()
     err = np.vstack([heights - gen["roundtrip_low"].to_numpy(), gen["roundtrip_high"].to_numpy() - heights])
-    colors = [KIND_COLORS[k] for k in gen["kind"]]
-    ax.bar(labels, heights, color=colors, yerr=err, capsize=3, ecolor=OKABE_ITO["black"])
+    published = gen["kind"].isin(_PUBLISHED_KINDS).to_numpy()
+    x = np.arange(len(gen))
+    # The rule of thumb as a band behind the bars (a collection, not a bar patch).
+    low, high = _RULE_OF_THUMB_CYCLES
+    ax.fill_between([-0.5, len(gen) - 0.5], low, high, color=OKABE_ITO["sky blue"], alpha=0.25,
+                    hatch="..", edgecolor=OKABE_ITO["blue"], linewidth=0, zorder=0)
+    for i, (h, kind, solid) in enumerate(zip(heights, gen["kind"], published)):
+        colour = KIND_COLORS[kind]
+        if solid:
+            ax.bar(x[i], h, color=colour, zorder=2)
+        else:
+            ax.bar(x[i], h, facecolor="none", hatch="///", edgecolor=colour, linewidth=1.2, zorder=2)
+    ax.errorbar(x, heights, yerr=err, fmt="none", capsize=3, ecolor=OKABE_ITO["black"], zorder=3)
+    ax.set_xticks(x, labels)
+    if (~published).any():
+        first = int(np.argmax(~published))
+        top = float(gen.loc[~published, "roundtrip_high"].max())
+        ax.text((first + len(gen) - 1) / 2, top + 60,
+                "after 2011: no published figure\n(ranges derived from whole-exit measurements)",
+                ha="center", va="bottom", fontsize="small")
+    ax.text(3.0, high + 30, f"rule of thumb {low:,}-{high:,} cycles:\nfits Core 2 to Nehalem (2006-2008)",
+            ha="center", va="bottom", fontsize="small", color=OKABE_ITO["black"])
     ax.set_ylabel("cycles per VM exit + VM entry")
     ax.set_xlabel("CPU generation (year of first shipment)")
     ax.set_title("VT-x round-trip cost by Intel generation (hardware only)")
     ax.tick_params(axis="x", labelsize="small", labelrotation=45)
+    ax.set_ylim(0, max(float(gen["roundtrip_high"].max()), high) * 1.3)
     kinds = [k for k in KIND_COLORS if k in set(gen["kind"])]
-    ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in kinds], title="kind of number",
-              fontsize="small")
+    handles = [Patch(color=KIND_COLORS[k], label=k) if k in _PUBLISHED_KINDS
+               else Patch(fill=False, hatch="///", edgecolor=KIND_COLORS[k], label=f"{k} (no published figure)")
+               for k in kinds]
+    handles.append(Patch(color=OKABE_ITO["sky blue"], alpha=0.25, hatch="..", label="500-2,000 rule of thumb"))
+    ax.legend(handles=handles, title="kind of number", fontsize="small", loc="upper right")
     return fig
+
+
+_PUBLISHED_KINDS = frozenset({"measured", "vendor"})
+# The "500 to 2,000 cycles" per transition that introductions to VT-x quote.
+_RULE_OF_THUMB_CYCLES = (500, 2_000)
 
 
 # --------------------------------------------------------- before / after

@@ -39,7 +39,7 @@ from ..errors import BudgetExceeded, GuestFault
 # The parts a Guest is assembled from (one job each), and the names this module has
 # always offered: ``from vtlab.cpu.guest import Mode, Segment, GuestException ...``.
 from .delivery import ERROR_CODE_VECTORS, EventDelivery, GuestException  # noqa: F401
-from .layout import Layout, Mode, Selector
+from .layout import Layout, Mode, Selector, parse_mode
 from .memory import GuestMemory
 from .modes import ModeControl
 from .paging import PagingUnit, _STACK_WRITERS, _decode_detail, _writes_memory  # noqa: F401
@@ -300,7 +300,7 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
     """
 
     def __init__(self, mode: Mode | str = Mode.REAL, memory_size: int = 2 << 20):
-        self.mode = Mode(mode)
+        self.mode = parse_mode(mode)
         if memory_size % 0x1000 or memory_size < 0x10_0000:
             raise ValueError("memory_size must be a multiple of 4 KiB and at least 1 MiB")
         self.memory_size = memory_size

@@ -23,6 +23,20 @@ class Mode(str, enum.Enum):
         return {Mode.REAL: 16, Mode.PROTECTED: 32, Mode.PAGED: 32, Mode.LONG: 64}[self]
 
 
+def parse_mode(mode: Mode | str) -> Mode:
+    """``"real"``/``"protected"``/``"paged"``/``"long"`` -> :class:`Mode`; anything else is a
+    ValueError that lists the modes a vtlab guest can start in (not Python's bare
+    "'smm' is not a valid Mode")."""
+    try:
+        return Mode(mode.lower() if isinstance(mode, str) else mode)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in Mode)
+        extra = (" (system-management mode is not modelled: SMM and its dual-monitor "
+                 "treatment are outside vtlab)" if str(mode).lower() == "smm" else "")
+        raise ValueError(f"mode {mode!r} is not a mode a vtlab guest can start in{extra}; "
+                         f"use one of {names}") from None
+
+
 class Layout:
     """Where vtlab puts the structures a kernel would own (all in low guest memory).
 

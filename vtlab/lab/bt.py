@@ -64,6 +64,7 @@ from ..arch.msrs import RFLAGS_IOPL_SHIFT, Rflags
 from ..cpu import asm
 from ..errors import BudgetExceeded, VtlabError  # noqa: F401  (VtlabError: re-exported)
 from ..cpu.guest import Guest, Layout, Mode, Selector
+from ..cpu.layout import parse_mode
 from .rings_worlds import VMM_GDT, VMM_GDT_LIMIT, VMM_IDT, VMM_IDT_LIMIT, _initial_gprs
 from .rings_worlds import assemble as _assemble
 from .bt_stubs import (SUPPORTED, VCPU, VCPU_ADDRESS, TranslationError, _REFUSED,  # noqa: F401
@@ -201,7 +202,7 @@ def run_translated(source: str | bytes, mode: str | Mode = "protected",
 
     Returns a :class:`BTRun` (counts, comparison, the translation).
     """
-    mode = Mode(mode)
+    mode = parse_mode(mode)
     if mode not in (Mode.PROTECTED, Mode.PAGED):
         raise ValueError("the toy translator handles 32-bit code: use 'protected' or 'paged'")
     code = _assemble(source, address, 32) if isinstance(source, str) else bytes(source)

@@ -72,7 +72,12 @@ def parse_reg(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep:
         raise ValueError(f"--reg wants NAME=VALUE, not {text!r}")
-    return name.strip().lower(), int(value, 0)
+    try:
+        number = int(value.strip().replace("_", ""), 0)
+    except ValueError:
+        raise ValueError(f"--reg {name.strip()}: {value.strip() or '(empty)'!r} is not a number "
+                         "(write it as 0x3F8 or 1016)") from None
+    return name.strip().lower(), number
 
 
 #: File name endings that say what a guest file holds (compared in lower case).

@@ -37,6 +37,7 @@ from .ept_tables import EptTables, handle_ept_misconfig
 from ..errors import HandlerError, VtlabError
 from ..cpu.exits import VmExit, msr_bitmap_position
 from ..cpu.guest import Guest, Mode
+from ..cpu.layout import parse_mode  # noqa: F401  (re-exported: vtlab.vmm.machine.parse_mode)
 from .trace import Trace
 from ..cpu.vmcs import INVALID_POINTER, LaunchState
 from ..cpu.vmx import Status, VmxCpu, VmxOperation, VmxOutcome
@@ -83,20 +84,6 @@ _CONTROL_FIELD = {PinBased: F.PIN_BASED_VM_EXEC_CONTROL, ProcBased: F.CPU_BASED_
 # Symbolic host addresses: the VMM's exit entry point and stack (canonical, kernel half).
 HOST_RIP = 0xFFFF_FFFF_8100_0000
 HOST_RSP = 0xFFFF_C900_0000_8000
-
-
-def parse_mode(mode: Mode | str) -> Mode:
-    """``"real"``/``"protected"``/``"paged"``/``"long"`` -> :class:`Mode`; anything else is a
-    ValueError that lists the modes a vtlab guest can start in (not Python's bare
-    "'smm' is not a valid Mode")."""
-    try:
-        return Mode(mode.lower() if isinstance(mode, str) else mode)
-    except ValueError:
-        names = ", ".join(repr(m.value) for m in Mode)
-        extra = (" (system-management mode is not modelled: SMM and its dual-monitor "
-                 "treatment are outside vtlab)" if str(mode).lower() == "smm" else "")
-        raise ValueError(f"mode {mode!r} is not a mode a vtlab guest can start in{extra}; "
-                         f"use one of {names}") from None
 
 
 class VirtualMachine:

@@ -326,19 +326,48 @@ shown.style.map(colour_category, subset=["category"]).set_properties(
 #   lazy FPU switching; SLDT and STR show the VMM's LDT and TSS selectors.
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "ex01_classify_task", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# ### Exercise 1 — the decision rule (3 points)
+# ### Exercise 1 — the decision rule, then a machine you have not probed (3 points)
 #
-# Write `classify(cpl0, cpl3, depends_on)` that reproduces the lab's verdict from three columns
-# of the table:
+# **(a)** Write `classify(cpl0, cpl3, depends_on)`: the lab's verdict from three columns of a
+# probe, for *any* probe — the tests feed it runs you have not seen (64-bit guests, invented
+# outcomes), not only the rows of `table`:
 #
-# * `cpl0`, `cpl3` — how the native and the deprivileged run ended: `"ok"` or a fault such as
-#   `"#GP(0)"`, `"#UD"`, `"INT 0x80"`, `"assembly error"`;
+# * `cpl0`, `cpl3` — how the native and the deprivileged run ended: `"ok"` or anything else
+#   (a fault such as `"#GP(0)"`, `"#UD"`, `"#BP"`, `"INT 0x80"`, `"assembly error"` ...);
 # * `depends_on` — the privileged state the results depended on, e.g. `"GDTR"`, `"CPL, DPL"`,
 #   or `""` when nothing differed.
 #
-# Return one of `"privileged"`, `"sensitive-unprivileged"`, `"innocuous"`, `"untestable"`
-# (an instruction that does not run even at CPL 0 gives nothing to compare). The hidden tests
-# check your function on every row of `table`.
+# Return one of `"privileged"`, `"sensitive-unprivileged"`, `"innocuous"`, `"untestable"`.
+#
+# **(b)** A prediction, written before anything runs it. Section 5 below meets a modern
+# kernel: it sets **CR4.UMIP** (user-mode instruction prevention, CR4 bit 11) while it boots,
+# as Linux does on every processor that has it. Suppose the lab's native and deprivileged
+# worlds both ran with CR4.UMIP = 1 (and CR4.TSD = 0, as here). Fill `UMIP_PREDICTIONS` with
+# the verdict your rule would give for each of these six rows of `table`:
+# `"SIDT"`, `"STR"`, `"SMSW"`, `"PUSHF"`, `"MOV AX, CS"`, `"RDTSC"`. `rings.probe` has no UMIP
+# world, so this is reasoning from the manual: SDM Vol. 3A 2.5 (the CR4.UMIP entry) and each
+# instruction's "Protected Mode Exceptions" in Vol. 2.
+#
+# <details><summary>Hint 1 — the order of the questions</summary>
+#
+# The lab asks three questions in a fixed order, and the first "no" decides: did the
+# instruction run at CPL 0 at all? did it run at CPL 3? did anything differ? An outcome that is
+# not exactly `"ok"` is a "no", whatever its name.
+# </details>
+#
+# <details><summary>Hint 2 — what CR4.UMIP changes</summary>
+#
+# With CR4.UMIP = 1, five instructions raise #GP(0) when CPL > 0: SGDT, SIDT, SLDT, SMSW and
+# STR. At CPL 0 they still run. Which of the six rows are in that list, and what does your rule
+# return for an instruction that runs at CPL 0 and faults at CPL 3?
+# </details>
+#
+# <details><summary>Hint 3 — what it does not change</summary>
+#
+# UMIP names those five and no others. PUSHF still pushes the real IF and IOPL, MOV from CS
+# still shows the CPL. RDTSC has its own CR4 bit (TSD, bit 2), which this kernel left at 0, and
+# its result depends on no privileged state a VMM changes.
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_classify", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def classify(cpl0: str, cpl3: str, depends_on: str) -> str:
@@ -351,33 +380,71 @@ def classify(cpl0: str, cpl3: str, depends_on: str) -> str:
     ### END SOLUTION
 
 
+UMIP_PREDICTIONS: dict[str, str] = {}
+### BEGIN SOLUTION
+UMIP_PREDICTIONS = {"SIDT": "privileged", "STR": "privileged", "SMSW": "privileged",
+                    "PUSHF": "sensitive-unprivileged", "MOV AX, CS": "sensitive-unprivileged",
+                    "RDTSC": "innocuous"}
+### END SOLUTION
+
+# %% nbgrader={"grade": false, "grade_id": "ex01_classify_selfcheck", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# Self-check (not graded): your rule against every row of this notebook's 32-bit table,
+# and the shape of your predictions. The graded tests use other runs.
+try:
+    wrong = [(r.name, r.category, classify(r.cpl0, r.cpl3, r.depends_on)) for r in table.itertuples()]
+    wrong = [w for w in wrong if w[1] != w[2]]
+    print(f"classify agrees with the lab on {len(table) - len(wrong)} of {len(table)} rows")
+    for name, lab, yours in wrong[:5]:
+        print(f"  {name}: the lab says {lab!r}, classify says {yours!r}")
+except NotImplementedError:
+    print("classify: not written yet")
+missing = {"SIDT", "STR", "SMSW", "PUSHF", "MOV AX, CS", "RDTSC"} - set(UMIP_PREDICTIONS)
+odd = {k: v for k, v in UMIP_PREDICTIONS.items() if v not in rings.CATEGORIES}
+print("UMIP_PREDICTIONS:", f"missing {sorted(missing)}" if missing else "all six rows predicted",
+      f"| not a category: {odd}" if odd else "")
+
+
 # %% nbgrader={"grade": true, "grade_id": "ex01_classify_tests", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
-# Test cells re-import what they use and work out the expected values themselves, so
-# nothing an answer cell deletes or rebinds can make them pass.
+# Test cells re-import what they use and write the expected values out literally (from the
+# SDM and the rule stated in section 3), so nothing an answer cell deletes or rebinds, and no
+# vtlab table, can make them pass.
 from vtlab import rings
 
 assert classify("ok", "#GP(0)", "") == "privileged"
 assert classify("ok", "ok", "GDTR") == "sensitive-unprivileged"
 assert classify("ok", "ok", "") == "innocuous"
 assert classify("assembly error", "assembly error", "") == "untestable"
+assert isinstance(UMIP_PREDICTIONS, dict) and set(UMIP_PREDICTIONS) == {
+    "SIDT", "STR", "SMSW", "PUSHF", "MOV AX, CS", "RDTSC"}, "predict exactly the six rows named"
+assert set(UMIP_PREDICTIONS.values()) <= {"privileged", "sensitive-unprivileged", "innocuous", "untestable"}
 ### BEGIN HIDDEN TESTS
+# invented outcomes: no row of any table has them
 assert classify("#UD", "#UD", "") == "untestable"
-assert classify("INT 0x80", "INT 0x80", "") == "untestable"
+assert classify("#BP", "#BP", "CPL") == "untestable"
 assert classify("ok", "#UD", "") == "privileged"
+assert classify("ok", "#SS(0)", "GDTR") == "privileged"
 assert classify("ok", "ok", "CPL, DPL") == "sensitive-unprivileged"
-assert classify("ok", "#PF", "IF") == "privileged"
-# real probes, expected categories from the x86 rules (Robin & Irvine 2000; SDM Vol. 3A):
-# CLI/STI/HLT/MOV CR/IN fault at CPL 3 with IOPL 0; SIDT, STR, SMSW, PUSHF and PUSH CS
-# run at CPL 3 and show state a VMM changes; NOP and INC do neither.
-EXPECTED = {"sti": "privileged", "cli": "privileged", "hlt": "privileged",
-            "mov eax, cr0": "privileged", "in al, 0x60": "privileged",
-            "sidt [0x700]": "sensitive-unprivileged", "str ax": "sensitive-unprivileged",
-            "smsw ax": "sensitive-unprivileged", "pushfd": "sensitive-unprivileged",
-            "push cs": "sensitive-unprivileged", "nop": "innocuous", "inc ecx": "innocuous"}
-for text, category in EXPECTED.items():
-    p = rings.probe(text)
+assert classify("ok", "ok", "  ") == "innocuous"
+# 64-bit probes (this notebook only probed 32-bit code). Expected from the SDM:
+# CLI at CPL 3 with IOPL 0 is #GP(0) (Vol. 2A, CLI); PUSHFQ shows the real IF/IOPL; PUSH CS
+# does not exist in 64-bit mode (Vol. 2B, PUSH: "Invalid" in 64-bit mode); SYSENTER with
+# IA32_SYSENTER_CS[15:2] = 0 is #GP(0) even at CPL 0 (Vol. 2B, SYSENTER); INT3 is #BP
+# (Vol. 2A, INT n/INTO/INT3/INT1), a trap whose saved RIP is the next instruction (Vol. 3A
+# 6.15, Table 6-1); Unicorn hands it to the host instead of the IDT, so even at CPL 0 the run
+# ends there and there is nothing to compare.
+EXPECTED_64 = {"cli": "privileged", "pushfq": "sensitive-unprivileged", "push cs": "untestable",
+               "sysenter": "untestable", "int3": "untestable", "str ax": "sensitive-unprivileged",
+               "nop": "innocuous"}
+for text, category in EXPECTED_64.items():
+    p = rings.probe(text, mode="long")
     got = classify(p.cpl0, p.cpl3, ", ".join(p.depends_on))
-    assert got == category, f"{text}: CPL 0 {p.cpl0!r}, CPL 3 {p.cpl3!r}, depends on {p.depends_on}: got {got!r}"
+    assert got == category, f"64-bit {text}: CPL 0 {p.cpl0!r}, CPL 3 {p.cpl3!r}, depends on {p.depends_on}: got {got!r}"
+# UMIP (SDM Vol. 3A 2.5): SGDT, SIDT, SLDT, SMSW, STR #GP(0) at CPL > 0; nothing else changes.
+UMIP_ANSWERS = {"SIDT": "privileged", "STR": "privileged", "SMSW": "privileged",
+                "PUSHF": "sensitive-unprivileged", "MOV AX, CS": "sensitive-unprivileged",
+                "RDTSC": "innocuous"}
+for name, category in UMIP_ANSWERS.items():
+    assert UMIP_PREDICTIONS[name] == category, f"{name} under CR4.UMIP = 1 is not {UMIP_PREDICTIONS[name]!r}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -478,24 +545,39 @@ ri["agreement"].value_counts()
 #   kernel runs.
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "ex01_popek_task", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# ### Exercise 2 — which condition fails? (2 points)
+# ### Exercise 2 — which condition fails, even with CR4.UMIP? (2 points)
 #
-# Set `pg_answer` to the letter of the statement that explains why a classic trap-and-emulate
-# VMM cannot be built for the x86 of 2000, and set `witness` to the `name` of one row of
-# `table` that proves it.
+# Section 2 explained why a classic trap-and-emulate VMM cannot be built for the x86 of 2000.
+# Now take a processor of today with **CR4.UMIP = 1** (Exercise 1 (b): SGDT, SIDT, SLDT, SMSW
+# and STR raise #GP(0) at CPL > 0). Set `pg_answer` to the letter of the true statement about
+# such a processor, and set `witness` to the `name` of one row of `table` that proves it *on
+# that processor* (the table itself was measured without UMIP).
 #
-# * **A.** The x86 has no privileged instructions, so nothing traps when the guest kernel runs
-#   at CPL 3.
-# * **B.** Some sensitive instructions are not privileged: they run at CPL 3 without a trap, so
-#   the VMM never gets the chance to emulate them.
-# * **C.** Every privileged instruction is also sensitive, which Popek and Goldberg forbid.
-# * **D.** The rule holds, but traps are too slow on x86, so only the efficiency property fails.
+# * **A.** Nothing fails any more: with CR4.UMIP = 1 every sensitive instruction traps at CPL 3.
+# * **B.** Trap and emulate now works, but only for guest kernels deprivileged to ring 1.
+# * **C.** Some sensitive instructions are still not privileged: UMIP covers five store
+#   instructions, and others still run at CPL 3 without a trap, out of the VMM's sight.
+# * **D.** UMIP made five sensitive instructions privileged, and Popek and Goldberg forbid an
+#   instruction to be both.
+#
+# <details><summary>Hint 1</summary>
+#
+# Popek and Goldberg need *every* sensitive instruction to be privileged. Go through the
+# sensitive-unprivileged rows of `table` and strike out the ones UMIP turns into #GP(0) at
+# CPL 3. Is anything left?
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# The witness must be a row whose verdict UMIP does not change. The POPF row is one kind
+# (section 3 says what goes wrong at CPL 3); the rows whose factor is CPL are another.
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_popek", "locked": false, "schema_version": 3, "solution": true, "task": false}
 pg_answer = ""
 witness = ""
 ### BEGIN SOLUTION
-pg_answer = "B"
+pg_answer = "C"
 witness = "POPF"
 ### END SOLUTION
 
@@ -509,12 +591,15 @@ ROW_NAMES = {"ADD", "CALL FAR", "CLI", "CLTS", "CPUID", "HLT", "IN", "INT n", "I
 assert pg_answer in ("A", "B", "C", "D"), "answer with one capital letter"
 assert witness in ROW_NAMES, "use a value from table['name']"
 ### BEGIN HIDDEN TESTS
-assert pg_answer == "B"
+assert pg_answer == "C"
 # the sensitive-unprivileged instructions (Robin & Irvine 2000, as this lab measured them)
 SENSITIVE_UNPRIVILEGED = {"SGDT", "SIDT", "SLDT", "STR", "SMSW", "PUSHF", "POPF", "LAR", "LSL", "VERR",
                           "VERW", "PUSH CS", "PUSH SS", "MOV AX, CS", "MOV AX, SS", "CALL FAR", "JMP FAR",
                           "RETF"}
+# the five CR4.UMIP makes #GP(0) at CPL > 0 (SDM Vol. 3A 2.5)
+UMIP_FIVE = {"SGDT", "SIDT", "SLDT", "SMSW", "STR"}
 assert witness in SENSITIVE_UNPRIVILEGED, f"{witness!r} is not sensitive-unprivileged"
+assert witness not in UMIP_FIVE, f"{witness!r} raises #GP(0) at CPL 3 once CR4.UMIP = 1"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -550,6 +635,76 @@ pd.DataFrame({
 print("the VMM's copy of the guest's IF:", pill["vmm"]["virtual_if"])
 print("what PUSHF showed the guest:      IF =", pill["vmm"]["if_after_cli"])
 
+
+# %% [markdown]
+# ### How modern kernels shut this door: CR4.UMIP (and CR4.TSD)
+#
+# Everything above is true of the x86 Robin and Irvine studied in 2000, and of every processor
+# since, *as long as CR4.UMIP is 0*. **User-mode instruction prevention** came much later, in
+# the late 2010s (Intel's big cores have it from Ice Lake on; CPUID.(EAX=7,ECX=0):ECX bit 2
+# says a processor has it). With **CR4.UMIP = 1**, SGDT, SIDT, SLDT, SMSW and STR raise
+# #GP(0) whenever CPL > 0 (SDM Vol. 3A 2.5, the CR4.UMIP entry; each instruction's "Protected
+# Mode Exceptions" in Vol. 2). Linux sets the bit at boot wherever the CPU has it, so a user
+# program can no longer read the kernel's table addresses, and the Red Pill's SIDT at CPL 3
+# traps into the kernel (which, for old programs that use these instructions, answers some of
+# them with fixed dummy values).
+#
+# Note what UMIP does *not* do: it turns exactly those five into privileged instructions and
+# leaves PUSHF, POPF, LAR, LSL, VERR, VERW, PUSH CS and the far transfers as they were. So even
+# with it, a deprivileged x86 kernel could not be run by trap and emulate alone; the list of 17
+# stays the right list for the processor without UMIP.
+#
+# **RDTSC** comes out innocuous in our table, and by Popek and Goldberg's definition it is:
+# what it returns depends on no privileged state a VMM changes. It has its own gate,
+# **CR4.TSD** (time-stamp disable, bit 2): with TSD = 1, RDTSC raises #GP(0) at CPL > 0 (SDM
+# Vol. 2B, RDTSC). And it is the classic *timing* red pill: a guest reads the time-stamp
+# counter, executes an instruction that always leaves the guest (CPUID, notebook 04), and
+# reads it again. On bare hardware CPUID takes some tens to a couple of hundred cycles; a trip
+# through a VMM adds the exit and the entry, a thousand cycles or more, and no VMM can make
+# that round trip free. A VMM can offset or scale the guest's TSC, but hiding the cost
+# completely is an arms race, not a fix.
+#
+# Below, a guest kernel sets one CR4 bit at CPL 0 and then the same user program runs at
+# CPL 3, once per instruction.
+
+# %% nbgrader={"grade": false, "grade_id": "ex01_umip_demo", "locked": true, "schema_version": 3, "solution": false, "task": false}
+from vtlab import Cr4
+
+KERNEL_AT = 0x3_0000   # where the kernel part goes (the user program sits at PROBE_AT)
+
+
+def user_run_after(cr4_bits: int, code: str) -> str:
+    """The kernel ORs ``cr4_bits`` into CR4 at CPL 0; then ``code`` runs at CPL 3."""
+    g = Guest("protected")
+    boot = rings.assemble(f"mov eax, cr4\nor eax, {int(cr4_bits):#x}\nmov cr4, eax\nhlt", KERNEL_AT, 32)
+    g.load(boot, KERNEL_AT)
+    g.run(KERNEL_AT, max_instructions=100)
+    user = rings.assemble(code + "\nhlt", PROBE_AT, 32)
+    exc = g.run_user(user, address=PROBE_AT, max_instructions=1_000).exception
+    # the final HLT's #GP at CPL 3 is how a clean run ends (as in run_at above)
+    if exc is not None and exc.rip == PROBE_AT + len(user) - 1 and exc.vector == 13:
+        return "ran"
+    return str(exc).split(" at ")[0] if exc is not None else "?"
+
+
+CR4_SETTINGS = {"CR4 as booted": 0, "CR4.UMIP = 1": Cr4.UMIP, "CR4.TSD = 1": Cr4.TSD}
+USER_CODE = {"SGDT": "sgdt [0x600]", "SIDT": "sidt [0x600]", "SLDT": "sldt ax", "SMSW": "smsw ax",
+             "STR": "str ax", "PUSHF": "pushfd", "MOV AX, CS": "mov ax, cs", "RDTSC": "rdtsc"}
+umip_table = pd.DataFrame({setting: {name: user_run_after(bits, code) for name, code in USER_CODE.items()}
+                           for setting, bits in CR4_SETTINGS.items()})
+# Key results, written from the SDM (Vol. 3A 2.5 CR4.UMIP and CR4.TSD; Vol. 2B RDTSC):
+for name in ("SGDT", "SIDT", "SLDT", "SMSW", "STR"):
+    assert umip_table.loc[name, "CR4 as booted"] == "ran", name
+    assert umip_table.loc[name, "CR4.UMIP = 1"] == "#GP(0)", name
+    assert umip_table.loc[name, "CR4.TSD = 1"] == "ran", name
+assert umip_table.loc["PUSHF", "CR4.UMIP = 1"] == umip_table.loc["MOV AX, CS", "CR4.UMIP = 1"] == "ran"
+assert umip_table.loc["RDTSC"].tolist() == ["ran", "ran", "#GP(0)"]
+umip_table
+
+# %% [markdown]
+# *Table: how the same user-mode instruction ends at CPL 3 after the kernel set nothing, UMIP or
+# TSD in CR4. Look at the columns: UMIP turns exactly the five store instructions into #GP(0),
+# TSD does the same for RDTSC only, and PUSHF and `mov ax, cs` run in every column.*
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "ex01_redpill_task", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # ### Exercise 3 — write the red-pill check (2 points)
@@ -764,11 +919,39 @@ pv_vm.exit_counts().to_frame()
 # %% [markdown] nbgrader={"grade": false, "grade_id": "ex01_hello_task", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # ### Exercise 4 — your own paravirtual guest (3 points)
 #
-# Write `HELLO_PV`, 32-bit assembly for a paravirtual guest that prints `OK` on the VMM console
-# with the PUTCHAR hypercall (one character per call, character code in BL) and then switches
-# itself off with the SHUTDOWN hypercall — three hypercalls in all. It must not touch I/O
-# ports and needs no HLT. The test runs it with `VirtualMachine(HELLO_PV, mode="protected")`
-# under small budgets, so a mistake ends with a budget message rather than a hung kernel.
+# Write `HELLO_PV`, 32-bit assembly for a paravirtual guest that talks to the VMM only through
+# hypercalls (no I/O ports, no HLT):
+#
+# 1. print `OK` on the VMM console with PUTCHAR, one character per call;
+# 2. ask the VMM how many VM exits this VM has had so far with the **GET_EXITS** hypercall
+#    (the table above has its number; the count includes the GET_EXITS exit itself, and the
+#    answer comes back in EAX);
+# 3. print that count as one decimal digit (the character code of the digit *n* is `0x30 + n`);
+# 4. switch the VM off with SHUTDOWN.
+#
+# Your program must *compute* the digit from the VMM's answer: the hidden tests also run it
+# behind guest code that has already caused other exits, where the count is different. The
+# tests run it with `VirtualMachine(..., mode="protected")` under small budgets, so a mistake
+# ends with a budget message rather than a hung kernel.
+#
+# <details><summary>Hint 1</summary>
+#
+# A hypercall takes its number in EAX and returns its result in EAX; PUTCHAR wants the
+# character in BL. So the answer of GET_EXITS has to move out of EAX *before* EAX is loaded
+# with the next hypercall number.
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# `lea ebx, [eax + 0x30]` (or `mov ebx, eax` then `add ebx, 0x30`) makes the character from a
+# count of 0-9.
+# </details>
+#
+# <details><summary>Hint 3</summary>
+#
+# Run on its own, your guest has had two exits (the two PUTCHARs) when GET_EXITS is called, and
+# GET_EXITS is the third: the console should show `OK3`, and there are five hypercalls in all.
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_hello", "locked": false, "schema_version": 3, "solution": true, "task": false}
 ### BEGIN SOLUTION
@@ -779,10 +962,27 @@ HELLO_PV = '''
     mov eax, 1
     mov ebx, 0x4b       ; 'K'
     vmcall
+    mov eax, 3          ; GET_EXITS: the number of exits so far, this one included
+    vmcall
+    lea ebx, [eax + 0x30]   ; the count as a decimal digit
+    mov eax, 1          ; PUTCHAR
+    vmcall
     mov eax, 2          ; SHUTDOWN
     vmcall
 '''
 ### END SOLUTION
+
+# %% nbgrader={"grade": false, "grade_id": "ex01_hello_selfcheck", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# Self-check (not graded): run your guest once and show what the VMM saw.
+if "HELLO_PV" not in globals():
+    print("HELLO_PV: not written yet")
+else:
+    try:
+        check_vm = VirtualMachine(HELLO_PV, mode="protected")
+        print(check_vm.run(max_exits=20, max_instructions=10_000))
+        print("console:", repr(check_vm.output), "| exits:", {str(k): int(v) for k, v in check_vm.exit_counts().items()})
+    except Exception as exc:           # an assembly error or a budget: show it as a message
+        print(f"{type(exc).__name__}: {exc}")
 
 # %% nbgrader={"grade": true, "grade_id": "ex01_hello_tests", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
 from vtlab import VirtualMachine, VmState
@@ -790,12 +990,19 @@ from vtlab import VirtualMachine, VmState
 hello_vm = VirtualMachine(HELLO_PV, mode="protected")
 hello = hello_vm.run(max_exits=20, max_instructions=10_000)
 print(hello)
-assert hello_vm.output == "OK", f"the console shows {hello_vm.output!r}"
+assert hello_vm.output.startswith("OK"), f"the console shows {hello_vm.output!r}"
+assert len(hello_vm.output) == 3 and hello_vm.output[2].isdigit(), "OK, then one digit"
 assert hello.state is VmState.SHUTDOWN, "end with the SHUTDOWN hypercall"
 ### BEGIN HIDDEN TESTS
-assert hello.exits == 3, f"expected 3 hypercalls (O, K, shutdown), saw {hello.exits} exits"
+assert hello_vm.output == "OK3", f"on its own the count at GET_EXITS is 3, the console shows {hello_vm.output!r}"
+assert hello.exits == 5, f"expected 5 hypercalls (O, K, GET_EXITS, digit, shutdown), saw {hello.exits} exits"
 assert set(hello_vm.trace.to_dataframe()["reason"]) == {"VMCALL"}
 assert "IO_INSTRUCTION" not in hello_vm.exit_counts().index
+# behind one and two CPUID exits (CPUID always exits, SDM Vol. 3C 26.1.2) the count grows
+for before, digit in (("mov eax, 0\ncpuid\n", "4"), ("mov eax, 0\ncpuid\nmov eax, 0\ncpuid\n", "5")):
+    behind = VirtualMachine(before + HELLO_PV, mode="protected")
+    assert behind.run(max_exits=20, max_instructions=10_000).state is VmState.SHUTDOWN
+    assert behind.output == "OK" + digit, f"after {before.count('cpuid')} CPUID exit(s): {behind.output!r}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -830,7 +1037,22 @@ measured
 # (*Xen's 32-bit guests actually ran their kernels in ring 1; in vtlab the paravirtual guest runs
 # under the VT-x VMM, which is why it is at CPL 0 here.)
 #
-# Instruction counts say nothing about time: a trip into the VMM costs far more than an
+# What "instructions executed" counts: for the native and the translated runs, every
+# instruction the processor completed; for the two rows run under vtlab's VMM, the instructions
+# the *guest* completed, the definition notebook 02 uses. An instruction that causes a VM exit
+# does not complete in the guest (SDM Vol. 3C 28.1: the exit happens instead of it, and the VMM
+# finishes its work). So the VT-x row is exactly its 9 exits (8 OUT, 1 HLT) short of the native
+# count, and the paravirtual kernel's 9 VMCALLs are not in its count either.
+
+# %% nbgrader={"grade": false, "grade_id": "ex01_count_probe", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# Key result: the exiting instructions are the whole difference between the two counts.
+assert bt_run.guest_instructions - vtx_summary.instructions == vtx_summary.exits == 9
+assert pv_summary.exits == 9 and set(pv_vm.trace.to_dataframe()["reason"]) == {"VMCALL"}
+print(f"native {bt_run.guest_instructions:,} - VT-x {vtx_summary.instructions:,} = "
+      f"{bt_run.guest_instructions - vtx_summary.instructions} = the {vtx_summary.exits} VM exits")
+
+# %% [markdown]
+# Instruction counts say nothing about time, though: a trip into the VMM costs far more than an
 # instruction. `vtlab.cost` turns the VT-x trace into cycle estimates for all three techniques on
 # a chosen processor, from published measurements where they exist (its assumptions are printed
 # below). We ask for two processors: the Pentium 4 of 2005, the first with VT-x, and a generic
@@ -923,7 +1145,11 @@ fig
 #   list of 17 (18 mnemonics), except POP (traps in our set-up unless rings are compressed) and
 #   INT n (untestable: Unicorn does not deliver interrupts through the IDT).
 # * Such instructions let a guest detect the VMM (**red pill**: SIDT base, PUSHF's IF/IOPL) and
-#   make a deprivileged kernel misbehave silently (POPF drops IF).
+#   make a deprivileged kernel misbehave silently (POPF drops IF). RDTSC is the *timing* red
+#   pill (an exiting instruction takes far longer under a VMM); CR4.TSD makes it #GP at CPL > 0.
+# * Modern kernels set **CR4.UMIP**: SGDT, SIDT, SLDT, SMSW and STR then raise #GP(0) at
+#   CPL > 0 (SDM Vol. 3A 2.5). That closes the store instructions' leak and nothing else; the
+#   list of 17 describes the x86 without UMIP.
 # * **Binary translation** (VMware) rewrites sensitive instructions into calls to the VMM; it
 #   runs unmodified guests, at 10–40 % cost on CPU-heavy work. **Paravirtualization** (Xen)
 #   replaces them in the guest's source with **hypercalls** and shared-memory flags; it is fast

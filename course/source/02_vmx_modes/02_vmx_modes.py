@@ -231,6 +231,35 @@ print(f"guest sees CPUID.1:ECX = {ecx:#010x}: VMX bit {ecx >> 5 & 1}, hypervisor
 
 
 # %% [markdown]
+# The guest and the VMM ask the same processor, so apart from the bits the VMM changes on
+# purpose, the two answers agree. One bit of leaf 1 is not a fixed feature at all: ECX bit 27,
+# **OSXSAVE**, reports whether the *operating system* has set CR4.OSXSAVE (bit 18) to enable
+# XSAVE and XGETBV (SDM Vol. 2A, CPUID, Table 3-10). Each side therefore sees its own CR4: the
+# host here left CR4.OSXSAVE at 0, and a guest kernel that sets the bit in *its* CR4 reads 1.
+
+# %% nbgrader={"grade": false, "grade_id": "nb02_cpuid_probe", "locked": true, "schema_version": 3, "solution": false, "task": false}
+host_ecx = VmxCpu().cpuid(1)[2]
+osxsave_vm = VirtualMachine("""
+    mov eax, cr4
+    or eax, 0x40000       ; CR4.OSXSAVE (bit 18)
+    mov cr4, eax
+    mov eax, 1
+    cpuid
+    hlt""", mode="protected")
+osxsave_vm.run(max_exits=10, max_instructions=1_000)
+cpuid_views = pd.DataFrame([
+    {"asked by": who, "CPUID.1:ECX": f"{value:#010x}", "bit 5 VMX": value >> 5 & 1,
+     "bit 27 OSXSAVE": value >> 27 & 1, "bit 31 hypervisor": value >> 31 & 1}
+    for who, value in (("host (VmxCpu, CR4.OSXSAVE = 0)", host_ecx), ("guest, CR4.OSXSAVE = 0", ecx),
+                       ("guest, CR4.OSXSAVE = 1", osxsave_vm.regs.ecx))]).set_index("asked by")
+# Key results: host and guest differ in bits 5 and 31 only (the VMM's edit), and bit 27
+# follows the CR4 of whoever asks (SDM Vol. 2A, CPUID, Table 3-10).
+assert host_ecx ^ ecx == (1 << 5) | (1 << 31)
+assert host_ecx >> 27 & 1 == 0 and ecx >> 27 & 1 == 0 and osxsave_vm.regs.ecx >> 27 & 1 == 1
+assert osxsave_vm.regs.ecx ^ ecx == 1 << 27
+cpuid_views
+
+# %% [markdown]
 # ### The machine you are using
 #
 # The same questions, asked of the computer this notebook runs on. The cell below only reads
@@ -719,6 +748,36 @@ transitions = state_machine[state_machine["next state"] != state_machine["state"
 transitions[["state", "instruction", "outcome", "next state"]].set_index(["state", "instruction"])
 
 # %% [markdown]
+# ### A new VMCS: VMCLEAR before its first VMPTRLD
+#
+# The `machine_in` helper above could skip a step because `VirtualMachine` had done it already.
+# A VMCS region is ordinary memory until the processor has initialised it, and the SDM gives
+# the order (SDM Vol. 3C 25.11.3, "Initializing a VMCS"): allocate a 4-KByte aligned region,
+# write the revision identifier from IA32_VMX_BASIC[30:0] into its first dword, execute
+# **VMCLEAR** on it, and only then **VMPTRLD** it. VMCLEAR sets the region's launch state to
+# *clear* and puts the processor's own data for it into a defined state; VMPTRLD of a region
+# that was never VMCLEARed reads whatever that memory happened to hold, and the SDM does not
+# say what follows. Then VMWRITE the fields and VMLAUNCH. The same VMCLEAR is needed before a
+# VMCS moves to another processor. Here it is on a fresh processor, and the bring-up every
+# `VirtualMachine` performs:
+
+# %% nbgrader={"grade": false, "grade_id": "nb02_vmclear_probe", "locked": true, "schema_version": 3, "solution": false, "task": false}
+fresh_cpu = VmxCpu()
+fresh_cpu.write_cr4(fresh_cpu.cr4 | Cr4.VMXE)
+fresh_cpu.vmxon(fresh_cpu.alloc_region(fresh_cpu.caps.revision_id)).check()
+new_vmcs = fresh_cpu.alloc_region(fresh_cpu.caps.revision_id)     # 4 KiB, revision identifier in dword 0
+for out in (fresh_cpu.vmclear(new_vmcs), fresh_cpu.vmptrld(new_vmcs)):
+    print(out)
+print("current VMCS:", hex(fresh_cpu.current_vmcs_pointer), "| launch state:", fresh_cpu.current_vmcs.launch_state.value)
+bring_up = [(o.instruction, o.status.value) for o in VirtualMachine("hlt", mode="real").cpu.history]
+print("VirtualMachine's bring-up:", bring_up)
+# Key results (SDM Vol. 3C 25.11.3): VMCLEAR comes before the first VMPTRLD, and the VMCS it
+# leaves current is clear, ready for VMLAUNCH.
+assert [name for name, _ in bring_up] == ["VMXON", "VMCLEAR", "VMPTRLD"]
+assert all(status == "VMsucceed" for _, status in bring_up)
+assert fresh_cpu.current_vmcs_pointer == new_vmcs and fresh_cpu.current_vmcs.launch_state.value == "clear"
+
+# %% [markdown]
 # ### Try it: the VMX instruction console
 #
 # `VmxConsole` is the same state machine under your fingers. It starts **outside** VMX
@@ -752,9 +811,15 @@ print("state:", console.state)
 # In non-root operation VMCALL always exits (reason 18) — it is how a paravirtualized guest
 # calls its hypervisor, the hardware counterpart of a system call. vtlab's VMM follows KVM's
 # convention: the hypercall number in EAX, arguments in EBX, ECX, EDX, the result back in EAX.
-# Hypercall 4 (`Hypercall.ADD`) adds EBX and ECX. (In vtlab's run summaries, "guest
-# instructions" counts only the instructions the guest completed itself; one that causes a VM
-# exit is finished by the VMM and is counted as an exit instead.)
+# Hypercall 4 (`Hypercall.ADD`) adds EBX and ECX.
+#
+# **What "guest instructions" counts.** In every run summary of this course, "guest
+# instructions" are the instructions the guest completed itself in non-root operation. An
+# instruction that causes a VM exit does not complete in the guest: the exit takes place
+# instead of it, with the guest state as it was before the instruction (SDM Vol. 3C 28.1), and
+# the VMM finishes its work (notebook 04). Such an instruction is counted as an exit, never as a
+# guest instruction. Below: three MOVs complete in the guest, VMCALL and HLT exit, so the
+# summary reads 3 guest instructions and 2 exits.
 
 # %%
 HYPERCALL_GUEST = '''
@@ -769,6 +834,8 @@ summary = vm.run(max_exits=10, max_instructions=1_000)
 hypercall_result = vm.regs.eax
 print(summary)
 print("exits:", {k: int(v) for k, v in vm.trace.counts().items()}, "| EAX after the hypercall:", hypercall_result)
+# Key result: the two exiting instructions (VMCALL, HLT) are exits, not guest instructions.
+assert (summary.instructions, summary.exits) == (3, 2)
 
 # %% [markdown]
 # Executed by the VMM itself, in root operation, VMCALL has nobody to call (it is only
@@ -787,80 +854,121 @@ print(without_vmcs)
 # %% [markdown] nbgrader={"grade": false, "grade_id": "ex02_predict_task", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # ### Exercise 3 — predict the outcome (3 points)
 #
-# Each sequence below starts on a fresh processor *outside* VMX operation, with CR4.VMXE = 1,
-# IA32_FEATURE_CONTROL locked and enabled, a VMXON region `R` and a VMCS `V` that both carry
-# the right revision identifier, and a guest ready to run. Predict how the **last**
-# instruction of each sequence ends, *without running anything*. Write each prediction as a
-# tuple `(status, error)`, where `status` is one of `"VMsucceed"`, `"VMfailInvalid"`,
-# `"VMfailValid"`, `"fault"` and `error` is the VM-instruction error number for VMfailValid and
-# `None` otherwise.
+# The table of section 5 tried each instruction with well-formed operands. The sequences below
+# go further: wrong operands, a VMCS loaded twice, VMX operation left and entered again. Each
+# starts on a fresh processor *outside* VMX operation, with CR4.VMXE = 1, IA32_FEATURE_CONTROL
+# locked and enabled, a VMXON region `R` and a configured VMCS `V` that both carry the right
+# revision identifier, a second region `W` whose revision identifier is wrong, and a guest
+# whose first instruction (CPUID) exits at once, so a successful VMLAUNCH is back in root
+# operation a moment later. `V+0x10` is an address 16 bytes into `V`.
+#
+# Predict how the **last** instruction of each sequence ends, *without running anything*,
+# and write each prediction as a literal tuple `(status, error)`: `status` is one of
+# `"VMsucceed"`, `"VMfailInvalid"`, `"VMfailValid"`, `"fault"`, and `error` is the
+# VM-instruction error number for VMfailValid and `None` otherwise. Then run the self-check
+# cell, which tells you where your predictions break a rule, without telling you the answers.
+#
+# <details><summary>Hint 1 — where is the processor before the last instruction?</summary>
+#
+# Follow the current-VMCS pointer through the sequence. VMXON starts VMX operation with *no*
+# current VMCS (the pointer is set to FFFFFFFF_FFFFFFFFH, SDM Vol. 3C 31.3, VMXON); VMPTRLD
+# makes a VMCS current; VMCLEAR of the current VMCS leaves none; VMXOFF leaves VMX operation.
+# </details>
+#
+# <details><summary>Hint 2 — Invalid or Valid?</summary>
+#
+# A failing VMX instruction reports VMfailValid only if there is a current VMCS to hold the
+# error number; with none it is VMfailInvalid, whatever went wrong (SDM Vol. 3C 31.2). Only the
+# VMfailValid cases need a number.
+# </details>
+#
+# <details><summary>Hint 3 — the numbers and the launch state</summary>
+#
+# The numbers are in SDM Vol. 3C 31.4, Table 31-1. Those you need are among: 2 (VMCLEAR with
+# an invalid physical address), 4 (VMLAUNCH with a non-clear VMCS), 5 (VMRESUME with a
+# non-launched VMCS), 10 (VMPTRLD with the VMXON pointer), 11 (VMPTRLD with an incorrect
+# VMCS revision identifier). The launch state lives with the VMCS: VMLAUNCH sets it to
+# launched, only VMCLEAR sets it back to clear, and VMPTRLD leaves it as it is.
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_predict_sequences", "locked": true, "schema_version": 3, "solution": false, "task": false}
 SEQUENCES = {
-    "A": ["VMXON R", "VMXON R"],
-    "B": ["VMXON R", "VMPTRLD V", "VMXON R"],
-    "C": ["VMXON R", "VMPTRLD V", "VMRESUME"],
-    "D": ["VMXON R", "VMPTRLD V", "VMCLEAR R"],
-    "E": ["VMXON R", "VMXOFF", "VMCLEAR V"],
-    "F": ["VMXON R", "VMPTRLD V", "VMCLEAR V", "VMCALL"],
-    "G": ["VMXON R", "VMPTRLD V", "VMWRITE VM_EXIT_REASON"],
+    "A": ["VMXON R", "VMPTRLD R"],
+    "B": ["VMXON R", "VMPTRLD V", "VMPTRLD R"],
+    "C": ["VMXON R", "VMPTRLD V", "VMCLEAR V+0x10"],
+    "D": ["VMXON R", "VMPTRLD V", "VMPTRLD W"],
+    "E": ["VMXON R", "VMPTRLD V", "VMXOFF", "VMXON R", "VMREAD GUEST_RIP"],
+    "F": ["VMXON R", "VMPTRLD V", "VMLAUNCH", "VMPTRLD V", "VMLAUNCH"],
+    "G": ["VMXON R", "VMPTRLD V", "VMLAUNCH", "VMCLEAR V", "VMPTRLD V", "VMRESUME"],
 }
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_predict", "locked": false, "schema_version": 3, "solution": true, "task": false}
 predictions = {}
 ### BEGIN SOLUTION
 predictions["A"] = ("VMfailInvalid", None)
-predictions["B"] = ("VMfailValid", 15)
-predictions["C"] = ("VMfailValid", 5)
-predictions["D"] = ("VMfailValid", 3)
-predictions["E"] = ("fault", None)
-predictions["F"] = ("VMfailInvalid", None)
-predictions["G"] = ("VMfailValid", 13)
+predictions["B"] = ("VMfailValid", 10)
+predictions["C"] = ("VMfailValid", 2)
+predictions["D"] = ("VMfailValid", 11)
+predictions["E"] = ("VMfailInvalid", None)
+predictions["F"] = ("VMfailValid", 4)
+predictions["G"] = ("VMfailValid", 5)
 ### END SOLUTION
 
-# %% nbgrader={"grade": true, "grade_id": "ex02_predict_tests", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
-from vtlab import Status, VirtualMachine, VmcsField as F
-
-# The sequences again, written out here (the test does not read SEQUENCES).
-SEQUENCES_TESTED = {
-    "A": ["VMXON R", "VMXON R"],
-    "B": ["VMXON R", "VMPTRLD V", "VMXON R"],
-    "C": ["VMXON R", "VMPTRLD V", "VMRESUME"],
-    "D": ["VMXON R", "VMPTRLD V", "VMCLEAR R"],
-    "E": ["VMXON R", "VMXOFF", "VMCLEAR V"],
-    "F": ["VMXON R", "VMPTRLD V", "VMCLEAR V", "VMCALL"],
-    "G": ["VMXON R", "VMPTRLD V", "VMWRITE VM_EXIT_REASON"],
-}
-
-
-def run_sequence(seq):
+# %% nbgrader={"grade": false, "grade_id": "ex02_predict_selfcheck", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# Self-check (not graded). It replays each sequence *except its last instruction* on vtlab's
+# processor and checks your prediction against the one rule that state decides (Hint 2):
+# VMfailValid needs a current VMCS, VMfailInvalid needs none. It never runs the last one.
+def state_before_last(seq):
     vm = VirtualMachine("mov eax, 0\ncpuid\nhlt", mode="real")
     cpu = vm.cpu
     cpu.vmxoff()
     R, V = vm.vmxon_address, vm.vmcs_address
-    ops = {"VMXON R": lambda: cpu.vmxon(R), "VMXOFF": cpu.vmxoff,
-           "VMPTRLD V": lambda: cpu.vmptrld(V), "VMCLEAR V": lambda: cpu.vmclear(V),
-           "VMCLEAR R": lambda: cpu.vmclear(R), "VMRESUME": lambda: cpu.vmresume(1_000),
-           "VMCALL": cpu.vmcall, "VMWRITE VM_EXIT_REASON": lambda: cpu.vmwrite(F.VM_EXIT_REASON, 1)}
-    out = [ops[step]() for step in seq][-1]
-    status = "fault" if out.status is Status.FAULT else out.status.value
-    return status, (int(out.error) if out.error is not None else None)
+    ops = {"VMXON R": lambda: cpu.vmxon(R), "VMXOFF": cpu.vmxoff, "VMPTRLD V": lambda: cpu.vmptrld(V),
+           "VMCLEAR V": lambda: cpu.vmclear(V), "VMLAUNCH": lambda: cpu.vmlaunch(1_000)}
+    for step in seq[:-1]:
+        ops[step]()
+    return cpu.operation, cpu.current_vmcs
 
 
-assert set(predictions) == set(SEQUENCES_TESTED), "predict every sequence A-G"
+for key, seq in SEQUENCES.items():
+    p = predictions.get(key)
+    if not (isinstance(p, tuple) and len(p) == 2):
+        print(f"{key}: no prediction in the form (status, error) yet")
+        continue
+    operation, current = state_before_last(seq)
+    if p[0] == "VMfailValid" and current is None:
+        print(f"{key}: VMfailValid is impossible here - there is no current VMCS before {seq[-1]}")
+    elif p[0] == "VMfailInvalid" and current is not None:
+        print(f"{key}: VMfailInvalid is impossible here - a VMCS is current before {seq[-1]}")
+    elif p[0] == "VMfailValid" and not isinstance(p[1], int):
+        print(f"{key}: a VMfailValid needs its error number")
+    elif p[0] != "VMfailValid" and p[1] is not None:
+        print(f"{key}: only VMfailValid carries an error number")
+    else:
+        number = " (the number is yours to check in Table 31-1)" if p[0] == "VMfailValid" else ""
+        print(f"{key}: consistent with the state before {seq[-1]}{number}")
+
+# %% nbgrader={"grade": true, "grade_id": "ex02_predict_tests", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+# The expected outcomes are written out from the SDM, not read from vtlab; the test uses no
+# notebook global but `predictions`.
+assert isinstance(predictions, dict) and set(predictions) == set("ABCDEFG"), "predict every sequence A-G"
 for key, p in predictions.items():
     assert isinstance(p, tuple) and len(p) == 2, f"{key}: write (status, error)"
     assert p[0] in ("VMsucceed", "VMfailInvalid", "VMfailValid", "fault"), f"{key}: unknown status {p[0]!r}"
-assert predictions["A"] == run_sequence(SEQUENCES_TESTED["A"]), "A is wrong"
+    assert (p[0] == "VMfailValid") == isinstance(p[1], int), f"{key}: an error number with VMfailValid only"
+# Sequences A and E leave no current VMCS before their last instruction (VMXON sets the
+# current-VMCS pointer to FFFFFFFF_FFFFFFFFH, SDM Vol. 3C 31.3), so they cannot fail valid.
+assert predictions["A"][0] != "VMfailValid" and predictions["E"][0] != "VMfailValid"
 ### BEGIN HIDDEN TESTS
-# The SDM's answers (Vol. 3C, 31.3 for each instruction; error numbers from 31.4):
-# VMXON in VMX root operation with no current VMCS fails invalid, with one fails valid
-# with error 15; VMRESUME of a clear VMCS is error 5; VMCLEAR of the VMXON pointer is
-# error 3; VMCLEAR outside VMX operation is #UD; VMCALL with no current VMCS fails
-# invalid; VMWRITE to a read-only field (an exit-information field) is error 13.
-SDM_ANSWERS = {"A": ("VMfailInvalid", None), "B": ("VMfailValid", 15), "C": ("VMfailValid", 5),
-               "D": ("VMfailValid", 3), "E": ("fault", None), "F": ("VMfailInvalid", None),
-               "G": ("VMfailValid", 13)}
+# The SDM's answers (Vol. 3C 31.3 for each instruction; error numbers from 31.4, Table 31-1):
+# A: VMPTRLD of the VMXON pointer with no current VMCS: VMfailInvalid (error 10 has nowhere to go);
+# B: the same with a current VMCS: VMfailValid 10; C: VMCLEAR of an address that is not
+# 4-KByte aligned: error 2; D: VMPTRLD of a region with the wrong revision identifier: error 11;
+# E: VMXON leaves no current VMCS, so VMREAD fails invalid; F: VMPTRLD keeps the launch state,
+# so the second VMLAUNCH is error 4; G: VMCLEAR made it clear again, so VMRESUME is error 5.
+SDM_ANSWERS = {"A": ("VMfailInvalid", None), "B": ("VMfailValid", 10), "C": ("VMfailValid", 2),
+               "D": ("VMfailValid", 11), "E": ("VMfailInvalid", None), "F": ("VMfailValid", 4),
+               "G": ("VMfailValid", 5)}
 for key, answer in SDM_ANSWERS.items():
     assert predictions[key] == answer, f"{key} is wrong"
 ### END HIDDEN TESTS
@@ -965,7 +1073,21 @@ fig
 # executes, on `vm.cpu`, the sequence of instructions that gets the guest running and returns
 # the outcome of the instruction that entered the guest. The VMXON region is at
 # `vm.vmxon_address`, the VMCS at `vm.vmcs_address`; pass `max_instructions=10_000` when you
-# enter the guest. Every instruction in your sequence must succeed (no VMfail, no fault).
+# enter the guest. Every instruction in your sequence must succeed (no VMfail, no fault), and
+# it must treat the VMCS the way the SDM asks for a VMCS that starts being used after VMXON
+# (section 5, "A new VMCS"). The console cell of section 5 is not the whole recipe.
+#
+# <details><summary>Hint 1</summary>
+#
+# Walk back from the goal: VMLAUNCH needs a current VMCS whose launch state is clear; a current
+# VMCS needs VMPTRLD in VMX root operation; root operation needs VMXON; VMXON needs CR4.VMXE.
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# SDM Vol. 3C 25.11.3: between VMXON and the first VMPTRLD of a VMCS comes one more
+# instruction. The hidden tests check the order of the instructions in `vm.cpu.history`.
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_first_exit_setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
 def lab_machine(source=BOOT_GUEST):
@@ -982,9 +1104,25 @@ def first_exit(vm):
     ### BEGIN SOLUTION
     cpu.write_cr4(cpu.cr4 | Cr4.VMXE)
     cpu.vmxon(vm.vmxon_address).check()
+    cpu.vmclear(vm.vmcs_address).check()      # SDM 25.11.3: VMCLEAR before the first VMPTRLD
     cpu.vmptrld(vm.vmcs_address).check()
     return cpu.vmlaunch(max_instructions=10_000)
     ### END SOLUTION
+
+
+# %% nbgrader={"grade": false, "grade_id": "ex02_first_exit_selfcheck", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# Self-check (not graded): run your first_exit on a fresh lab machine and list what each
+# instruction did, in the order the processor saw them.
+try:
+    check_vm = lab_machine()
+    check_out = first_exit(check_vm)
+    for n, o in enumerate(check_vm.cpu.history, 1):
+        print(f"{n}. {o}")
+    print("entered the guest:", getattr(check_out, "status", None) is Status.VM_EXIT)
+except NotImplementedError:
+    print("first_exit: not written yet")
+except Exception as exc:                     # show the learner's error as a message
+    print(f"first_exit raised {type(exc).__name__}: {exc}")
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex02_first_exit_tests", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
@@ -1011,6 +1149,8 @@ assert vm.cpu.current_vmcs_pointer == vm.vmcs_address
 assert vm.vmcs.launch_state.value == "launched"
 names = [o.instruction for o in vm.cpu.history]
 assert "VMXON" in names and names.index("VMXON") < names.index("VMPTRLD") < names.index("VMLAUNCH"), names
+# SDM Vol. 3C 25.11.3: VMCLEAR of the VMCS between VMXON and its first VMPTRLD
+assert "VMCLEAR" in names and names.index("VMXON") < names.index("VMCLEAR") < names.index("VMPTRLD"), names
 assert all(o.ok for o in vm.cpu.history), [str(o) for o in vm.cpu.history if not o.ok]
 vm2 = fresh_machine("mov eax, 0\nmov ebx, 1\nvmcall\nhlt")
 out2 = first_exit(vm2)
@@ -1018,6 +1158,11 @@ assert out2.status is Status.VM_EXIT and out2.exit.reason is ExitReason.VMCALL
 assert vm2.cpu.vmread(F.VM_EXIT_REASON).value == 18
 vm3 = fresh_machine("nop\nhlt")
 assert first_exit(vm3).exit.reason is ExitReason.HLT
+vm4 = VirtualMachine("mov eax, 0\ncpuid\nhlt", mode="long")   # a long-mode VMCS works the same way
+vm4.cpu.vmxoff()
+vm4.cpu.write_cr4(vm4.cpu.cr4 & ~Cr4.VMXE)
+vm4.cpu.history.clear()
+assert first_exit(vm4).exit.reason is ExitReason.CPUID and vm4.cpu.vmread(F.VM_EXIT_REASON).value == 10
 ### END HIDDEN TESTS
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "nb02_recap", "locked": true, "schema_version": 3, "solution": false, "task": false}
@@ -1036,8 +1181,14 @@ assert first_exit(vm3).exit.reason is ExitReason.HLT
 # * Every VMX instruction ends in **VMsucceed** (CF = ZF = 0), **VMfailInvalid** (CF = 1, no
 #   current VMCS), **VMfailValid** (ZF = 1, error number in the VM-instruction error field) or
 #   a fault; in non-root operation each causes a VM exit instead.
-# * **VMLAUNCH** needs a clear VMCS (else error 4), **VMRESUME** a launched one (else error 5);
-#   **VMCALL** is a hypercall (exit 18) in the guest and error 1 in the VMM.
+# * A new VMCS gets its revision identifier and a **VMCLEAR** before its first **VMPTRLD**
+#   (SDM Vol. 3C 25.11.3). **VMLAUNCH** needs a clear VMCS (else error 4), **VMRESUME** a
+#   launched one (else error 5); **VMCALL** is a hypercall (exit 18) in the guest and error 1
+#   in the VMM.
+# * Host and guest CPUID report one processor: the VMM hides VMX and sets the hypervisor bit,
+#   and OSXSAVE follows the CR4 of whoever asks.
+# * "Guest instructions" are those the guest completed; an instruction that causes a VM exit
+#   is counted as an exit, not as a guest instruction (SDM Vol. 3C 28.1).
 # * A VM entry checks, loads guest state, injects events and switches to non-root operation;
 #   a VM exit records reason, qualification and instruction length, saves guest state, loads
 #   host state and continues at HOST_RIP.

@@ -110,7 +110,7 @@ ax.set_title("One TLB miss under EPT: 24 memory references (numbered in order)")
 fig
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "nb05_walk_caption", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# *What to look for:* every row but the last is an EPT walk (orange) followed by one read
+# *Figure: the references of one TLB miss, numbered in order. What to look for:* every row but the last is an EPT walk (orange) followed by one read
 # of the guest's own entry (blue); the guest's four references are the only ones a
 # processor without EPT makes. Move the sliders to see how the count grows with the
 # levels of each dimension: `g x (e + 1) + e`.
@@ -235,6 +235,29 @@ def decode_violation(q: int) -> dict:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex05_decode_tests", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+def names_used(fn) -> set:
+    """Global and attribute names fn's code uses, following the notebook's own functions."""
+    assert hasattr(fn, "__code__"), f"define {getattr(fn, '__name__', 'it')} with def in the answer cell"
+    seen, names, todo = set(), set(), [fn]
+    while todo:
+        f = todo.pop()
+        codes = [f.__code__]
+        while codes:
+            code = codes.pop()
+            names |= set(code.co_names)
+            codes += [c for c in code.co_consts if hasattr(c, "co_names")]
+        for name in list(names):
+            g = f.__globals__.get(name)
+            if callable(g) and getattr(g, "__module__", None) == "__main__" and hasattr(g, "__code__") and g not in seen:
+                seen.add(g)
+                todo.append(g)
+    return names
+
+
+BY_HAND = "decode_violation must decode the bits by hand (SDM Vol. 3C, 28.2.1, Table 28-7)"
+used = names_used(decode_violation) & {"EptViolationQualification", "qualifications", "decode", "as_dict",
+                                       "permissions", "gla_valid", "gla_translation"}
+assert not used, f"{BY_HAND}; it uses {sorted(used)}"
 assert decode_violation(0x181) == {"access": "read", "allowed": "---", "linear_valid": True,
                                    "on_paging_structure": False}
 assert decode_violation(0x18A)["access"] == "write" and decode_violation(0x18A)["allowed"] == "r--"
@@ -354,7 +377,7 @@ ax.legend(loc="lower right")
 fig
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "nb05_shadow_caption", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# *What to look for:* under EPT only the final HLT exits; under shadow paging the page
+# *Figure: VM exits of `page-table-heavy` under each scheme. What to look for:* under EPT only the final HLT exits; under shadow paging the page
 # faults (EXCEPTION_NMI: shadow entries filled and page-table writes emulated), INVLPG
 # and CR_ACCESS together cost thousands of exits for the same guest work.
 

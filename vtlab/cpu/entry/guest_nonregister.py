@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from ...arch.controls import ProcBased2
+from ...arch.controls import PinBased, ProcBased2
 from ...arch.exceptions import InterruptionType as T, Vector
 from ...arch.msrs import Cr0, Cr4, Rflags
 from ...arch.vmcs_fields import VmcsField as F
@@ -22,6 +22,7 @@ guest = functools.partial(rule, "guest-state")
 
 _ACTIVITY, _BLOCKING = F.GUEST_ACTIVITY_STATE, F.GUEST_INTERRUPTIBILITY_INFO
 _INFO, _PENDING = F.VM_ENTRY_INTR_INFO_FIELD, F.GUEST_PENDING_DBG_EXCEPTIONS
+_PIN, _VIRTUAL_NMIS = F.PIN_BASED_VM_EXEC_CONTROL, int(PinBased.VIRTUAL_NMIS)
 #: Activity states (SDM 25.4.2) and the IA32_VMX_MISC bit that reports each (SDM A.6).
 ACTIVE, HLT, SHUTDOWN, WAIT_FOR_SIPI = range(4)
 ACTIVITY_NAMES = {ACTIVE: "active", HLT: "HLT", SHUTDOWN: "shutdown", WAIT_FOR_SIPI: "wait-for-SIPI"}
@@ -160,6 +161,20 @@ def _(get: Reader, cpu: "VmxCpu") -> list[str]:
         event = _injected(get)
         if event is not None and event[0] == 2:
             return ["injecting an NMI requires no blocking by MOV SS"]
+    return []
+
+
+@guest("guest_interruptibility_nmi_virtual_nmis", "27.3.1.5", reads={_BLOCKING, _INFO, _PIN},
+       breaks=both(set_bits(_PIN, PinBased.NMI_EXITING | PinBased.VIRTUAL_NMIS),
+                   write(_INFO, (1 << 31) | (2 << 8) | 2), write(_BLOCKING, BLOCKING_BY_NMI)))
+def _(get: Reader, cpu: "VmxCpu") -> list[str]:
+    """Bit 3 (blocking by NMI) must be 0 if the "virtual NMIs" control is 1 and VM entry
+    injects an NMI (valid bit 1, interruption type 2): the virtual NMI being injected
+    cannot already be blocked."""
+    if get(_BLOCKING) & BLOCKING_BY_NMI and get(_PIN) & _VIRTUAL_NMIS:
+        event = _injected(get)
+        if event is not None and event[0] == 2:
+            return ["injecting a virtual NMI requires no blocking by NMI (bit 3)"]
     return []
 
 
