@@ -365,3 +365,41 @@ def test_eventinj_delivers_through_the_guests_ivt():
     out = cpu.vmrun(vmcb.address)
     assert out.exit.code == 0x78 and out.exit.guest_rip == 0x2003
     assert g.reg("bx") == 0x77 and not vmcb.get(A.VmcbControl.EVENTINJ) >> 31 & 1
+
+
+# ------------------------------------- decode assists and nRIP (chapter 15, 15.7.1)
+def test_dr_intercept_exitinfo1_is_the_gpr_without_bit_63():
+    """APM Vol. 2, chapter 15, "Decode Assists" (MOV CRx/DRx intercepts): EXITINFO1[3:0]
+    is the GPR; bit 63 (MOV vs. CLTS/LMSW/SMSW) exists for CR intercepts only.  MOV EBX, DR7
+    is a DR7 read: EXITCODE 27h, EXITINFO1 = 3 (EBX)."""
+    g = Guest("protected")
+    g.load("mov ebx, dr7\nhlt", 0x1000)
+    g.rip = 0x1000
+    cpu = SvmCpu(g)
+    vmcb = _ready_vmcb(cpu)
+    vmcb.put(A.VmcbControl.INTERCEPT_DR, 1 << 7)              # DR7 reads (bits 15:0 at 004h)
+    out = cpu.vmrun(vmcb.address)
+    assert out.exit.code == 0x27
+    assert out.exit.exitinfo1 == 3
+
+
+def test_int3_exception_intercept_saves_nrip():
+    """APM Vol. 2, 15.7.1: nRIP is saved for instruction intercepts and for the exceptions
+    INT3, INTO and BOUND raise; 0 for other intercepts.  INT3 (CC, 1 byte) at 1000h with
+    the #BP intercept (bit 3 at 008h): EXITCODE 43h, RIP 1000h, nRIP 1001h."""
+    cpu = _svm_cpu("int3\nhlt")
+    vmcb = _ready_vmcb(cpu)
+    vmcb.put(A.VmcbControl.INTERCEPT_EXCEPTIONS, 1 << 3)
+    out = cpu.vmrun(vmcb.address)
+    assert out.exit.code == 0x43 and out.exit.guest_rip == 0x1000
+    assert vmcb.read(0x0C8, 8) == 0x1001
+    assert vmcb.read(0x578, 8) == 0x1000
+
+
+def test_ud_exception_intercept_leaves_nrip_zero():
+    """APM Vol. 2, 15.7.1: a #UD from UD2 (0F 0B) is not one of INT3/INTO/BOUND: nRIP = 0."""
+    cpu = _svm_cpu("ud2\nhlt")
+    vmcb = _ready_vmcb(cpu)
+    vmcb.put(A.VmcbControl.INTERCEPT_EXCEPTIONS, 1 << 6)
+    out = cpu.vmrun(vmcb.address)
+    assert out.exit.code == 0x46 and vmcb.read(0x0C8, 8) == 0

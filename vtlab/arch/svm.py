@@ -382,9 +382,12 @@ class IoioInfo:
 #: EXITINFO1 of an MSR intercept: 0 for RDMSR, 1 for WRMSR (APM Vol. 2, 15.11).
 MSR_EXITINFO1_READ, MSR_EXITINFO1_WRITE = 0, 1
 
-#: EXITINFO1 of a MOV-CR/MOV-DR intercept with decode assists (APM Vol. 2, chapter 15, "Decode Assists"):
-#: bit 63 = 1 for a MOV instruction (0 for LMSW, CLTS, SMSW), bits 3:0 the GPR number.
+#: EXITINFO1 of a CR intercept with decode assists (APM Vol. 2, chapter 15, "Decode
+#: Assists", "MOV CRx/DRx Intercepts"): bit 63 = 1 for a MOV CRx instruction, 0 for LMSW,
+#: CLTS and SMSW.  Bit 63 is defined for CR intercepts only: a DR intercept (only MOV DRx
+#: reaches a DR) leaves it 0 (Linux's KVM tests it, as ``CR_VALID``, in its CR handler alone).
 CR_DR_EXITINFO1_MOV = 1 << 63
+#: Bits 3:0 of EXITINFO1 of a MOV CRx or MOV DRx intercept: the GPR number ("Decode Assists").
 CR_DR_EXITINFO1_GPR = 0xF
 
 

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 PAGE = 0x1000
 _PROT = {1: unicorn.UC_PROT_READ, 2: unicorn.UC_PROT_WRITE, 4: unicorn.UC_PROT_EXEC}
 _A, _D = int(EptEntry.ACCESSED), int(EptEntry.DIRTY)
+#: The EP4TA of an EPTP: its bits 51:12, the tag of cached mappings (SDM Vol. 3C, 29.4.1).
+_EP4TA_MASK = ~0xFFF & ((1 << 52) - 1)
 
 
 def _uc_prot(perms: int) -> int:
@@ -299,10 +301,15 @@ class EptUnit:
     def needs_enter(self, ept_on: bool, eptp: int) -> bool:
         """Would :meth:`enter` change Unicorn's map (INVEPT since, another EPTP, EPT
         turned on or off)?"""
+        # (Asked on every VM entry handled in place, so the common answer - "no", the same
+        # EPTP as last time with its mappings cached - is settled by the first two tests.)
         if not ept_on:
             return self.applied is not None
-        tag = eptp & ~0xFFF & ((1 << 52) - 1)
-        return self.applied != tag or self.current is None or self.contexts.get(tag) is not self.current
+        current = self.current
+        if current is None:
+            return True
+        tag = eptp & _EP4TA_MASK
+        return self.applied != tag or self.contexts.get(tag) is not current
 
     def invalidate(self, ep4ta: int | None = None) -> None:
         """INVEPT: drop the mappings of one EP4TA (None: of every one, all-context).  The

@@ -80,9 +80,9 @@ class GuestStateCache:
     # ---------------------------------------------------------------- VM exit
     def after_exit(self, region: "Vmcs", rip: int) -> None:
         """The VM exit's guest-state step (SDM 28.3), done lazily: RIP now, the rest on demand."""
-        old = region.get(_GUEST_RIP)
-        region.put(_GUEST_RIP, rip)
-        if old != rip:
+        data = region._data   # (the processor's own write: Vmcs.put without the call)
+        if data.get(_GUEST_RIP, 0) != rip:
+            data[_GUEST_RIP] = rip
             self.written_set(region).add(_GUEST_RIP)
         self.pending = True
         self.unloaded.clear()

@@ -36,7 +36,10 @@ _ENABLE_EPT = int(ProcBased2.ENABLE_EPT)
 _EPT_POINTER = int(F.EPT_POINTER)
 _TIMER = int(PinBased.VMX_PREEMPTION_TIMER)
 _WINDOWS = int(ProcBased.INTR_WINDOW_EXITING | ProcBased.NMI_WINDOW_EXITING)
+_RUN_LOOP_PROC = _MTF | _WINDOWS   # processor-based controls only the run loop handles
 _ROOT, _NON_ROOT = VmxOperation.ROOT, VmxOperation.NON_ROOT
+_INTERRUPTIBILITY = int(F.GUEST_INTERRUPTIBILITY_INFO)
+_TRIPLE_FAULT = ExitReason.TRIPLE_FAULT
 
 
 class VcpuServices:
@@ -98,17 +101,20 @@ class VcpuServices:
                 or monitor.pending_interrupts or monitor.pending_nmi or monitor.halted):
             return None
         unloaded = state.unloaded
-        if vmcs.get(_ENTRY_INTR_INFO) & _VALID or not unloaded <= _RIP_ONLY:
+        data = vmcs._data   # (the processor reads its own VMCS copy: no software checks)
+        if data.get(_ENTRY_INTR_INFO, 0) & _VALID or not unloaded <= _RIP_ONLY:
             return None
-        rip = vmcs.get(_GUEST_RIP)
+        rip = data.get(_GUEST_RIP, 0)
         if rip == exit_.guest_rip or _GUEST_RIP not in unloaded:
             return None  # the exiting instruction would run natively instead of exiting
-        monitor._load_controls()
-        if monitor.proc & _MTF or monitor.pin & _TIMER or monitor.proc & _WINDOWS:
-            return None   # (the entry starts the timer / the window needs the run loop)
+        if vmcs is not monitor._controls_vmcs or state.controls_version != monitor._controls_version:
+            monitor._load_controls()   # (a control was written since: read them again)
+        if monitor.proc & _RUN_LOOP_PROC or monitor.pin & _TIMER:
+            return None   # (MTF / the entry starts the timer / the window needs the run loop)
         if self._check_entry(vmcs):
             return None  # the ordinary VMRESUME reports the failure
-        if monitor.ept.needs_enter(bool(monitor.proc2 & _ENABLE_EPT), vmcs.get(_EPT_POINTER)):
+        ept_on = monitor.proc2 & _ENABLE_EPT
+        if monitor.ept.needs_enter(ept_on, data.get(_EPT_POINTER, 0)):
             return None  # (INVEPT or a new EPTP: the EPT mappings are remade outside the emulator)
         # GuestStateCache.load for the case at hand: the CPU holds the guest's state, so
         # the fields not saved yet need no load; RIP is the one field written.
@@ -117,7 +123,7 @@ class VcpuServices:
         unloaded.clear()
         self.operation = _NON_ROOT
         self._entry_insn = "VMRESUME"
-        if monitor._pf_may_exit or monitor.proc2 & _ENABLE_EPT:
+        if ept_on or monitor._pf_may_exit:
             monitor._cr2 = self.guest.reg("cr2")
         return rip
 
@@ -127,28 +133,37 @@ class VcpuServices:
         ``at_rip``: the CPU is known to stand at the exit's RIP (an exiting instruction,
         decided just before it executes), so RIP needs no second look.
         """
-        monitor, g = self.monitor, self.guest
-        vmcs = monitor.vmcs
+        monitor = self.monitor
+        state = monitor.state
+        vmcs = state.vmcs
         # 28.1: the exit happens *at* the instruction (faults, exiting instructions) -
         # an MTF exit after it - so RIP is where the exit says.
         if at_rip:
             rip = exit_.guest_rip
         else:
+            g = self.guest
             rip = g.rip
             if exit_.reason is not ExitReason.MONITOR_TRAP_FLAG and rip != exit_.guest_rip:
                 g.rip = rip = exit_.guest_rip
         # 28.2: exit reason, qualification, lengths, interruption information ...
         record_exit_information(vmcs, exit_)
+        data = vmcs._data   # (the processor reads its own VMCS copy: no software checks)
         # 28.3: guest state (RIP now, the rest when software first reads it); the
         # interruptibility state and the preemption timer now (28.3.4).
-        monitor.state.after_exit(vmcs, rip)
-        monitor.save_event_state(vmcs, exit_)
-        if exit_.reason is ExitReason.TRIPLE_FAULT:
+        state.after_exit(vmcs, rip)
+        if (monitor.nmi_blocked or monitor.shadow_bits or monitor.pin & _TIMER
+                or data.get(_INTERRUPTIBILITY)):
+            monitor.save_event_state(vmcs, exit_)
+        else:
+            # Nothing blocks, the field already says so (0) and there is no timer value
+            # to save: what save_event_state would do comes down to this.
+            monitor.timer_deadline = None
+        if exit_.reason is _TRIPLE_FAULT:
             monitor.halted = False
         # 28.5: host state - the VMM's CR0/CR4 come back from the host-state area.
-        self.cr0 = vmcs.get(_HOST_CR0) or self.cr0
-        self.cr4 = vmcs.get(_HOST_CR4) or self.cr4
-        self.operation = VmxOperation.ROOT
+        self.cr0 = data.get(_HOST_CR0) or self.cr0
+        self.cr4 = data.get(_HOST_CR4) or self.cr4
+        self.operation = _ROOT
         for listener in self.exit_listeners:
             listener(exit_)
 

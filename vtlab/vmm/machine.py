@@ -34,6 +34,7 @@ from . import irq as _irq
 from .pic import PicPair
 from .pit import Pit8254
 from .ept_tables import EptTables, handle_ept_misconfig
+from . import unpaged as _unpaged
 from ..errors import HandlerError, VtlabError
 from ..cpu.exits import VmExit, msr_bitmap_position
 from ..cpu.guest import Guest, Mode
@@ -99,7 +100,9 @@ class VirtualMachine:
                  devices: DeviceBus | None = None, ept: bool = True):
         self.mode = parse_mode(mode)
         #: Run the guest with EPT (and unrestricted guest) on - the default, as KVM does -
-        #: or off (``ept=False``: then real mode cannot be entered, SDM 27.3.1.1).
+        #: or off (``ept=False``: a protected-mode guest with paging off then runs on the
+        #: VMM's identity page table, vtlab.vmm.unpaged; real mode cannot be entered, SDM
+        #: 27.3.1.1).
         self.ept_enabled = bool(ept)
         self.guest = Guest(self.mode, memory_size)
         self.cpu = VmxCpu(self.guest)
@@ -225,6 +228,9 @@ class VirtualMachine:
         self.vmwrite(F.CR0_READ_SHADOW, guest_cr0)
         self.vmwrite(F.CR4_GUEST_HOST_MASK, Cr4.VMXE)
         self.vmwrite(F.CR4_READ_SHADOW, guest_cr4)
+        #: With EPT off, a protected-mode guest whose paging is off runs on the VMM's identity
+        #: page table (vtlab.vmm.unpaged; None otherwise): VM entry needs CR0.PG = 1 then.
+        self.unpaged = _unpaged.attach(self)
 
     # ----------------------------------------------------------- VMCS access
     def vmread(self, field: F | int | str) -> int:
@@ -318,9 +324,12 @@ class VirtualMachine:
         cpu = self.cpu
         if cpu.operation is _ROOT and cpu.current_vmcs_pointer == self.vmcs_address:
             vmcs = cpu.view(self.vmcs_address)   # VMREAD/VMWRITE without the instruction's checks
-            vmcs.write(F.GUEST_RIP, vmcs.read(F.GUEST_RIP) + vmcs.read(F.VM_EXIT_INSTRUCTION_LEN),
-                       truncate=True)
-            shadow = vmcs.region.get(_INTERRUPTIBILITY)   # (saved at the exit, never lazily)
+            # GUEST_RIP is saved at the exit itself and the length is exit information
+            # (SDM 28.2, 28.3): neither waits for the lazy guest-state save, so the region
+            # holds what VMREAD would return (and CPUID, the most frequent exit, gets here).
+            get = vmcs.region.get
+            vmcs.write(_GUEST_RIP, get(_GUEST_RIP) + get(_EXIT_LENGTH), truncate=True)
+            shadow = get(_INTERRUPTIBILITY)   # (saved at the exit, never lazily)
             if shadow & _SHADOW:
                 vmcs.write(F.GUEST_INTERRUPTIBILITY_INFO, shadow & ~_SHADOW)
             return
@@ -488,8 +497,9 @@ class VirtualMachine:
             self.last_exit = outcome.exit
             self.trace.record_exit(outcome.exit, "(VM-entry failure)")
             reason = outcome.exit.reason
-            self.stop(VmState.ENTRY_FAILED, f"{outcome.instruction} failed: VM-entry failure, exit "
-                      f"reason {int(reason)} ({reason.name}) | bit 31: {outcome.message}")
+            self.stop(VmState.ENTRY_FAILED, _unpaged.explain_entry_failure(
+                self, f"{outcome.instruction} failed: VM-entry failure, exit "
+                      f"reason {int(reason)} ({reason.name}) | bit 31: {outcome.message}"))
         elif outcome.status in (Status.VMFAIL_VALID, Status.VMFAIL_INVALID, Status.FAULT):
             self.stop(VmState.ENTRY_FAILED, str(outcome))
         return outcome
@@ -765,6 +775,7 @@ _ROOT = VmxOperation.ROOT
 #: Blocking by STI and by MOV SS (interruptibility-state bits 0 and 1, SDM 25.4.2).
 _SHADOW = int(Interruptibility.BLOCKING_BY_STI | Interruptibility.BLOCKING_BY_MOV_SS)
 _INTERRUPTIBILITY = int(F.GUEST_INTERRUPTIBILITY_INFO)
+_GUEST_RIP, _EXIT_LENGTH = int(F.GUEST_RIP), int(F.VM_EXIT_INSTRUCTION_LEN)
 
 #: Registers of the trace's state summary (see _state_summary): CR0 and CS give the CPL.
 _SUMMARY_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsp", "rflags", "cr0", "cs")

@@ -49,7 +49,6 @@ import ipywidgets as W
 import numpy as np
 import pandas as pd
 from IPython.display import HTML, display
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 import vtlab
@@ -469,17 +468,13 @@ left.set_xlabel("instructions probed (count)")
 left.set_title("Classes found by experiment")
 left.margins(x=0.15)
 
-right.imshow(grid, cmap=ListedColormap(["white", CATEGORY_COLOURS["sensitive-unprivileged"]]),
-             aspect="auto", vmin=0, vmax=1)
-right.set_xticks(range(len(factors)), factors, rotation=45, ha="right")
-right.set_yticks(range(len(sensitive)), sensitive["name"])
-right.set_xticks(np.arange(-0.5, len(factors)), minor=True)
-right.set_yticks(np.arange(-0.5, len(sensitive)), minor=True)
-right.grid(which="minor", color="#bbbbbb", linewidth=0.6)
-right.tick_params(which="minor", length=0)
-right.set_xlabel("privileged state changed between two runs")
-right.set_ylabel("sensitive-unprivileged instruction")
-right.set_title("Which change altered the result (filled = it did)")
+# Colour, hatching and a mark per cell, so the grid reads in greyscale too.
+plots.category_grid(grid, sensitive["name"], factors, ax=right,
+                    levels=[("no effect", "#ffffff", "", ""),
+                            ("altered the result", CATEGORY_COLOURS["sensitive-unprivileged"], "//", "x")],
+                    title="Which change altered the result (x = it did)",
+                    xlabel="privileged state changed between two runs",
+                    ylabel="sensitive-unprivileged instruction")
 fig
 
 # %% [markdown]

@@ -40,9 +40,7 @@
 # %matplotlib inline
 import pandas as pd
 from IPython.display import display
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 import vtlab
 import vtlab.widgets as widgets
@@ -50,6 +48,7 @@ from vtlab import (CONTROL_CLASSES, CONTROL_FIELD, Cr0, EntryControl, ExitContro
                    FieldWidth, Msr, PinBased, ProcBased, ProcBased2, Rflags, Status, VirtualMachine,
                    VmcsArea, VmcsField as F, VmState, VmxOperation, control_names,
                    decode_encoding, field_area)
+from vtlab import plots
 from vtlab.plots import OKABE_ITO
 
 pd.set_option("display.max_colwidth", 120)
@@ -308,7 +307,9 @@ for e in examples:
     e = int(e)
     rows.append({"field": (d.field.name + ("_HIGH" if d.access_type.value else "")),
                  "encoding": f"{e:#06x}",
-                 "bits 14:13 | 12 | 11:10 | 9:1 | 0": f"{e >> 13 & 3:02b} | {e >> 12 & 1} | {e >> 10 & 3:02b} | {e >> 1 & 0x1FF:09b} | {e & 1}",
+                 # the 15 low bits as text, cut at the field boundaries (Exercise 1 does it with numbers)
+                 "bits 14:13 | 12 | 11:10 | 9:1 | 0": " | ".join(
+                     f"{e:015b}"[i:j] for i, j in ((0, 2), (2, 3), (3, 5), (5, 14), (14, 15))),
                  "width": d.width.name, "type": d.type.name, "index": d.index, "access": d.access_type.name})
 encodings = pd.DataFrame(rows).set_index("field")
 encodings
@@ -518,27 +519,18 @@ rows = [("pin-based (TRUE)", cpu.caps.allowed(PinBased)),
         ("VM-exit (TRUE)", cpu.caps.allowed(ExitControl)),
         ("VM-entry (TRUE)", cpu.caps.allowed(EntryControl))]
 grid = [[2 if s.allowed0 >> b & 1 else (1 if s.allowed1 >> b & 1 else 0) for b in range(32)] for _, s in rows]
-palette = [OKABE_ITO["vermillion"], OKABE_ITO["bluish green"], OKABE_ITO["blue"]]
-fig = Figure(figsize=(10, 3.4), layout="constrained")
-ax = fig.subplots()
-ax.imshow(grid, cmap=ListedColormap(palette), vmin=0, vmax=2, aspect="auto")
-ax.set_yticks(range(len(rows)), [name for name, _ in rows])
-ax.set_xticks(range(0, 32, 2))
-ax.set_xticks([b - 0.5 for b in range(33)], minor=True)
-ax.set_yticks([r - 0.5 for r in range(len(rows) + 1)], minor=True)
-ax.grid(which="minor", color="white", linewidth=0.8)
-ax.tick_params(which="minor", length=0)
-ax.set_xlabel("bit position in the 32-bit control field")
-ax.set_title("Control bits per capability MSR on vtlab's processor")
-ax.legend(handles=[Patch(color=palette[2], label="fixed to 1 (allowed-0 bit = 1)"),
-                   Patch(color=palette[1], label="free to choose"),
-                   Patch(color=palette[0], label="fixed to 0 (allowed-1 bit = 0)")],
-          loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+# Colour, hatching and a mark per cell (1, 0 or blank), so the map reads in greyscale too.
+fig = plots.category_grid(grid, [name for name, _ in rows], range(32),
+                          levels=[("fixed to 0 (allowed-1 bit = 0)", OKABE_ITO["vermillion"], "xx", "0"),
+                                  ("free to choose", OKABE_ITO["bluish green"], "", ""),
+                                  ("fixed to 1 (allowed-0 bit = 1)", OKABE_ITO["blue"], "//", "1")],
+                          title="Control bits per capability MSR on vtlab's processor",
+                          xlabel="bit position in the 32-bit control field")
 fig
 
 # %% [markdown]
-# *Figure: each cell is one control bit — blue must be 1, vermillion must be 0, green may be
-# chosen. Look for the blue "default1" bits that every VMM must keep set, for bits 15-16 of
+# *Figure: each cell is one control bit — blue (hatched, "1") must be 1, vermillion (cross-hatched,
+# "0") must be 0, green (plain) may be chosen. Look for the blue "default1" bits that every VMM must keep set, for bits 15-16 of
 # the primary controls turning from fixed to free between the original and the TRUE MSR, and
 # for how few secondary controls this processor offers.*
 #
@@ -557,7 +549,8 @@ print(f"the raw desired value breaks: must-be-1 bits {must1:#x}, must-be-0 bits 
 
 # %% [markdown]
 # `ControlsPanel` shows every control bit of a VM as a toggle; the bits the capability MSRs fix
-# are greyed out, with the reason in the tooltip:
+# are greyed out, with the reason written under each one; its VMLAUNCH button tries the VM
+# as it stands and shows the first exit, the VMfailValid error or the VM-entry failure:
 
 # %%
 widgets.ControlsPanel(boot_vm())

@@ -30,8 +30,8 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from ...arch.exceptions import Vector
 from ...arch.msrs import Cr0
-from ...arch.svm import (CR_DR_EXITINFO1_MOV, MSR_EXITINFO1_READ, MSR_EXITINFO1_WRITE, SVM_OPCODES, EventInfo,
-                         EventType, Intercept, Intercept2, IoioInfo, NpfError, SvmExitCode, VmcbControl, cr_read, cr_write,
+from ...arch.svm import (CR_DR_EXITINFO1_GPR, CR_DR_EXITINFO1_MOV, MSR_EXITINFO1_READ, MSR_EXITINFO1_WRITE,
+                         SVM_OPCODES, EventInfo, EventType, Intercept, Intercept2, IoioInfo, NpfError, SvmExitCode, VmcbControl, cr_read, cr_write,
                          dr_read, dr_write, exception_exit, exit_name, iopm_bit, msrpm_bits)
 from ..decoder import DecodedInstruction, InsnKind
 from ..exit_rules import io_operands
@@ -81,11 +81,14 @@ class SvmExit:
             return d
         if self.code == C.MSR:
             return {"access": "WRMSR" if self.exitinfo1 == MSR_EXITINFO1_WRITE else "RDMSR"}
-        if 0x00 <= self.code < 0x40:
+        if 0x00 <= self.code < 0x20:
             d: dict[str, object] = {"mov": bool(self.exitinfo1 & CR_DR_EXITINFO1_MOV)}
             if self.exitinfo1 & CR_DR_EXITINFO1_MOV:
-                d["gpr"] = self.exitinfo1 & 0xF
+                d["gpr"] = self.exitinfo1 & CR_DR_EXITINFO1_GPR
             return d
+        if 0x20 <= self.code < 0x40:
+            # MOV DR: EXITINFO1[3:0] is the GPR; there is no bit 63 (only MOV DR can access DRs)
+            return {"gpr": self.exitinfo1 & CR_DR_EXITINFO1_GPR}
         if 0x40 <= self.code < 0x60:
             d = {"vector": self.code - 0x40, "error_code": self.exitinfo1}
             if self.code == C.EXCP_PF:
@@ -279,13 +282,17 @@ class SvmMonitor:
             error_code = 0
         if pf is not None:
             address, error_code = pf
-        # INT n is not an exception: it has an intercept of its own (INTN, not modelled);
-        # INT3 and INTO are #BP and #OF and go through the exception intercepts.
-        is_exception = not software or vector in (3, 4)
+        # INT n (CD ib, also CD 03 and CD 04) is not an exception: it has an intercept of
+        # its own (INTN, not modelled); the one-byte INT3 (CC) and INTO (CE) raise #BP and
+        # #OF and go through the exception intercepts.
+        is_exception = not software or (software == 1 and vector in (3, 4))
         at = rip - software if software else rip
         if is_exception and vector < 32 and self.vmcb.get(VmcbControl.INTERCEPT_EXCEPTIONS) >> vector & 1:
             insn = g.instruction_at(at)
-            exit_ = SvmExit(exception_exit(vector), error_code or 0, address or 0, 0, 0, at,
+            # nRIP is saved for the exceptions INT3, INTO (and BOUND) raise; 0 for the
+            # other exception intercepts (APM Vol. 2, 15.7.1).
+            nrip = rip if software else 0
+            exit_ = SvmExit(exception_exit(vector), error_code or 0, address or 0, 0, nrip, at,
                             insn.text if insn else "", software, g.cpl, note=self.note,
                             guest_instructions=g.counter.total)
             g.rip = at
@@ -401,7 +408,9 @@ def rule_dr(m: SvmMonitor, d: DecodedInstruction):
     write = d.kind is K.MOV_TO_DR
     if not m.vmcb.get(VmcbControl.INTERCEPT_DR) >> (dr + 16 * write) & 1:
         return None
-    info = CR_DR_EXITINFO1_MOV | d.registers[0].number if d.registers else 0
+    # Decode assists (APM Vol. 2, chapter 15, "Decode Assists"): EXITINFO1[3:0] = the
+    # GPR.  Bit 63 ("a MOV, not CLTS/LMSW/SMSW") is defined for CR intercepts only.
+    info = d.registers[0].number & CR_DR_EXITINFO1_GPR if d.registers else 0
     return m.exit(dr_write(dr) if write else dr_read(dr), d, d.length, info)
 
 
