@@ -323,13 +323,24 @@ def test_vpid_0_with_enable_vpid_fails_entry():
     assert vm.last_outcome.status is Status.VMFAIL_VALID and int(vm.last_outcome.error) == 7
 
 
+GUEST_CR0, CR0_READ_SHADOW = 0x6800, 0x6004          # Appendix B encodings
+CR0_PG = 1 << 31                                     # Vol. 3A 2.5
+
+
 @pytest.mark.parametrize("mode", ["real", "protected"])
 def test_paging_off_needs_unrestricted_guest(mode):
     """Without EPT there is no unrestricted guest, and CR0.PE = 0 or PG = 0 breaks the CR0
-    fixed bits (SDM 27.3.1.1): VM entry fails with exit reason 33 (invalid guest state)."""
+    fixed bits (SDM 27.3.1.1; IA32_VMX_CR0_FIXED0 = 80000021H): VM entry fails with exit
+    reason 33 (invalid guest state).  The VMM runs an unpaged protected-mode guest on its
+    own identity page table (GUEST_CR0.PG = 1, the read shadow shows the guest PG = 0);
+    a GUEST_CR0 with PG = 0 written over what the VMM set up fails the check all the same."""
     vm = VirtualMachine("hlt", mode=mode, ept=False)
+    if mode == "protected":
+        assert vm.vmread(GUEST_CR0) & CR0_PG and not vm.vmread(CR0_READ_SHADOW) & CR0_PG
+    vm.vmwrite(GUEST_CR0, vm.vmread(GUEST_CR0) & ~CR0_PG)
     vm.run()
     assert vm.last_exit.reason == INVALID_GUEST_STATE and vm.last_exit.entry_failure
+    assert "27.3.1.1" in vm.message and "PG" in vm.message
     assert VirtualMachine("hlt", mode=mode).run().state.name == "HALTED"
 
 

@@ -4,8 +4,10 @@ Register and port facts are typed in from the Intel 8259A and 8254 data sheets a
 PC/AT port map: PIC command/data ports 20H/21H (master) and A0H/A1H (slave); ICW1 =
 11H (D4 = 1 ICW1, D0 IC4: ICW4 follows; D1 SNGL = 0: cascaded; D3 LTIM = 0: edge), ICW2 =
 the vector base (bits 7:3), ICW3 = 04H on the master (slave on IR2) and 02H on the slave
-(its ID), ICW4 = 01H (uPM: 8086 mode; D1 AEOI); OCW1 = the mask (data port), OCW2 = 20H
-non-specific EOI, 60H + level specific EOI, OCW3 = 0AH read IRR, 0BH read ISR.  8254:
+(its ID), ICW4 = 01H (uPM: 8086 mode; D1 AEOI; D4 SFNM special fully nested mode);
+OCW1 = the mask (data port), OCW2 = 20H non-specific EOI, 60H + level specific EOI,
+OCW3 = 0AH read IRR, 0BH read ISR (D6 ESMM, D5 SMM: special mask mode only with both
+set; D2 P: poll).  8254:
 counters at 40H-42H, control word at 43H (bits 7:6 counter, 5:4 00 latch / 01 LSB / 10
 MSB / 11 LSB then MSB, 3:1 mode, 0 BCD): 34H = counter 0, LSB then MSB, mode 2; 36H =
 mode 3; 30H = mode 0; an initial count of 0 counts 65536; input clock 1.193182 MHz.
@@ -117,12 +119,26 @@ def test_automatic_eoi_leaves_nothing_in_service():
     (((0x20, 0x19),), "LTIM"),                                            # level-triggered
     (((0x20, 0x10), (0x21, 0x20), (0x21, 0x04)), "IC4"),                  # no ICW4
     (((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x00)), "uPM"),    # MCS-80/85 mode
+    (((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x11)), "SFNM"),   # ICW4 D4: special fully nested
+    (((0x20, 0x68),), "special mask"),                                    # OCW3 ESMM = SMM = 1
+    (((0x20, 0x0C),), "poll"),                                            # OCW3 D2 P: poll command
 ])
 def test_programming_the_pic_in_an_unmodelled_way_says_so(writes, words):
     pic = PicPair()
     with pytest.raises(DeviceProgrammingError, match=words):
         for port, value in writes:
             pic.write(port, 1, value)
+
+
+@pytest.mark.parametrize("ocw3", [0x28 | 0x03, 0x48 | 0x03])
+def test_ocw3_smm_without_esmm_and_reset_special_mask_are_harmless(ocw3):
+    """8259A data sheet, OCW3: D5 SMM acts only with D6 ESMM = 1; ESMM = 1, SMM = 0 resets
+    the special mask mode (never set here).  With RR = RIS = 1 the write still selects ISR."""
+    pic = programmed_pic()
+    pic.raise_irq(1)
+    assert pic.acknowledge() == 0x21
+    pic.write(0x20, 1, ocw3)
+    assert pic.read(0x20, 1) == 0b10                 # ISR: IR1 in service
 
 
 def test_irq_numbers_beyond_15_are_refused():

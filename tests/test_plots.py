@@ -108,7 +108,8 @@ def test_cycle_breakdown_segments():
     assert [p.get_width() for p in top.patches] == [20_000.0, 2_200.0, 20_920.0]
     assert [p.get_x() for p in top.patches] == [0.0, 20_000.0, 22_200.0]
     assert top.get_xlabel() == "cycles" and bottom.get_xlabel() == "cycles"
-    assert "115.6%" in fig.get_suptitle()   # (2,200 + 20,920) / 20,000
+    # (2,200 + 20,920) / 20,000 = 115.6 %: the run took 2.156 times the native time
+    assert "x2.2 native time" in fig.get_suptitle()
     # per reason: transition bars then handling bars, bottom-up (cheapest first)
     n = len(bottom.patches) // 2
     trans = dict(zip(labels_of(bottom), [p.get_width() for p in bottom.patches[:n]]))
@@ -149,16 +150,16 @@ def test_overhead_vs_exit_rate_lines():
     ax = fig.axes[0]
     benign, user = ax.lines[:2]
     assert benign.get_xdata().tolist() == rates
-    # 220 cycles per benign exit: 0.1/1000 x 220 x 100 = 2.2 %
-    assert benign.get_ydata().tolist() == pytest.approx([2.2, 22.0, 220.0])
-    # 20,200 cycles per user-space exit
-    assert user.get_ydata().tolist() == pytest.approx([202.0, 2_020.0, 20_200.0])
+    # 220 cycles per benign exit: 0.1/1000 x 220 = 2.2 % overhead, i.e. x1.022 native time
+    assert benign.get_ydata().tolist() == pytest.approx([1.022, 1.22, 3.2])
+    # 20,200 cycles per user-space exit: 202 % -> x3.02, 2,020 % -> x21.2, 20,200 % -> x203
+    assert user.get_ydata().tolist() == pytest.approx([3.02, 21.2, 203.0])
     point = ax.collections[-1].get_offsets()[0]
     a = cost.estimate(trace_a(), cpu=TOY).attrs
-    assert point.tolist() == pytest.approx([a["exits_per_1k_instructions"], a["overhead_pct"]])
+    assert point.tolist() == pytest.approx([a["exits_per_1k_instructions"], 1 + a["overhead_pct"] / 100])
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert "exits per 1,000 guest instructions" in ax.get_xlabel()
-    assert "% of native time" in ax.get_ylabel()
+    assert "x native time" in ax.get_ylabel()
 
 
 def test_roundtrip_by_generation_bars():
@@ -238,3 +239,10 @@ def test_make_cost_figure_script(tmp_path, repo_root):
     trace = script["hand_made_trace"]()
     assert len(trace) == sum(n for *_, n in script["MIX"]) + 1
     assert trace["reason"].iloc[-1] == "HLT"
+
+
+def test_overhead_text_uses_factors_for_large_overheads():
+    # 65,008.3 % overhead = 651.08 times the native time (issue #16: "x651", not "65,008.3 %")
+    assert plots.overhead_text(65_008.3) == "x651 native time"
+    assert plots.overhead_text(115.6) == "x2.2 native time"
+    assert plots.overhead_text(45.25) == "+45.2 %" or plots.overhead_text(45.25) == "+45.3 %"

@@ -403,3 +403,20 @@ def test_ud_exception_intercept_leaves_nrip_zero():
     vmcb.put(A.VmcbControl.INTERCEPT_EXCEPTIONS, 1 << 6)
     out = cpu.vmrun(vmcb.address)
     assert out.exit.code == 0x46 and vmcb.read(0x0C8, 8) == 0
+
+
+def test_int_3_two_byte_form_is_int_n_not_the_bp_exception():
+    """INT 3 written as CD 03 is INT n (the INTn intercept, bit 21 at 00Ch), not the
+    one-byte INT3 (CC) that raises #BP (APM Vol. 3, INT n/INTO/INT3): with only the #BP
+    intercept (bit 3 at 008h) set it goes through the guest's IVT entry 3."""
+    g = Guest("real")
+    g.load("nop\nnop\nhlt", 0x1000)
+    g.write(0x1000, b"\xcd\x03")               # INT 3 as CD ib (assemblers pick CC for "int 3")
+    g.load("hlt", 0x2000)
+    g.write(3 * 4, (0x2000).to_bytes(2, "little") + (0).to_bytes(2, "little"))   # IVT[3] = 0000:2000
+    g.rip = 0x1000
+    cpu = SvmCpu(g)
+    vmcb = _ready_vmcb(cpu)
+    vmcb.put(A.VmcbControl.INTERCEPT_EXCEPTIONS, 1 << 3)
+    out = cpu.vmrun(vmcb.address)
+    assert out.exit.code == 0x78 and out.exit.guest_rip == 0x2000

@@ -44,6 +44,7 @@ __all__ = [
     "roundtrip_by_generation",
     "compare_settings",
     "technique_comparison",
+    "overhead_text",
     "cycles_by_reason",
     "cycles_by_reason_svg",
     "category_grid",
@@ -101,6 +102,16 @@ _CATEGORY_LABELS = {
 _PART_LABELS = {"native": "native guest work", "transition": "VM exit + entry (hardware)",
                 "handling": "VMM handling (software)"}
 _CYCLES = EngFormatter(sep="")
+
+
+def overhead_text(overhead_pct: float) -> str:
+    """An overhead as a learner reads it best: ``"+45.3 %"`` below 100 %, a factor of the
+    native time above (``"x651 native time"`` rather than ``"65,008.3 %"``)."""
+    if overhead_pct != overhead_pct:   # NaN: no native time to compare with
+        return "-"
+    if overhead_pct < 100:
+        return f"+{overhead_pct:,.1f} %"
+    return f"{cost.format_factor(overhead_pct)} native time"
 
 
 def _figure(ax: Axes | None, nrows: int = 1, ncols: int = 1, figsize=(8.0, 4.5), **kw):
@@ -178,7 +189,7 @@ def cycle_breakdown(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_PROFIL
     top.xaxis.set_major_formatter(_CYCLES)
     top.set_xlabel("cycles")
     top.set_title(f"{a['exits']:,} exits on {_profile_label(profile)}, '{use}' costs", fontsize="medium")
-    fig.suptitle(f"Where the cycles go: virtualization overhead {a['overhead_pct']:,.1f}% of native time")
+    fig.suptitle(f"Where the cycles go: virtualization overhead {overhead_text(a['overhead_pct'])}")
 
     order = body.iloc[::-1]
     labels = order.index.tolist()
@@ -267,21 +278,22 @@ def overhead_vs_exit_rate(cpu: str | cost.CpuProfile = cost.DEFAULT_PROFILE,
         low = cost.overhead_curve(rates, profile, cat, cpi, "low")
         high = cost.overhead_curve(rates, profile, cat, cpi, "high")
         color = CATEGORY_COLORS[cat]
-        ax.plot(mid["exits_per_1k_instructions"], mid["overhead_pct"], color=color,
+        ax.plot(mid["exits_per_1k_instructions"], 1 + mid["overhead_pct"] / 100, color=color,
                 label=f"{_CATEGORY_LABELS[cat]} (~{mid['cycles_per_exit'].iloc[0]:,.0f} cycles/exit)")
-        ax.fill_between(rates, low["overhead_pct"], high["overhead_pct"], color=color, alpha=0.15,
+        ax.fill_between(rates, 1 + low["overhead_pct"] / 100, 1 + high["overhead_pct"] / 100, color=color, alpha=0.15,
                         linewidth=0)
     markers = "osD^v<>p*"
     for i, (name, trace) in enumerate((traces or {}).items()):
         a = cost.estimate(trace, profile, cpi=cpi).attrs
-        ax.scatter([a["exits_per_1k_instructions"]], [a["overhead_pct"]], marker=markers[i % len(markers)],
-                   color=OKABE_ITO["black"], zorder=3, label=f"{name}: {a['overhead_pct']:,.1f}%")
-    ax.axhline(100, color=OKABE_ITO["black"], linewidth=0.8, linestyle=":")
-    ax.text(rates[0], 100, " 2x slower", va="bottom", fontsize="small")
+        ax.scatter([a["exits_per_1k_instructions"]], [1 + a["overhead_pct"] / 100], marker=markers[i % len(markers)],
+                   color=OKABE_ITO["black"], zorder=3, label=f"{name}: {overhead_text(a['overhead_pct'])}")
+    ax.axhline(2, color=OKABE_ITO["black"], linewidth=0.8, linestyle=":")
+    ax.text(rates[0], 2, " 2x slower", va="bottom", fontsize="small")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("exit rate (exits per 1,000 guest instructions)")
-    ax.set_ylabel("virtualization overhead (% of native time)")
+    ax.set_ylabel("time under virtualization (x native time)")
+    ax.yaxis.set_major_formatter(lambda y, _pos: f"x{y:,.0f}" if y >= 10 else f"x{y:g}")
     ax.set_title(f"Overhead grows with the exit rate ({_profile_label(profile)}, cpi={cpi:g})")
     ax.legend(fontsize="small", loc="upper left")
     ax.grid(True, which="major", alpha=0.3)
@@ -392,7 +404,7 @@ def compare_settings(trace_a: Any, trace_b: Any, labels: tuple[str, str] = ("bef
     a, b = (e.attrs for e in est)
     profile = cost.get_profile(cpu)
     fig.suptitle(f"{labels[0]} vs {labels[1]} on {_profile_label(profile)}: exits {a['exits']:,} -> "
-                 f"{b['exits']:,}, overhead {a['overhead_pct']:,.1f}% -> {b['overhead_pct']:,.1f}%")
+                 f"{b['exits']:,}, overhead {overhead_text(a['overhead_pct'])} -> {overhead_text(b['overhead_pct'])}")
     return fig
 
 
@@ -413,7 +425,7 @@ def technique_comparison(trace: Any, cpu: str | cost.CpuProfile = cost.DEFAULT_P
     bars = ax.bar(names, comp["virtualization_cycles"], bottom=comp["native_cycles"],
                   color=OKABE_ITO["vermillion"], hatch="//", edgecolor="white",
                   label="virtualization overhead")
-    ax.bar_label(bars, labels=[f"+{p:.0f}%" for p in comp["overhead_pct"]], padding=2)
+    ax.bar_label(bars, labels=[overhead_text(p) for p in comp["overhead_pct"]], padding=2)
     ax.yaxis.set_major_formatter(_CYCLES)
     ax.set_ylabel("cycles")
     ax.set_xlabel("how the CPU is virtualized")

@@ -143,7 +143,8 @@ INTR_INFO_TYPE_SHIFT: int = 8
 INTR_INFO_TYPE_MASK: int = 0x7 << 8
 #: Bit 11: an error code is delivered (entry) / was pushed (exit).
 INTR_INFO_DELIVER_CODE: int = 1 << 11
-#: Bit 12 (exit/IDT-vectoring only): NMI unblocking due to IRET.
+#: Bit 12 (VM-exit interruption information only; undefined in IDT-vectoring information,
+#: SDM 25.9.2, 25.9.3): NMI unblocking due to IRET.
 INTR_INFO_NMI_UNBLOCKING: int = 1 << 12
 #: Bit 31: the field is valid.
 INTR_INFO_VALID: int = 1 << 31

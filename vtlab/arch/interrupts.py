@@ -42,12 +42,16 @@ __all__ = [
     "ICW1_INIT",
     "ICW4_8086",
     "ICW4_AEOI",
+    "ICW4_SFNM",
     "OCW2_EOI",
     "OCW2_SPECIFIC",
     "OCW2_ROTATE",
     "OCW3_SELECT",
     "OCW3_READ_REGISTER",
     "OCW3_READ_ISR",
+    "OCW3_ESMM",
+    "OCW3_SMM",
+    "OCW3_POLL",
     "PIC_EOI_NONSPECIFIC",
     "PIT_CHANNEL0",
     "PIT_CHANNEL2",
@@ -104,12 +108,17 @@ PIC_CASCADE_IRQ: int = 2
 #: ICW1 (a write to the command port with D4 = 1): D0 IC4 (an ICW4 follows), D1 SNGL
 #: (no slave), D3 LTIM (level-triggered), D4 = 1 marks ICW1.
 ICW1_IC4, ICW1_SINGLE, ICW1_LTIM, ICW1_INIT = 1 << 0, 1 << 1, 1 << 3, 1 << 4
-#: ICW4: D0 uPM (8086/8088 mode: vector = ICW2 base + IRQ), D1 AEOI (automatic EOI).
-ICW4_8086, ICW4_AEOI = 1 << 0, 1 << 1
+#: ICW4: D0 uPM (8086/8088 mode: vector = ICW2 base + IRQ), D1 AEOI (automatic EOI),
+#: D4 SFNM (special fully nested mode; D3 BUF selects buffered mode, D2 M/S its master/slave).
+ICW4_8086, ICW4_AEOI, ICW4_SFNM = 1 << 0, 1 << 1, 1 << 4
 #: OCW2 (command port, D4 = D3 = 0): D5 EOI, D6 SL (specific level in D2:0), D7 R (rotate).
 OCW2_EOI, OCW2_SPECIFIC, OCW2_ROTATE = 1 << 5, 1 << 6, 1 << 7
 #: OCW3 (command port, D4 = 0, D3 = 1): D1 RR (read register), D0 RIS (1 ISR, 0 IRR).
 OCW3_SELECT, OCW3_READ_REGISTER, OCW3_READ_ISR = 1 << 3, 1 << 1, 1 << 0
+#: OCW3 D6 ESMM (enable special mask mode) and D5 SMM: SMM counts only with ESMM = 1 -
+#: ESMM = 1, SMM = 1 sets the special mask mode, ESMM = 1, SMM = 0 resets it, ESMM = 0 is
+#: no action; D2 P is the poll command.
+OCW3_ESMM, OCW3_SMM, OCW3_POLL = 1 << 6, 1 << 5, 1 << 2
 #: The non-specific EOI command byte every PC interrupt handler writes (OCW2 = 20H).
 PIC_EOI_NONSPECIFIC: int = OCW2_EOI
 

@@ -61,6 +61,7 @@ _GUEST_HOOKED = frozenset({InsnKind.HLT, InsnKind.RDTSC, InsnKind.RDTSCP})
 _ENTRY_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
 _RFLAGS_VM = int(Rflags.VM)
 _CR0_PE = int(Cr0.PE)
+_CR_ACCESS = ExitReason.CR_ACCESS
 _ENABLE_EPT = int(ProcBased2.ENABLE_EPT)
 
 #: Indexes into the instruction counter's context (vtlab.cpu.counter._CTX_FIELDS).
@@ -100,6 +101,11 @@ class ExitMonitor(EventUnit):
         self.rip = self.cpl = 0
         self._pf_may_exit = True   # (set from the controls by _load_controls)
         self._cr2: int | None = None  # CR2 before this run, for a #PF that exits
+        #: CR0 of the guest at the last sensitive instruction (read with its registers)
+        self._exit_cr0 = 0
+        #: _cr2 was not refreshed by an exit handled in place (the guest's paging was off:
+        #: no #PF can overwrite CR2); the next MOV to CR - which may turn paging on - reads it
+        self._cr2_stale = False
         self.pending_interrupts: list[int] = []   # external interrupt vectors raised by devices
         self.pending_nmi = False
         #: The EPT: walks of the tables behind EPTP and their cached mappings (vtlab.cpu.ept)
@@ -241,7 +247,11 @@ class ExitMonitor(EventUnit):
         # What the rules and the exit record need of the CPU, in one call into it:
         # RIP, and the CPL (CS.RPL in protected mode, 0 in real mode).
         rip, cr0, cs, rax, rbx, rcx, rdx, rsp, rflags = g.read_registers(_EXIT_REGISTERS)
-        self.rip = rip
+        self.rip, self._exit_cr0 = rip, cr0
+        if self._cr2_stale and reason is _CR_ACCESS:
+            # Paging may be turned on here, without an exit: from now on a #PF can
+            # overwrite CR2, so take the value it must keep (see vmresume_in_place).
+            self._cr2, self._cr2_stale = g.reg("cr2"), False
         # (Virtual-8086 mode, RFLAGS.VM = 1, always runs at CPL 3.)
         self.cpl = cpl = (3 if rflags & _RFLAGS_VM else cs & 3) if cr0 & _CR0_PE else 0
         rule = EXIT_RULES[reason] if reason is not None else NON_EXITING_RULES[d.kind]
@@ -260,8 +270,9 @@ class ExitMonitor(EventUnit):
         result.guest_instructions = counter.total
         result.registers = (rax, rbx, rcx, rdx, rsp, rflags, cpl)
         self.pending = result
-        if in_place and not self._single and self.cpu.resume_in_place is not None:
-            if self.cpu.exit_in_place(result):
+        cpu = self.cpu
+        if in_place and not self._single and cpu.resume_in_place is not None:
+            if cpu.exit_in_place(result):
                 self.pending = None   # handled and re-entered: the guest goes on
                 return False
         _uc_emu_stop(g._uch)
@@ -397,6 +408,7 @@ class ExitMonitor(EventUnit):
                 # (With EPT on too: a #PF that is really an EPT fault on the guest's page walk
                 # exits instead, vtlab.cpu.ept.)
                 self._cr2 = g.reg("cr2") if self._pf_may_exit or self.proc2 & _ENABLE_EPT else None
+                self._cr2_stale = False
                 sliced = False
                 try:
                     sliced = g.emulate(1 if single else run_for, exact=single)

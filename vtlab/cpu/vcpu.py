@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..arch.controls import PinBased, ProcBased, ProcBased2
 from ..arch.exceptions import Vector
 from ..arch.exit_reasons import VM_ENTRY_FAILURE_BIT, ExitReason
+from ..arch.msrs import Cr0
 from ..arch.vmcs_fields import VmcsField as F
 from ..errors import VmxFailure
 from .outcome import Status, VmxOperation, VmxOutcome
@@ -40,6 +41,8 @@ _RUN_LOOP_PROC = _MTF | _WINDOWS   # processor-based controls only the run loop 
 _ROOT, _NON_ROOT = VmxOperation.ROOT, VmxOperation.NON_ROOT
 _INTERRUPTIBILITY = int(F.GUEST_INTERRUPTIBILITY_INFO)
 _TRIPLE_FAULT = ExitReason.TRIPLE_FAULT
+_CR0_PG = int(Cr0.PG)
+_VM_EXIT = Status.VM_EXIT   # (module constants: an Enum member lookup costs ~70 ns)
 
 
 class VcpuServices:
@@ -76,7 +79,8 @@ class VcpuServices:
         performed and the run stops as usual.
         """
         self._vm_exit(exit_, at_rip=True)
-        self.history.append(VmxOutcome(self._entry_insn, Status.VM_EXIT, exit=exit_))
+        # (positional: instruction, status, error, vector, message, value, exit)
+        self.history.append(VmxOutcome(self._entry_insn, _VM_EXIT, None, None, "", None, exit_))
         self._exited_in_place = exit_
         if self.resume_in_place(exit_):
             self._exited_in_place = None
@@ -123,8 +127,15 @@ class VcpuServices:
         unloaded.clear()
         self.operation = _NON_ROOT
         self._entry_insn = "VMRESUME"
-        if ept_on or monitor._pf_may_exit:
+        # CR2 as it is now, for a #PF that exits (or that is an EPT fault on the guest's
+        # page walk) to leave alone (SDM 28.1); see ExitMonitor.run.  With the guest's
+        # paging off (CR0.PG = 0: the exit's CR0, which only a VMWRITE of GUEST_CR0 -
+        # declined above - could change) no walk can fault and overwrite it: it is read
+        # at the next MOV to CR instead, the only way to turn paging on without an exit.
+        if monitor._pf_may_exit or ept_on and monitor._exit_cr0 & _CR0_PG:
             monitor._cr2 = self.guest.reg("cr2")
+        elif ept_on:
+            monitor._cr2_stale = True
         return rip
 
     def _vm_exit(self, exit_: VmExit, at_rip: bool = False) -> None:

@@ -52,7 +52,8 @@ KVM_ENOSYS = 1000
 # ----------------------------------------------------------------------------- handlers
 def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
     """CPUID: the host's answer, minus VMX, plus "hypervisor present" and a vendor leaf."""
-    leaf = vm.guest.reg("eax") & 0xFFFF_FFFF
+    g = vm.guest
+    leaf = g.reg("eax") & 0xFFFF_FFFF
     if leaf == HYPERVISOR_BASE_LEAF:
         ebx, ecx, edx = vendor_signature(HYPERVISOR_SIGNATURE)
         eax = HYPERVISOR_BASE_LEAF + 1
@@ -65,12 +66,12 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
             # OSXSAVE reports the CR4.OSXSAVE the guest sees (through the CR4 read shadow
             # for the bits the VMM owns, SDM Vol. 3C 25.6.6), as KVM's CPUID does.
             mask = vm.vmread(F.CR4_GUEST_HOST_MASK)
-            cr4 = (vm.guest.reg("cr4") & ~mask) | (vm.vmread(F.CR4_READ_SHADOW) & mask)
+            cr4 = (g.reg("cr4") & ~mask) | (vm.vmread(F.CR4_READ_SHADOW) & mask)
             if cr4 & Cr4.OSXSAVE:
                 ecx |= CPUID_1_ECX_OSXSAVE
     # vm.regs.rax, .rbx, .rcx, .rdx = ... in one call into the CPU (CPUID is the most
     # frequent exit of all)
-    vm.guest.write_registers(_CPUID_OUTPUTS, (eax, ebx, ecx, edx))
+    g.write_registers(_CPUID_OUTPUTS, (eax, ebx, ecx, edx))
     vm.skip_instruction()
     return True
 

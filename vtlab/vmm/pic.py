@@ -24,14 +24,15 @@ stops the VM with a message saying so.
 """
 from __future__ import annotations
 
-from ..arch.interrupts import (ICW1_IC4, ICW1_INIT, ICW1_LTIM, ICW1_SINGLE, ICW4_8086, ICW4_AEOI,
-                               OCW2_EOI, OCW2_ROTATE, OCW2_SPECIFIC, OCW3_READ_ISR, OCW3_READ_REGISTER,
-                               OCW3_SELECT, PIC_CASCADE_IRQ, PIC_MASTER_COMMAND, PIC_MASTER_DATA,
-                               PIC_SLAVE_COMMAND, PIC_SLAVE_DATA)
+from ..arch.interrupts import (ICW1_IC4, ICW1_INIT, ICW1_LTIM, ICW1_SINGLE, ICW4_8086, ICW4_AEOI, ICW4_SFNM,
+                               OCW2_EOI, OCW2_ROTATE, OCW2_SPECIFIC, OCW3_ESMM, OCW3_POLL, OCW3_READ_ISR,
+                               OCW3_READ_REGISTER, OCW3_SELECT, OCW3_SMM, PIC_CASCADE_IRQ, PIC_MASTER_COMMAND,
+                               PIC_MASTER_DATA, PIC_SLAVE_COMMAND, PIC_SLAVE_DATA)
 from .devices import Device
 
-#: OCW3 bits 6:5 ESMM/SMM (special mask mode) and bit 2 P (poll): not modelled.
-_OCW3_SPECIAL_MASK, _OCW3_POLL = 3 << 5, 1 << 2
+#: OCW3 ESMM = SMM = 1 sets the special mask mode (not modelled); SMM alone is no action
+#: and ESMM alone resets a mode that is never set here (8259A data sheet, OCW3).
+_OCW3_SET_SPECIAL_MASK = OCW3_ESMM | OCW3_SMM
 
 
 class DeviceProgrammingError(ValueError):
@@ -142,6 +143,10 @@ class Pic8259(Device):
             if not value & ICW4_8086:
                 raise DeviceProgrammingError(f"{self.name} 8259A: ICW4 {value:#04x} has uPM (bit 0) = 0, "
                                              "the MCS-80/85 mode; an x86 PC needs 8086 mode (uPM = 1)")
+            if value & ICW4_SFNM:
+                raise DeviceProgrammingError(f"{self.name} 8259A: ICW4 {value:#04x} sets SFNM (bit 4), the "
+                                             "special fully nested mode, which vtlab does not model: "
+                                             "use the fully nested mode (SFNM = 0)")
             self.auto_eoi = bool(value & ICW4_AEOI)
             step = 0
         if step == 4 and not self._icw1 & ICW1_IC4:
@@ -170,9 +175,10 @@ class Pic8259(Device):
         # (R = 1 alone, SL = EOI = 0: rotate in automatic-EOI mode - priorities unchanged here)
 
     def _ocw3(self, value: int) -> None:
-        if value & (_OCW3_POLL | _OCW3_SPECIAL_MASK):
+        if value & OCW3_POLL or value & _OCW3_SET_SPECIAL_MASK == _OCW3_SET_SPECIAL_MASK:
             raise DeviceProgrammingError(f"{self.name} 8259A: OCW3 {value:#04x} asks for the poll command "
-                                         "or the special mask mode, which vtlab does not model")
+                                         "(P, bit 2) or sets the special mask mode (ESMM and SMM, bits "
+                                         "6 and 5), which vtlab does not model")
         if value & OCW3_READ_REGISTER:
             self.read_isr = bool(value & OCW3_READ_ISR)
 

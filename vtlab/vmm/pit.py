@@ -9,9 +9,10 @@ master PIC's IRQ 0 (:mod:`vtlab.arch.interrupts`).
 Modelled: modes 0 (interrupt on terminal count: one IRQ 0 after ``count`` input ticks),
 2 (rate generator) and 3 (square wave) - both periodic, an IRQ 0 edge every ``count``
 ticks; a count of 0 means 65536; reading the count (live or latched, LSB/MSB in the
-order the control word chose).  Not modelled: modes 1, 4 and 5 (they need the GATE input,
-which only counter 2 has on a PC), BCD counting and the read-back command: a guest that
-asks for them stops the VM with a message saying so.
+order the control word chose).  Not modelled: modes 1 and 5 (hardware-triggered: they
+start on a rising edge of GATE, which on a PC only counter 2's can give - counters 0
+and 1 have GATE tied high), mode 4 (software-triggered strobe), BCD counting and the
+read-back command: a guest that asks for them stops the VM with a message saying so.
 
 **vtlab's clock.**  The 8254's input clock is 1.193182 MHz on a PC; vtlab's clock is the
 guest's instruction count (:mod:`vtlab.cpu.event_controls`), and this model counts

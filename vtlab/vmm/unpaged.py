@@ -63,6 +63,15 @@ def identity_table_address(memory_size: int) -> int:
     return memory_size - _TABLE_SIZE
 
 
+def write_identity_table(vm: "VirtualMachine") -> int:
+    """Write the identity page directory (1024 4-MByte PDEs) at the top page of guest RAM;
+    returns its guest-physical address, the CR3 value that selects it."""
+    table = identity_table_address(vm.guest.memory_size)
+    entries = [i * _PAGE_4MB | _PDE_4MB for i in range(_PDE_COUNT)]
+    vm.guest.write(table, struct.pack(f"<{_PDE_COUNT}I", *entries))
+    return table
+
+
 def real_mode_message() -> str:
     """Why a real-mode guest cannot be entered with ``ept=False``, and what a VMM does."""
     return ("real mode with ept=False: without EPT there is no \"unrestricted guest\" "
@@ -86,12 +95,10 @@ class IdentityPaging:
 
     def __init__(self, vm: "VirtualMachine") -> None:
         self.vm = vm
-        self.table = identity_table_address(vm.guest.memory_size)
+        self.table = write_identity_table(vm)
         self.guest_cr3 = vm.vmread(F.GUEST_CR3)      #: the CR3 the guest loaded
         self.switches = 0                             #: paging on/off transitions handled
         self._cr3_exiting = bool(vm.vmread(F.CPU_BASED_VM_EXEC_CONTROL) & _CR3_EXITING)
-        entries = [i * _PAGE_4MB | _PDE_4MB for i in range(_PDE_COUNT)]
-        vm.guest.write(self.table, struct.pack(f"<{_PDE_COUNT}I", *entries))
         vm.vmwrite(F.CR0_GUEST_HOST_MASK, vm.vmread(F.CR0_GUEST_HOST_MASK) | Cr0.PG | Cr0.PE)
         vm.vmwrite(F.CR4_GUEST_HOST_MASK, vm.vmread(F.CR4_GUEST_HOST_MASK) | Cr4.PSE | Cr4.PAE)
         self.active = False

@@ -1065,7 +1065,8 @@ def techniques(work: int, cpu: str) -> pd.DataFrame:
 costs = pd.DataFrame({(f"WORK={w}", cpu): techniques(w, cpu)
                       for w in (100, 1_000, 10_000) for cpu in ("prescott", "generic-modern")})
 costs.columns.names = ["kernel", "CPU profile"]
-costs.round(0).astype(int).astype(str) + " %"
+# Small overheads read best in %, large ones as a factor of the native time (x651, not 65,008 %).
+costs.map(plots.overhead_text)
 
 # %%
 for line in cost.compare_techniques(vtx_vm.trace, cpu="prescott")["assumptions"]:
