@@ -65,9 +65,14 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
             ecx = (ecx & ~CPUID_1_ECX_VMX) | CPUID_1_ECX_HYPERVISOR  # no nested VMX here
             # OSXSAVE reports the CR4.OSXSAVE the guest sees (through the CR4 read shadow
             # for the bits the VMM owns, SDM Vol. 3C 25.6.6), as KVM's CPUID does.
-            mask = vm.vmread(F.CR4_GUEST_HOST_MASK)
-            cr4 = (g.reg("cr4") & ~mask) | (vm.vmread(F.CR4_READ_SHADOW) & mask)
-            if cr4 & Cr4.OSXSAVE:
+            # (The processor's fast VMREAD: both fields always exist.  Only the one bit
+            # matters, so the CPU's CR4 is read only when the guest owns it.)
+            cpu = vm.cpu
+            if cpu.vmcs_read(_CR4_MASK) & _CR4_OSXSAVE:
+                cr4 = cpu.vmcs_read(_CR4_SHADOW)   # the VMM owns the bit: the guest reads the shadow
+            else:
+                cr4 = g.reg("cr4")
+            if cr4 & _CR4_OSXSAVE:
                 ecx |= CPUID_1_ECX_OSXSAVE
     # vm.regs.rax, .rbx, .rcx, .rdx = ... in one call into the CPU (CPUID is the most
     # frequent exit of all)
@@ -77,6 +82,8 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
 
 
 _CPUID_OUTPUTS = ("rax", "rbx", "rcx", "rdx")
+_CR4_MASK, _CR4_SHADOW = int(F.CR4_GUEST_HOST_MASK), int(F.CR4_READ_SHADOW)
+_CR4_OSXSAVE = int(Cr4.OSXSAVE)
 
 
 #: The register IN/OUT move through, by access size (SDM Vol. 2, IN/OUT).
