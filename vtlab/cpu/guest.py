@@ -292,6 +292,10 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
     delivery (:mod:`~vtlab.cpu.delivery`).  This class owns the engine, loads programs
     and runs them.
 
+    ``virtual_8086=True`` (real mode only): the guest's 8086 code will run in
+    virtual-8086 mode, as a VMM without unrestricted guest runs it (:mod:`vtlab.vmm.v86`);
+    the engine is then opened in 32-bit mode so that this code runs at CPL 3.
+
     >>> g = Guest("real")
     >>> g.load("mov ax, 0x1234\\nmov [0x500], ax\\nhlt", 0x1000)  # doctest: +ELLIPSIS
     Program(...)
@@ -299,15 +303,26 @@ class Guest(RegisterAccess, GuestMemory, SegmentUnit, PagingUnit, ModeControl, E
     ('hlt', '0x1234')
     """
 
-    def __init__(self, mode: Mode | str = Mode.REAL, memory_size: int = 2 << 20):
+    def __init__(self, mode: Mode | str = Mode.REAL, memory_size: int = 2 << 20,
+                 virtual_8086: bool = False):
         self.mode = parse_mode(mode)
         if memory_size % 0x1000 or memory_size < 0x10_0000:
             raise ValueError("memory_size must be a multiple of 4 KiB and at least 1 MiB")
+        if virtual_8086 and self.mode is not Mode.REAL:
+            raise ValueError("virtual_8086=True is for a guest that starts in real mode "
+                             "(its 8086 code then runs in virtual-8086 mode, SDM Vol. 3B 21.2)")
         self.memory_size = memory_size
         # Unicorn decodes by the mode the engine was opened in, so each start mode gets
         # its own engine (16-, 32- or 64-bit); CR0/CR4/EFER and CS are then set for real.
         uc_mode = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
-        self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, uc_mode[self.mode.bits])
+        # A real-mode guest that will run in virtual-8086 mode (a VMM without unrestricted
+        # guest, vtlab.vmm.v86) gets a 32-bit engine: a 16-bit one loads every segment
+        # register with DPL 0, so RFLAGS.VM = 1 code would run at CPL 0, where the SDM
+        # has CPL 3 (SDM Vol. 3B 21.2.7) and HLT or MOV CR must raise #GP.  The 32-bit
+        # engine loads virtual-8086 segments as the CPU does (base = selector x 16, limit
+        # FFFFH, DPL 3) and still decodes 16-bit code, by CS's D flag (SDM Vol. 3A 3.4.5).
+        self.virtual_8086 = virtual_8086
+        self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, uc_mode[32 if virtual_8086 else self.mode.bits])
         # QEMU's translation buffer (1 GiB of address space by default) has 2 MiB of it
         # touched at once, per engine; vtlab's guests translate to far less than 1 MiB
         # (QEMU starts afresh when it is full), and a notebook making many VMs keeps RSS

@@ -34,6 +34,10 @@ _ENTRY_CONTROLS = int(VmcsField.VM_ENTRY_CONTROLS)
 #: VMWRITE of the current VMCS needs to know, decoded once per encoding.
 _PLANS: dict[int, tuple[int, bool, bool, FieldType]] = {}
 
+#: encoding -> (full encoding, mask of its width, field type) for the fields a VMWRITE
+#: may write whole (not read-only, not a HIGH half): filled by the first such write.
+_FAST_WRITES: dict[int, tuple[int, int, FieldType]] = {}
+
 
 def _plan(encoding) -> tuple[int, bool, bool, FieldType]:
     enc = lookup(encoding)   # raises VmcsError (VM-instruction error 12) for no such field
@@ -105,15 +109,27 @@ class CurrentVmcs:
 
     def write(self, encoding: int | str | VmcsField, value: int, *, truncate: bool = False) -> None:
         """VMWRITE semantics for software (read-only fields refuse with error 13)."""
+        fast = _FAST_WRITES.get(encoding) if type(encoding) is not str else None
+        if fast is not None and type(value) is int and (truncate or 0 <= value <= fast[1]):
+            # A field this VMWRITE may write whole, with a value it takes (or truncates,
+            # SDM 31.3 VMWRITE): all Vmcs.write would do is store it.  (A VMM writes
+            # GUEST_RIP after nearly every exit.)
+            full, mask, field_type = fast
+            self.region._data[full] = value & mask
+            self._written.add(full)
+            self._state.software_wrote(self.region, full, field_type)
+            return
         plan = _PLANS.get(encoding) if type(encoding) is not str else None
         if plan is None:
             plan = _plan(encoding)
         full, high, _, field_type = plan
         if high and field_type is _GUEST_STATE and self._state.pending:
             self._state.complete(self.region)  # the other half must be the saved value
-        self.region.write(encoding, value, truncate=truncate)
+        enc = self.region.write(encoding, value, truncate=truncate)
         self._written.add(full)
         self._state.software_wrote(self.region, full, field_type)
+        if not high and not enc.read_only and isinstance(encoding, int):
+            _FAST_WRITES[int(encoding)] = (full, (1 << enc.access_bits) - 1, field_type)
 
     __getitem__ = read
 

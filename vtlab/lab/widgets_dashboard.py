@@ -15,6 +15,7 @@ import html
 import ipywidgets as W
 
 from ..arch.controls import CONTROL_INFO, ProcBased
+from ..analysis.plots import overhead_text
 from ..vmm.machine import VirtualMachine
 from ..vmm.state import VmState
 from .widgets_base import TEXT_QUIET, _Base, _css, _FlagMap, badge
@@ -260,11 +261,15 @@ class Dashboard(_Base):
         self.counts_html.value = (f"<b>VM exits: <span class='vtlab-exit-total'>{total}</span></b>"
                                   f"<table>{rows}</table><small>state: {html.escape(self.vm.state.value)}</small>")
         attrs = est.attrs
-        slowdown = attrs.get("slowdown")
-        factor = (f" (&times;{slowdown:,.1f} the native time)" if isinstance(slowdown, float) and slowdown == slowdown
-                  else " (no native instructions counted)")
         pct = attrs.get("overhead_pct", 0)
-        pct_text = f"{pct:,.1f}%" if pct == pct else "n/a"
+        # Large overheads as a factor of the native time (x289, not "28,760.8%"), small
+        # ones in per cent; the other form in brackets.
+        if pct != pct:
+            pct_text, factor = "n/a", " (no native instructions counted)"
+        elif pct >= 100:
+            pct_text, factor = f"&times;{1 + pct / 100:,.1f} the native time", f" ({pct:,.1f}% over native)"
+        else:
+            pct_text, factor = html.escape(overhead_text(pct)), f" (&times;{1 + pct / 100:,.3f} the native time)"
         self.summary_html.value = (
             f"<b>{html.escape(str(attrs.get('profile', self.profile.value)))}</b><br>"
             f"native: {attrs.get('native_cycles', 0):,.0f} cycles<br>"

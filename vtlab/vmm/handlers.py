@@ -53,7 +53,10 @@ KVM_ENOSYS = 1000
 def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
     """CPUID: the host's answer, minus VMX, plus "hypervisor present" and a vendor leaf."""
     g = vm.guest
-    leaf = g.reg("eax") & 0xFFFF_FFFF
+    # EAX (the leaf) and CR4 (for leaf 1's OSXSAVE bit, below) in one call into the CPU:
+    # a second call would cost as much as the whole batch (CPUID is the most frequent exit).
+    leaf, cr4 = g.read_registers(_CPUID_INPUTS)
+    leaf &= 0xFFFF_FFFF
     if leaf == HYPERVISOR_BASE_LEAF:
         ebx, ecx, edx = vendor_signature(HYPERVISOR_SIGNATURE)
         eax = HYPERVISOR_BASE_LEAF + 1
@@ -66,21 +69,22 @@ def handle_cpuid(vm: "VirtualMachine", exit: VmExit) -> bool:
             # OSXSAVE reports the CR4.OSXSAVE the guest sees (through the CR4 read shadow
             # for the bits the VMM owns, SDM Vol. 3C 25.6.6), as KVM's CPUID does.
             # (The processor's fast VMREAD: both fields always exist.  Only the one bit
-            # matters, so the CPU's CR4 is read only when the guest owns it.)
+            # matters: the CPU's CR4, read above, unless the VMM owns it.)
             cpu = vm.cpu
             if cpu.vmcs_read(_CR4_MASK) & _CR4_OSXSAVE:
                 cr4 = cpu.vmcs_read(_CR4_SHADOW)   # the VMM owns the bit: the guest reads the shadow
-            else:
-                cr4 = g.reg("cr4")
             if cr4 & _CR4_OSXSAVE:
                 ecx |= CPUID_1_ECX_OSXSAVE
     # vm.regs.rax, .rbx, .rcx, .rdx = ... in one call into the CPU (CPUID is the most
-    # frequent exit of all)
+    # frequent exit of all).  (Not with the new RIP in the same batch: Unicorn 2.1's
+    # uc_reg_write_batch sets the PC without ending the translation block, so the guest
+    # would run on at the old RIP; only uc_reg_write does, for the entry's RIP load.)
     g.write_registers(_CPUID_OUTPUTS, (eax, ebx, ecx, edx))
     vm.skip_instruction()
     return True
 
 
+_CPUID_INPUTS = ("eax", "cr4")
 _CPUID_OUTPUTS = ("rax", "rbx", "rcx", "rdx")
 _CR4_MASK, _CR4_SHADOW = int(F.CR4_GUEST_HOST_MASK), int(F.CR4_READ_SHADOW)
 _CR4_OSXSAVE = int(Cr4.OSXSAVE)

@@ -35,6 +35,7 @@ from .pic import PicPair
 from .pit import Pit8254
 from .ept_tables import EptTables, handle_ept_misconfig
 from . import unpaged as _unpaged
+from . import v86 as _v86
 from ..errors import HandlerError, VtlabError
 from ..cpu.exits import VmExit, msr_bitmap_position
 from ..cpu.guest import Guest, Mode
@@ -101,10 +102,12 @@ class VirtualMachine:
         self.mode = parse_mode(mode)
         #: Run the guest with EPT (and unrestricted guest) on - the default, as KVM does -
         #: or off (``ept=False``: a protected-mode guest with paging off then runs on the
-        #: VMM's identity page table, vtlab.vmm.unpaged; real mode cannot be entered, SDM
-        #: 27.3.1.1).
+        #: VMM's identity page table, vtlab.vmm.unpaged; a real-mode guest, which VM entry
+        #: refuses without unrestricted guest (SDM 27.3.1.1), in virtual-8086 mode,
+        #: vtlab.vmm.v86).
         self.ept_enabled = bool(ept)
-        self.guest = Guest(self.mode, memory_size)
+        self.guest = Guest(self.mode, memory_size,
+                           virtual_8086=not self.ept_enabled and self.mode is Mode.REAL)
         self.cpu = VmxCpu(self.guest)
         self.regs = Registers(self.guest)
         self.bus = devices or standard_devices()
@@ -231,6 +234,9 @@ class VirtualMachine:
         #: With EPT off, a protected-mode guest whose paging is off runs on the VMM's identity
         #: page table (vtlab.vmm.unpaged; None otherwise): VM entry needs CR0.PG = 1 then.
         self.unpaged = _unpaged.attach(self)
+        #: With EPT off, a real-mode guest runs in virtual-8086 mode (vtlab.vmm.v86; None
+        #: otherwise): VM entry needs CR0.PE = 1 then, and HLT becomes a #GP exit.
+        self.v86 = _v86.attach(self)
 
     # ----------------------------------------------------------- VMCS access
     def vmread(self, field: F | int | str) -> int:

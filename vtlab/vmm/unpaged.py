@@ -26,9 +26,9 @@ the page at ``ept_identity_map_addr`` in the guest's E820 map.  With the guest's
 paging on, the processor walks the guest's tables directly (vtlab's guest-physical is
 host-physical here); :mod:`vtlab.vmm.shadow` adds real shadow tables for long mode.
 
-Not modelled (the VM stops with a message saying so): a real-mode guest (virtual-8086
-mode or instruction emulation would be needed, see :func:`real_mode_message`), a
-guest that clears CR0.PE, and a guest that turns paging on with EFER.LME = 1 (IA-32e
+A guest that starts in real mode runs in virtual-8086 mode on the same table
+(:mod:`vtlab.vmm.v86`).  Not modelled (the VM stops with a message saying so): a
+guest that clears CR0.PE (see :func:`real_mode_message`), and a guest that turns paging on with EFER.LME = 1 (IA-32e
 mode activation under the identity table).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def write_identity_table(vm: "VirtualMachine") -> int:
 
 
 def real_mode_message() -> str:
-    """Why a real-mode guest cannot be entered with ``ept=False``, and what a VMM does."""
+    """Why VM entry refuses a real-mode guest with ``ept=False``, and what a VMM does."""
     return ("real mode with ept=False: without EPT there is no \"unrestricted guest\" "
             "(SDM Vol. 3C 25.6.2), so VM entry requires CR0.PE = 1 and CR0.PG = 1 "
             "(IA32_VMX_CR0_FIXED0, SDM Vol. 3C 27.3.1.1, A.7) and VT-x cannot run real-mode "
@@ -81,8 +81,9 @@ def real_mode_message() -> str:
             "on an identity page table, RFLAGS.VM = 1, a TSS, the CR0 read shadow hiding "
             "PE and PG; HLT, INT n and I/O then fault with #GP and are emulated) or "
             "emulated it instruction by instruction (KVM's emulate_invalid_guest_state). "
-            "vtlab models neither: run this guest with ept=True, or start it in "
-            "mode='protected'.")
+            "vtlab's VMM does the first when it brings up a real-mode guest with ept=False "
+            "(vtlab.vmm.v86), but not for a guest that leaves protected mode or whose "
+            "GUEST_CR0.PE was cleared after bring-up: run this guest with ept=True.")
 
 
 class IdentityPaging:
@@ -179,8 +180,9 @@ class IdentityPaging:
 
 def attach(vm: "VirtualMachine") -> IdentityPaging | None:
     """What ``VirtualMachine(..., ept=False)`` does at bring-up for a guest whose paging is
-    off: protected mode gets the identity table; real mode is left to fail VM entry,
-    whose message :func:`explain_entry_failure` completes; paged guests need nothing."""
+    off: protected mode gets the identity table; real mode is left to :mod:`vtlab.vmm.v86`
+    (a real-mode GUEST_CR0 that reaches VM entry fails it, with the message
+    :func:`explain_entry_failure` completes); paged guests need nothing."""
     cr0 = vm.vmread(F.GUEST_CR0)
     if vm.ept_enabled or vm.control(ProcBased2.UNRESTRICTED_GUEST):
         return None

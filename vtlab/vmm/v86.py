@@ -20,30 +20,32 @@ virtual-8086 mode, which runs 8086 code in protected mode:
   (reason 0) that the VMM emulates.  This is the exit virtual-8086 mode adds: where the
   unrestricted guest has an HLT exit (reason 12), this guest has an exception exit.
 
-Status - NOT WIRED IN: ``VirtualMachine`` does not call :func:`attach`, because vtlab's
-processor does not yet give virtual-8086 code CPL 3: entered this way, CPUID and OUT
-exit as they should, but HLT and MOV from CR0 run without the #GP the SDM requires
-(SDM Vol. 3B 21.2.7; SDM Vol. 3C 26.1.1), so HLT never becomes the exit above and the guest runs
-on past it (tests/test_ept_off.py, the skipped test says how to check).  Until the
-processor is fixed, a real-mode guest with ``ept=False`` fails VM entry with
-:func:`vtlab.vmm.unpaged.real_mode_message`.
+How it runs on vtlab's processor: ``VirtualMachine(..., mode="real", ept=False)`` opens
+the guest's engine as a 32-bit one (``Guest(virtual_8086=True)``, see
+:mod:`vtlab.cpu.guest`): only there does Unicorn load virtual-8086 segment registers
+with DPL 3, so that the code runs at CPL 3 and HLT or MOV from CR0 raise the #GP the
+SDM requires (SDM Vol. 3B 21.2.7); the 16-bit code is still decoded as 16-bit, by CS's
+D flag.  Bring-up then calls :func:`attach` (``vm.v86``).
 
 What is not emulated (the VM stops with a message): any other #GP - MOV to/from a
 control register, LGDT/LIDT, INT n through the guest's interrupt-vector table (the
 IDT is the VMM's, limit 0), IRET and other privileged or IOPL-sensitive instructions.
+Nor is an interrupt the VMM injects delivered through the guest's interrupt-vector table
+(KVM does that in software, ``kvm_inject_realmode_interrupt``): injected through the
+VMM's IDT, limit 0, it raises #GP during delivery and the VM stops.
 The guest sees IOPL = 3 if it reads FLAGS, and SIDT shows the VMM's IDTR.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..arch.exceptions import IntrInfo, Vector
+from ..arch.exceptions import INTR_INFO_VALID, IntrInfo, Vector
 from ..arch.exit_reasons import ExitReason
 from ..arch.msrs import Cr0, Cr4, Rflags
 from ..arch.vmcs_fields import VmcsField as F
 from . import irq as _irq
 from .state import VmState
-from .unpaged import real_mode_message, write_identity_table
+from .unpaged import write_identity_table
 
 if TYPE_CHECKING:
     from ..cpu.exits import VmExit
@@ -96,17 +98,23 @@ class Virtual8086:
     def on_exception(self, vm: "VirtualMachine", exit: "VmExit") -> bool:
         """#GP from virtual-8086 mode: emulate HLT; anything else stops with a message."""
         info = IntrInfo.decode(exit.intr_info)
-        if info.vector != Vector.GP or exit.idt_vectoring_info:
+        if info.vector != Vector.GP:
             return bool(vm.default(exit))
         rip = vm.vmread(F.GUEST_RIP)
         linear = vm.vmread(F.GUEST_CS_BASE) + rip
         opcode = vm.guest.read(linear, 1)[0]
+        if exit.idt_vectoring_info & INTR_INFO_VALID:
+            # The #GP came while an event was delivered (SDM Vol. 3C 28.2.4): INT n or an
+            # injected interrupt through the VMM's IDT, limit 0.  Re-injecting it would only
+            # fault again; the guest's interrupt-vector table is not emulated.
+            event = IntrInfo.decode(exit.idt_vectoring_info)
+            vm.stop(VmState.STOPPED, unemulated_message(
+                f"delivery of vector {event.vector:#x} ({event.type.name})", rip))
+            return False
         if opcode != _HLT:
             insn = vm.guest.instruction_at(linear)
             text = insn.text if insn is not None else f"opcode {opcode:#04x}"
-            vm.stop(VmState.STOPPED, f"'{text}' at {rip:#x} raised #GP in virtual-8086 mode, the way "
-                    "this VMM runs a real-mode guest with ept=False; it emulates only HLT. "
-                    + real_mode_message().split(". ", 1)[1])
+            vm.stop(VmState.STOPPED, unemulated_message(text, rip))
             return False
         self.emulated_hlts += 1
         vm.vmwrite(F.GUEST_RIP, rip + 1)       # what the HLT exit handler does, for a #GP
@@ -115,6 +123,17 @@ class Virtual8086:
                 return True
         vm.stop(VmState.HALTED, f"the guest executed HLT at {rip:#x}")
         return False
+
+
+def unemulated_message(text: str, rip: int) -> str:
+    """Why the VM stopped on a #GP from virtual-8086 mode that this VMM does not emulate."""
+    return (f"'{text}' at {rip:#x} raised #GP in virtual-8086 mode (CPL 3, SDM Vol. 3B "
+            "21.2.7), the way this VMM runs a real-mode guest with ept=False: without EPT "
+            "there is no \"unrestricted guest\" (SDM Vol. 3C 25.6.2) and VM entry requires "
+            "CR0.PE = 1 and CR0.PG = 1 (SDM Vol. 3C 27.3.1.1). This VMM emulates only HLT; "
+            "a VMM of that era also emulated MOV CR, INT n, IRET, LGDT/LIDT and mode switches "
+            "(KVM: handle_rmode_exception, emulate_invalid_guest_state). Run this guest "
+            "with ept=True (unrestricted guest), or start it in mode='protected'.")
 
 
 def attach(vm: "VirtualMachine") -> Virtual8086 | None:
