@@ -60,7 +60,7 @@ def _region(vmcs: Any) -> Any:
 class _State:
     """The verdicts of every rule for one VMCS, as of its last check."""
 
-    __slots__ = ("results", "failing", "caps", "width", "caps_dict", "rip", "__weakref__")
+    __slots__ = ("results", "failing", "caps", "width", "caps_dict", "rip", "data", "__weakref__")
 
     def __init__(self, n: int):
         self.results: list[tuple[Violation, ...]] = [()] * n   #: per rule index
@@ -69,6 +69,8 @@ class _State:
         self.width = -1                #: capabilities' attributes at the check
         self.caps_dict: dict | None = None
         self.rip = -1                                          #: GUEST_RIP at the check
+        #: the VMCS region's field dict (a Vmcs keeps the one dict for life), or None
+        self.data: dict[int, int] | None = None
 
 
 class EntryChecker:
@@ -149,7 +151,11 @@ class EntryChecker:
             self._last_vmcs, self._last_state = vmcs, state
         get = vmcs.get
         todo = None
-        rip = get(_GUEST_RIP)
+        # GUEST_RIP straight from the region: the VM exit saves it at once, never lazily
+        # (SDM 28.3 saves it with the rest; vtlab's lazy save leaves RIP out), so a view's
+        # get() would return the same after two calls more.
+        data = state.data
+        rip = get(_GUEST_RIP) if data is None else data.get(_GUEST_RIP, 0)
         if rip != state.rip:   # a VMCS need not count VMWRITEs of GUEST_RIP as changes
             state.rip = rip
             # The RIP rules hold below 4 GBytes, whatever else the VMCS holds (see
@@ -199,6 +205,8 @@ class EntryChecker:
         state = _State(len(self.rules))
         get = vmcs.get
         state.rip = get(_GUEST_RIP)
+        data = getattr(_region(vmcs), "_data", None)
+        state.data = data if type(data) is dict else None
         self._note_processor(cpu, state)
         self._run(cpu, get, state, range(len(self.rules)))
         self._states[_region(vmcs)] = state
