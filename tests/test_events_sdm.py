@@ -33,7 +33,7 @@ MONITOR_TRAP_FLAG, EPT_VIOLATION = 37, 48
 
 IDT = Layout.IDT
 
-from user_mode import TO_USER_32, TO_USER_64  # noqa: E402
+from user_mode import TO_USER_64  # noqa: E402
 
 
 def gate64(offset: int, selector: int = 0x18, type_: int = 0xE, dpl: int = 0, present: bool = True,

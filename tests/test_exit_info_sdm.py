@@ -17,9 +17,8 @@ import struct
 
 import pytest
 
-import vtlab
 from vtlab import Layout, Status, VirtualMachine, VmcsField as F, VmxCapabilities, VmxCpu, VmxFailure
-from vtlab.arch import PinBased, ProcBased, ProcBased2
+from vtlab.arch import ProcBased, ProcBased2
 from vtlab.cpu.capabilities import AllowedSettings
 from vtlab.cpu.segments import pack_descriptor
 
