@@ -172,3 +172,77 @@ def run_with_probe(path: Path, probe: str, mark: str, tmp_dir: Path):
     results = json.loads(text.split(mark, 1)[1])
     results["_seconds"] = seconds
     return done, results
+
+
+# ------------------------------------------------- conventions every course notebook keeps
+# (docs/NOTEBOOKS.md); the course tests tests/test_course_NN.py call these on their source.
+def assert_stored_without_outputs(path: Path) -> None:
+    """The committed notebook has no outputs and no execution counts."""
+    nb = nbformat.read(path, as_version=4)
+    assert not [i for i, c in enumerate(nb.cells)
+                if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+
+
+def assert_nbgrader_conventions(path: Path, prefix: str, ids_are_grade_ids: bool = True) -> None:
+    """nbgrader metadata as docs/NOTEBOOKS.md says: unique grade_ids and cell ids, a cell
+    with nbgrader metadata has its grade_id as cell id (``ids_are_grade_ids``; 02 and 04
+    keep older ids on a few cells, which must not change), answer cells with a solution
+    region, locked test cells with points and non-empty hidden tests, grade_ids starting
+    with ``prefix``, 3-6 exercises, learning objectives and a recap."""
+    nb = nbformat.read(path, as_version=4)
+    meta = [c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata]
+    ids = [m["grade_id"] for m in meta]
+    assert len(ids) == len(set(ids))
+    cell_ids = [c.id for c in nb.cells]
+    assert len(cell_ids) == len(set(cell_ids))
+    keys = {"grade", "grade_id", "locked", "schema_version", "solution", "task"}
+    for cell in nb.cells:
+        m = cell.metadata.get("nbgrader")
+        if m is None:
+            continue
+        assert keys <= set(m) and m["schema_version"] == 3 and m["task"] is False, m
+        if ids_are_grade_ids:
+            assert cell.id == m["grade_id"], "a cell with nbgrader metadata has its grade_id as cell id"
+        if m["solution"]:
+            assert cell.cell_type == "code" and not m["grade"] and not m["locked"]
+            assert m["grade_id"].startswith(prefix)
+            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
+        elif m["grade"]:
+            assert cell.cell_type == "code" and m["locked"] and m["points"] > 0
+            assert m["grade_id"].startswith(prefix)
+            visible, _, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
+            assert visible.strip() and "### END HIDDEN TESTS" in hidden
+            assert hidden.split("### END HIDDEN TESTS")[0].strip(), "empty hidden tests"
+        else:
+            assert m["locked"], m
+    answers = [m["grade_id"] for m in meta if m["solution"]]
+    graded = [m["grade_id"] for m in meta if m["grade"]]
+    assert 3 <= len(graded) <= 6 and len(answers) == len(graded)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Learning objectives" in text and "## Recap" in text
+
+
+def assert_nbgrader_validates(path: Path) -> None:
+    """nbgrader's own validator finds nothing wrong with the instructor version (its
+    ``nbgrader validate`` exits 0 even when cells fail, so ask the Validator)."""
+    import json
+
+    from nbgrader.validator import Validator
+
+    results = Validator().validate(str(path))
+    assert results == {}, json.dumps(results, indent=1)[:3000]
+
+
+def assert_plots_have_captions(nb, plots: int | None = None) -> None:
+    """Every plot in the executed notebook (its last cell, the probe, left out) is followed
+    by a "*Figure:" caption saying what to look for; ``plots``: how many there must be."""
+    cells = nb.cells[:-1]
+    seen = 0
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+            seen += 1
+            nxt = cells[i + 1]
+            assert nxt.cell_type == "markdown" and nxt.source.startswith("*Figure:"), (i, nxt.source[:80])
+            assert "look" in nxt.source.lower(), f"caption of cell {i} does not say what to look for"
+    if plots is not None:
+        assert seen == plots

@@ -13,13 +13,12 @@ by tests/test_learner_versions.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from nbrun import code_outputs, run_with_probe
+from nbrun import (assert_nbgrader_conventions, assert_nbgrader_validates, assert_plots_have_captions,
+                   assert_stored_without_outputs, code_outputs, run_with_probe)
 
 REPO = Path(__file__).resolve().parent.parent
 STEM = "05_memory"
@@ -95,63 +94,20 @@ def test_runs_fast_and_shows_widget_table_and_plot(nb05):
 
 
 def test_markdown_after_every_plot_is_a_caption(nb05):
-    nb, _ = nb05
-    cells = nb.cells[:-1]
-    plots = 0
-    for i, cell in enumerate(cells):
-        if cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
-            plots += 1
-            nxt = cells[i + 1]
-            assert nxt.cell_type == "markdown" and nxt.source.startswith("*Figure:"), (i, nxt.source[:80])
-            assert "look" in nxt.source.lower(), f"caption of cell {i} does not say what to look for"
-    assert plots == 2
+    assert_plots_have_captions(nb05[0], plots=2)
 
 
 def test_stored_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert not [i for i, c in enumerate(nb.cells)
-                if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert_stored_without_outputs(NOTEBOOK)
 
 
 # ---------------------------------------------------------------------------- nbgrader
 def test_nbgrader_metadata():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    meta = [c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata]
-    ids = [m["grade_id"] for m in meta]
-    assert len(ids) == len(set(ids))
-    cell_ids = [c.id for c in nb.cells]
-    assert len(cell_ids) == len(set(cell_ids))
-    keys = {"grade", "grade_id", "locked", "schema_version", "solution", "task"}
-    for cell in nb.cells:
-        m = cell.metadata.get("nbgrader")
-        if m is None:
-            continue
-        assert keys <= set(m) and m["schema_version"] == 3 and m["task"] is False, m
-        assert cell.id == m["grade_id"], "a cell with nbgrader metadata has its grade_id as cell id"
-        if m["solution"]:
-            assert cell.cell_type == "code" and not m["grade"] and not m["locked"]
-            assert m["grade_id"].startswith(PREFIX)
-            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
-        elif m["grade"]:
-            assert cell.cell_type == "code" and m["locked"] and m["points"] > 0
-            assert m["grade_id"].startswith(PREFIX)
-            visible, _, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
-            assert visible.strip() and "### END HIDDEN TESTS" in hidden
-            assert hidden.split("### END HIDDEN TESTS")[0].strip(), "empty hidden tests"
-        else:
-            assert m["locked"], m
-    answers = [m["grade_id"] for m in meta if m["solution"]]
-    graded = [m["grade_id"] for m in meta if m["grade"]]
-    assert 3 <= len(graded) <= 6 and len(answers) == len(graded)
-    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert "Learning objectives" in text and "## Recap" in text
+    assert_nbgrader_conventions(NOTEBOOK, PREFIX)
 
 
 def test_nbgrader_validates_instructor_version():
-    from nbgrader.validator import Validator
-
-    results = Validator().validate(str(NOTEBOOK))
-    assert results == {}, json.dumps(results, indent=1)[:3000]
+    assert_nbgrader_validates(NOTEBOOK)
 
 
 # ------------------------------------------------------------ 1 · the two-dimensional walk
