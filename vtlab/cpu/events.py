@@ -25,7 +25,7 @@ from ..arch.exit_reasons import ExitReason
 from ..arch.qualifications import EptViolationQualification, TaskSwitchQualification, TaskSwitchSource
 from ..arch.msrs import Cr0, Efer, Rflags
 from ..arch.vmcs_fields import VmcsField as F
-from .guest import ERROR_CODE_VECTORS
+from .guest import ERROR_CODE_VECTORS, Guest
 
 from .vmexit import VmExit
 from .ept_exits import ept_exit, fault_linear, guest_walk
@@ -41,6 +41,26 @@ _SOFTWARE_EXCEPTION = InterruptionType.SOFTWARE_EXCEPTION
 _PRIVILEGED = InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION
 #: Events a delivery may chain before vtlab gives up (a #DF ends any chain well before).
 _MAX_NESTING = 8
+
+
+def software_interrupt_length(guest: Guest, rip: int, vector: int) -> int:
+    """Did an INT n / INT3 / INTO just execute?  Unicorn reports only the vector and RIP
+    after the instruction, so the bytes before RIP tell: the length (2 for CD ib, 1 for
+    CC or CE) - the "software" element of an event - else 0 (an exception the CPU
+    raised).  Used for VT-x and AMD-V exits alike."""
+    base = guest.segment("cs").base
+    try:
+        raw = guest.read(base + rip - 2, 2)
+    except unicorn.UcError:
+        try:
+            raw = b"\0" + guest.read(base + rip - 1, 1)
+        except unicorn.UcError:
+            return 0
+    if raw[0] == 0xCD and raw[1] == vector:
+        return 2
+    if (raw[1] == 0xCC and vector == 3) or (raw[1] == 0xCE and vector == 4):
+        return 1
+    return 0
 
 
 @dataclass
@@ -118,21 +138,8 @@ class EventUnit(EventControls):
         g.uc.emu_stop()
 
     def _software_interrupt_at(self, rip: int, vector: int) -> int:
-        """Did an INT n / INT3 / INTO just execute (Unicorn reports RIP after it)?  Its
-        length (2, 1, 1) if so - the "software" element of an event - else 0."""
-        base = self.guest.segment("cs").base
-        try:
-            raw = self.guest.read(base + rip - 2, 2)
-        except unicorn.UcError:
-            try:
-                raw = b"\0" + self.guest.read(base + rip - 1, 1)
-            except unicorn.UcError:
-                return 0
-        if raw[0] == 0xCD and raw[1] == vector:
-            return 2
-        if (raw[1] == 0xCC and vector == 3) or (raw[1] == 0xCE and vector == 4):
-            return 1
-        return 0
+        """Did an INT n / INT3 / INTO just execute?  (:func:`software_interrupt_length`)"""
+        return software_interrupt_length(self.guest, rip, vector)
 
     # ------------------------------------------------- address-range monitor
     def arm_address_monitor(self) -> None:

@@ -34,6 +34,7 @@ from ...arch.svm import (CR_DR_EXITINFO1_GPR, CR_DR_EXITINFO1_MOV, MSR_EXITINFO1
                          SVM_OPCODES, EventInfo, EventType, Intercept, Intercept2, IoioInfo, NpfError, SvmExitCode, VmcbControl, cr_read, cr_write,
                          dr_read, dr_write, exception_exit, exit_name, iopm_bit, msrpm_bits)
 from ..decoder import DecodedInstruction, InsnKind
+from ..events import software_interrupt_length
 from ..exit_rules import io_operands
 from ..nonroot_consts import _UNDECODED_SIZE, _uc_hook_add
 from ..quirks import forget_exception
@@ -141,7 +142,7 @@ class SvmMonitor:
         if self.vmcb is None:
             return self.guest._record_interrupt(vector)
         g = self.guest
-        software = self._software_length(g.rip, vector)
+        software = software_interrupt_length(g, g.rip, vector)
         pf = g.page_fault if vector == Vector.PF and not software else None
         self.event = (vector, g.rip, software, pf)
         g.uc.emu_stop()
@@ -210,19 +211,6 @@ class SvmMonitor:
         self.pending = self.npt.fault(self._ACCESS.get(access, "r"), address, -1, self.guest.cpl)
         uc.emu_stop()
         return False
-
-    def _software_length(self, rip: int, vector: int) -> int:
-        """Did INT n / INT3 / INTO just execute (Unicorn reports RIP after it)?  Its length."""
-        base = self.guest.segment("cs").base
-        try:
-            raw = self.guest.read(base + rip - 2, 2)
-        except unicorn.UcError:
-            return 0
-        if raw[0] == 0xCD and raw[1] == vector:
-            return 2
-        if (raw[1] == 0xCC and vector == 3) or (raw[1] == 0xCE and vector == 4):
-            return 1
-        return 0
 
     # ----------------------------------------------------------------- deciding
     def _on_sensitive(self, address: int, size: int) -> bool:
