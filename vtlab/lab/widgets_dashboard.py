@@ -267,9 +267,9 @@ class Dashboard(_Base):
         if pct != pct:
             pct_text, factor = "n/a", " (no native instructions counted)"
         elif pct >= 100:
-            pct_text, factor = f"&times;{1 + pct / 100:,.1f} the native time", f" ({pct:,.1f}% over native)"
+            pct_text, factor = f"&times;{self._cost.slowdown_factor(pct):,.1f} the native time", f" ({pct:,.1f}% over native)"
         else:
-            pct_text, factor = html.escape(overhead_text(pct)), f" (&times;{1 + pct / 100:,.3f} the native time)"
+            pct_text, factor = html.escape(overhead_text(pct)), f" (&times;{self._cost.slowdown_factor(pct):,.3f} the native time)"
         self.summary_html.value = (
             f"<b>{html.escape(str(attrs.get('profile', self.profile.value)))}</b><br>"
             f"native: {attrs.get('native_cycles', 0):,.0f} cycles<br>"
